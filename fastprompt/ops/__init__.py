@@ -1,0 +1,6 @@
+"""Public ops. Each dispatches to a Triton kernel (fastprompt.kernels) or to the reference."""
+
+from fastprompt.ops.prefix_attention import prefix_attention
+from fastprompt.ops.prompt_embed import mpt_prompt_embed, mpt_prompts, prompt_embed
+
+__all__ = ["prefix_attention", "prompt_embed", "mpt_prompt_embed", "mpt_prompts"]

@@ -1,0 +1,1 @@
+"""Triton kernels: @triton.jit functions and thin launchers on tensors. No autograd here."""
