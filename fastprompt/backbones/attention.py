@@ -1,0 +1,88 @@
+"""fastprompt's attention implementation, registered in transformers' attention-function registry.
+
+A backbone layer calls it like any attention function; what to do comes in the forward kwarg
+`fastprompt_ctx` (an `AttentionContext`):
+- "capture": ordinary causal attention over the prompt tokens, keeping each layer's keys and values
+  (after rotary embedding) for the bank. This is the prompt pass of the shared-prefix path.
+- "prefix": each row attends to its task's prefix from the bank, then to its own keys
+  (`fastprompt.ops.prefix_attention`), optionally writing and reading a preallocated key/value cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+
+from fastprompt.ops import prefix_attention
+
+ATTENTION_NAME = "fastprompt"
+
+
+@dataclass
+class KVCache:
+    """Preallocated per-layer keys/values of the rows' own tokens: [B, Hkv, max_len, D] each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0  # positions already written
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls([torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+
+@dataclass
+class AttentionContext:
+    """What fastprompt's attention does in one forward of the backbone."""
+
+    mode: str  # "capture" or "prefix"
+    prefix_k: list[torch.Tensor] | None = None  # per layer [n_bank, Hkv, P, D]
+    prefix_v: list[torch.Tensor] | None = None
+    task_ids: torch.Tensor | None = None  # [B] row -> bank entry
+    key_padding_mask: torch.Tensor | None = None  # [B, S] over the row's own keys (cache included)
+    cache: KVCache | None = None
+    backend: str | None = None
+    captured_k: dict[int, torch.Tensor] = field(default_factory=dict)
+    captured_v: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, attention_mask, scaling: float | None = None,
+                         dropout: float = 0.0, fastprompt_ctx: AttentionContext | None = None, **kwargs):
+    """query [B, Hq, T, D], key/value [B, Hkv, T, D] → ([B, T, Hq, D], None), as transformers expects.
+
+    Attention-probability dropout is not applied: the backbone is frozen and the shared-prefix path
+    is defined as equal to concatenation without backbone dropout.
+    """
+    if fastprompt_ctx is None:
+        raise RuntimeError("fastprompt attention was called without a fastprompt_ctx; call the model "
+                           "through fastprompt.PromptModel")
+    layer = module.layer_idx
+    ctx = fastprompt_ctx
+    if ctx.mode == "capture":
+        ctx.captured_k[layer], ctx.captured_v[layer] = key, value
+        n, hkv, _, d = key.shape
+        empty = key.new_empty(n, hkv, 0, d)
+        no_task = torch.zeros(n, dtype=torch.long, device=key.device)
+        out = prefix_attention(query, key, value, empty[:1], empty[:1], no_task, causal=True,
+                               scale=scaling, backend=ctx.backend)
+    elif ctx.mode == "prefix":
+        if ctx.cache is not None:
+            start, stop = ctx.cache.length, ctx.cache.length + key.shape[2]
+            ctx.cache.keys[layer][:, :, start:stop] = key
+            ctx.cache.values[layer][:, :, start:stop] = value
+            key, value = ctx.cache.keys[layer][:, :, :stop], ctx.cache.values[layer][:, :, :stop]
+        out = prefix_attention(query, key, value, ctx.prefix_k[layer], ctx.prefix_v[layer], ctx.task_ids,
+                               causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
+                               backend=ctx.backend)
+    else:
+        raise ValueError(f"AttentionContext.mode must be 'capture' or 'prefix', got {ctx.mode!r}")
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION_NAME, fastprompt_attention)

@@ -1,0 +1,131 @@
+"""The one place that knows model families: a small adapter per family, found by `config.model_type`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fastprompt.backbones.attention import ATTENTION_NAME, AttentionContext
+
+_REGISTRY: dict[str, type["Backbone"]] = {}
+
+
+def register_backbone(*model_types: str):
+    """Class decorator: use this adapter for HF models whose `config.model_type` is in model_types."""
+    def wrap(cls):
+        for name in model_types:
+            _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(model: nn.Module) -> "Backbone":
+    """The adapter for a Hugging Face causal LM; ValueError naming the model type if unsupported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _REGISTRY:
+        raise ValueError(f"model family {model_type!r} is not supported; supported model_type values: "
+                         f"{supported_model_types()}")
+    return _REGISTRY[model_type](model)
+
+
+class Backbone:
+    """A frozen HF causal LM seen through what fastprompt needs of it.
+
+    Subclasses name the decoder stack and read the attention geometry from the config.
+    """
+
+    decoder_attr: str  # attribute of the *ForCausalLM model holding the decoder stack
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.decoder = getattr(model, self.decoder_attr)
+
+    # geometry --------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.word_embeddings.weight.device
+
+    # forward ---------------------------------------------------------------------------------
+    def hidden_states(self, *, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
+                      ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Last hidden states [B, T, d] of the decoder stack (no LM head).
+
+        With `ctx`, attention is fastprompt's (`backbones/attention.py`) and `attention_mask` must be
+        None (padding travels in ctx); without it, the model's own attention and mask are used.
+        """
+        kwargs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                      attention_mask=attention_mask, use_cache=False)
+        if ctx is None:
+            return self.decoder(**kwargs).last_hidden_state
+        with self.attention_implementation(ATTENTION_NAME):
+            return self.decoder(**kwargs, fastprompt_ctx=ctx).last_hidden_state
+
+    @contextmanager
+    def attention_implementation(self, name: str):
+        """Switch the model's attention implementation for the duration of a call, then restore it."""
+        configs = {id(c): c for c in (self.config, self.decoder.config)}.values()
+        previous = [(c, c._attn_implementation) for c in configs]
+        for c in configs:
+            c._attn_implementation = name
+        try:
+            yield
+        finally:
+            for c, impl in previous:
+                c._attn_implementation = impl
+
+
+@register_backbone("llama", "mistral", "qwen2", "qwen3")
+class LlamaFamily(Backbone):
+    """Llama, Mistral, Qwen2, Qwen3: RoPE, grouped-query attention, head_dim from the config."""
+
+    decoder_attr = "model"
+
+
+@register_backbone("gpt2")
+class GPT2(Backbone):
+    """GPT-2: learned absolute positions, multi-head attention."""
+
+    decoder_attr = "transformer"

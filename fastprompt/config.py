@@ -1,0 +1,170 @@
+"""Adapter configs with PEFT's field names, so PEFT configs and `adapter_config.json` files map 1:1.
+
+`as_fastprompt_config` accepts one of these, a PEFT config object (duck-typed by `peft_type`, so PEFT
+need not be installed) or a dict as found in `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+PROMPT_TUNING = "PROMPT_TUNING"
+PREFIX_TUNING = "PREFIX_TUNING"
+P_TUNING = "P_TUNING"
+MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+
+
+@dataclass
+class PromptLearningConfig:
+    """Fields every soft-prompt method shares (PEFT's `PromptLearningConfig`)."""
+
+    num_virtual_tokens: int = None
+    task_type: str | None = "CAUSAL_LM"
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    modules_to_save: list[str] | None = None
+    peft_type: str = field(default=None, init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        if self.task_type not in (None, "CAUSAL_LM"):
+            raise ValueError(f"task_type must be 'CAUSAL_LM' (decoder backbones), got {self.task_type!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (Lester et al.). prompt_tuning_init: RANDOM, SAMPLE_VOCAB, TEXT or CLASS_LABELS.
+
+    CLASS_LABELS (fastprompt's addition, as in Lester et al.) initialises the first virtual tokens from
+    the embeddings of the verbalizer words in `class_label_words` (each word's tokens, in order), the rest
+    from tokens sampled from the vocabulary; it needs `tokenizer_name_or_path`.
+    """
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+    class_label_words: list[str] | None = None
+    _inits = ("RANDOM", "SAMPLE_VOCAB", "TEXT", "CLASS_LABELS")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PROMPT_TUNING
+        self.prompt_tuning_init = _enum_value(self.prompt_tuning_init)
+        if self.prompt_tuning_init not in self._inits:
+            raise ValueError(f"prompt_tuning_init must be one of {self._inits}, got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init in ("TEXT", "CLASS_LABELS") and not self.tokenizer_name_or_path:
+            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs tokenizer_name_or_path "
+                             "(a local tokenizer folder)")
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+        if self.prompt_tuning_init == "CLASS_LABELS" and not self.class_label_words:
+            raise ValueError("prompt_tuning_init='CLASS_LABELS' needs class_label_words (the verbalizers)")
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (Li & Liang): per-layer key/value prefixes, optionally through an MLP."""
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PREFIX_TUNING
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning (Liu et al.): virtual tokens produced by an MLP or a bidirectional LSTM + MLP."""
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = P_TUNING
+        self.encoder_reparameterization_type = _enum_value(self.encoder_reparameterization_type)
+        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
+            raise ValueError("encoder_reparameterization_type must be 'MLP' or 'LSTM', got "
+                             f"{self.encoder_reparameterization_type!r}")
+
+
+@dataclass
+class MultitaskPromptTuningConfig(PromptTuningConfig):
+    """MPT (Wang et al.): task k's prompt = P* ∘ (prefix_task_cols[k] @ prefix_task_rows[k]).
+
+    prompt_tuning_init: RANDOM, TEXT, AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK or ONLY_SOURCE_SHARED; the
+    last three read `prompt_tuning_init_state_dict_path` (a source MPT checkpoint).
+    """
+
+    prompt_tuning_init_state_dict_path: str | None = None
+    prompt_tuning_init_task: int = 0
+    num_ranks: int = 1
+    num_tasks: int = 1
+    _inits = ("RANDOM", "TEXT", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MULTITASK_PROMPT_TUNING
+        if self.prompt_tuning_init in self._inits[2:] and not self.prompt_tuning_init_state_dict_path:
+            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs "
+                             "prompt_tuning_init_state_dict_path (a source MPT checkpoint)")
+        for name in ("num_ranks", "num_tasks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+
+CONFIG_CLASSES = {
+    PROMPT_TUNING: PromptTuningConfig,
+    PREFIX_TUNING: PrefixTuningConfig,
+    P_TUNING: PromptEncoderConfig,
+    MULTITASK_PROMPT_TUNING: MultitaskPromptTuningConfig,
+}
+
+
+def as_fastprompt_config(config) -> PromptLearningConfig:
+    """A fastprompt config from a fastprompt config, a PEFT config or an adapter_config.json dict."""
+    if isinstance(config, PromptLearningConfig):
+        return config
+    if not isinstance(config, dict):
+        if not hasattr(config, "to_dict") or not hasattr(config, "peft_type"):
+            raise ValueError(f"config must be a fastprompt or PEFT prompt-learning config or a dict, got "
+                             f"{type(config).__name__}")
+        config = config.to_dict()
+    peft_type = _enum_value(config.get("peft_type"))
+    if peft_type not in CONFIG_CLASSES:
+        raise ValueError(f"peft_type must be one of {sorted(CONFIG_CLASSES)} (prompt-learning methods), got "
+                         f"{peft_type!r}")
+    cls = CONFIG_CLASSES[peft_type]
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    ignored = sorted(k for k in config if k not in names and k != "peft_type" and config[k] is not None)
+    ignored = [k for k in ignored if k not in _PEFT_ONLY_FIELDS]
+    if ignored:
+        warnings.warn(f"{cls.__name__}: ignoring fields fastprompt does not use: {ignored}")
+    return cls(**{k: _enum_value(v) for k, v in config.items() if k in names})
+
+
+# Fields PEFT writes that carry nothing fastprompt needs.
+_PEFT_ONLY_FIELDS = {"auto_mapping", "peft_version", "task_type"}
+
+
+def _enum_value(value):
+    return getattr(value, "value", value)

@@ -1,0 +1,55 @@
+"""What every prompt source gives the runtime: virtual-token embeddings or per-layer key/value prefixes.
+
+A source owns `num_entries` bank entries (1 per adapter; MPT: one per task). Parameter names follow
+PEFT's prompt encoders (`embedding.weight`, `mlp_head.*`, `transform.*`, `prefix_task_cols`, ...), so a
+PEFT `prompt_encoder[name].state_dict()` loads as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PromptSource(nn.Module):
+    kind: str  # "tokens": virtual-token embeddings; "kv": per-layer key/value prefixes
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    @property
+    def num_entries(self) -> int:
+        return 1
+
+    def prompts(self, entries: torch.Tensor) -> torch.Tensor:
+        """Virtual-token embeddings [len(entries), P, d] (kind "tokens")."""
+        raise NotImplementedError
+
+    def prefix_kv(self, entries: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer keys and values, each [len(entries), Hkv, P, D] (kind "kv")."""
+        raise NotImplementedError
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors PEFT saves in adapter_model.safetensors (the folded, inference representation)."""
+        raise NotImplementedError
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what `peft_state_dict` (or PEFT) saved; raises ValueError naming a missing or bad key."""
+        raise NotImplementedError
+
+
+def load_tensor(param: torch.Tensor, state: dict[str, torch.Tensor], key: str) -> None:
+    """Copy state[key] into param after checking presence and shape."""
+    if key not in state:
+        raise ValueError(f"checkpoint is missing the tensor {key!r} (has {sorted(state)})")
+    value = state[key]
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, expected "
+                         f"{tuple(param.shape)} for this config and model")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))

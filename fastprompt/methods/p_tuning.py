@@ -1,0 +1,57 @@
+"""P-tuning (Liu et al.): virtual tokens produced by a prompt encoder (MLP, or bidirectional LSTM + MLP).
+
+Saved adapters hold the encoder's output only (PEFT's format); a model loaded from one has no encoder
+(`inference_mode`) and serves, or keeps tuning, that output directly. Training checkpoints
+(`fastprompt.io.save_training_checkpoint`) keep the encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastprompt.methods.base import PromptSource, load_tensor
+
+
+class PTuning(PromptSource):
+    kind = "tokens"
+
+    def __init__(self, config):
+        super().__init__(config)
+        d, hidden = config.token_dim, config.encoder_hidden_size
+        self.embedding = nn.Embedding(config.num_virtual_tokens, d)
+        self.encoder_type = config.encoder_reparameterization_type
+        if config.inference_mode:
+            return
+        if self.encoder_type == "LSTM":
+            self.lstm_head = nn.LSTM(d, hidden, num_layers=config.encoder_num_layers,
+                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
+        else:
+            self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, d))
+
+    @property
+    def has_encoder(self) -> bool:
+        return hasattr(self, "mlp_head")
+
+    def encoded(self) -> torch.Tensor:
+        """The virtual tokens [P, d]: the encoder's output, or the stored tokens without an encoder."""
+        tokens = self.embedding.weight
+        if not self.has_encoder:
+            return tokens
+        if self.encoder_type == "LSTM":
+            tokens = self.lstm_head(tokens[None])[0][0]
+        return self.mlp_head(tokens)
+
+    def prompts(self, entries: torch.Tensor) -> torch.Tensor:
+        return self.encoded()[None].expand(len(entries), -1, -1)
+
+    def peft_state_dict(self):
+        return {"prompt_embeddings": self.encoded().detach()}
+
+    def load_peft_state_dict(self, state):
+        if self.has_encoder:
+            raise ValueError("a P-tuning adapter file holds encoded virtual tokens only; load it with "
+                             "inference_mode=True (no encoder), or resume from a training checkpoint")
+        load_tensor(self.embedding.weight, state, "prompt_embeddings")

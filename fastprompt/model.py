@@ -1,0 +1,353 @@
+"""PromptModel: a frozen Hugging Face causal LM plus a bank of soft-prompt adapters.
+
+Forward paths for virtual-token methods (prompt tuning, P-tuning, MPT):
+- "shared_prefix" (default): the prompt of each distinct (adapter, task) in the batch runs through the
+  backbone once; its per-layer keys/values become a bank that every row's attention reads by task id
+  (DESIGN.md, "One idea"). Equal to concatenation when the backbone has no dropout.
+- "concat": PEFT's way: the prompt is placed before every row's tokens (`fastprompt.ops.prompt_embed`).
+Prefix tuning always reads its keys/values from the bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fastprompt import io
+from fastprompt.backbones import AttentionContext, get_backbone
+from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING, as_fastprompt_config
+from fastprompt.methods import build_source
+from fastprompt.ops import prompt_embed
+
+PATHS = ("auto", "shared_prefix", "concat")
+
+
+def resolve_config(config, backbone):
+    """Fill the model-derived fields as PEFT does (num_layers, token_dim, heads, encoder_hidden_size) and
+    check the ones given against the model."""
+    config = dataclasses.replace(as_fastprompt_config(config))
+    if config.peft_type == PREFIX_TUNING:
+        token_dim, heads = backbone.num_kv_heads * backbone.head_dim, backbone.num_kv_heads
+    else:
+        token_dim, heads = backbone.hidden_size, backbone.num_heads
+    expected = {"num_layers": backbone.num_layers, "token_dim": token_dim, "num_attention_heads": heads,
+                "num_transformer_submodules": 1}
+    for name, value in expected.items():
+        given = getattr(config, name)
+        if given is None:
+            setattr(config, name, value)
+        elif given != value:
+            raise ValueError(f"config.{name}={given} does not match the model ({name}={value} for "
+                             f"{backbone.config.model_type})")
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(backbone.config, "name_or_path", None) or None
+    return config
+
+
+@dataclass
+class BankPlan:
+    """Which bank entries a batch needs and which entry each row reads."""
+
+    kind: str                                   # "tokens" or "kv"
+    num_virtual_tokens: int
+    sources: list[tuple[str, torch.Tensor]]     # (adapter name, its local entry ids), in bank order
+    row_entry: torch.Tensor                     # [B] int64 index into the concatenated entries
+
+
+class PromptModel(nn.Module):
+    """A drop-in for PEFT's prompt-learning models on causal decoders (see the README for the API)."""
+
+    def __init__(self, base_model: nn.Module, config=None, adapter_name: str = "default", *,
+                 path: str = "auto", backend: str | None = None):
+        super().__init__()
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.base_model = base_model
+        self.backbone = get_backbone(base_model)
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        self.prompt_sources = nn.ModuleDict()
+        self.peft_config: dict = {}
+        self.path = path
+        self.backend = backend
+        self.active_adapter: str | None = None
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    # adapters --------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.prompt_sources)
+
+    def add_adapter(self, adapter_name: str, config) -> None:
+        """Add a freshly initialised adapter to the bank (its parameters train in fp32)."""
+        if adapter_name in self.prompt_sources:
+            raise ValueError(f"adapter_name={adapter_name!r} is already loaded")
+        config = resolve_config(config, self.backbone)
+        source = build_source(config, self.backbone).to(self.backbone.device)
+        for param in source.parameters():
+            param.requires_grad_(not config.inference_mode)
+        self._register(adapter_name, source, config)
+
+    def _register(self, adapter_name: str, source, config) -> None:
+        self.prompt_sources[adapter_name] = source
+        self.peft_config[adapter_name] = config
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def load_adapter(self, adapter_dir, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load a PEFT or fastprompt adapter folder into the bank under `adapter_name`."""
+        config_dict, tensors = io.load_adapter_files(adapter_dir)
+        config = as_fastprompt_config(config_dict)
+        config.inference_mode = True  # the file holds the folded prompt; no encoder or projection
+        if adapter_name in self.prompt_sources:
+            raise ValueError(f"adapter_name={adapter_name!r} is already loaded")
+        config = resolve_config(config, self.backbone)
+        source = build_source(config, self.backbone)
+        source.load_peft_state_dict(tensors)  # raises before anything is added on a bad file
+        source.to(self.backbone.device)
+        config.inference_mode = not is_trainable
+        for param in source.parameters():
+            param.requires_grad_(is_trainable)
+        self._register(adapter_name, source, config)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self._check_adapter(adapter_name, "adapter_name")
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_adapter(adapter_name, "adapter_name")
+        if len(self.prompt_sources) == 1:
+            raise ValueError("cannot delete the only adapter")
+        del self.prompt_sources[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = self.adapter_names[0]
+
+    @property
+    def active_peft_config(self):
+        return self.peft_config[self.active_adapter]
+
+    def _check_adapter(self, name: str, argument: str) -> None:
+        if name not in self.prompt_sources:
+            raise ValueError(f"{argument}={name!r} is not a loaded adapter; loaded: {self.adapter_names}")
+
+    # checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, selected_adapters: list[str] | None = None) -> None:
+        """PEFT's layout: the "default" adapter at the root, others in subfolders named after them."""
+        for name in selected_adapters or self.adapter_names:
+            self._check_adapter(name, "selected_adapters")
+            config = {**self.peft_config[name].to_dict(), "inference_mode": True}
+            io.save_adapter(io.adapter_folder(save_directory, name), config,
+                            self.prompt_sources[name].peft_state_dict())
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        return self.prompt_sources[adapter_name].peft_state_dict()["prompt_embeddings"].cpu()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # the bank --------------------------------------------------------------------------------
+    def plan(self, batch_size: int, task_ids=None, adapter_names=None) -> BankPlan:
+        """Resolve each row to a bank entry; raises ValueError naming the bad argument."""
+        if self.active_adapter is None:
+            raise ValueError("no adapter is loaded: add_adapter or load_adapter first")
+        if adapter_names is not None:
+            if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
+                raise ValueError(f"adapter_names must be a list of {batch_size} adapter names (one per row), "
+                                 f"got {adapter_names!r}")
+            for i, name in enumerate(adapter_names):
+                self._check_adapter(name, f"adapter_names[{i}]")
+            names = list(adapter_names)
+        else:
+            names = [self.active_adapter] * batch_size
+        configs = [self.peft_config[n] for n in names]
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids)
+            if task_ids.shape != (batch_size,) or task_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"task_ids must be an int64 tensor of shape [{batch_size}], got "
+                                 f"{task_ids.dtype} {tuple(task_ids.shape)}")
+            task_list = task_ids.tolist()
+        uses_mpt = configs[0].peft_type == MULTITASK_PROMPT_TUNING
+        if task_ids is not None and adapter_names is None and not uses_mpt:
+            # Mixing adapters by index: task id k is the k-th loaded adapter.
+            for i, t in enumerate(task_list):
+                if not 0 <= t < len(self.adapter_names):
+                    raise ValueError(f"task_ids[{i}]={t} is out of range: {len(self.adapter_names)} adapters "
+                                     f"are loaded ({self.adapter_names})")
+            names = [self.adapter_names[t] for t in task_list]
+            configs = [self.peft_config[n] for n in names]
+        first = configs[0]
+        for name, cfg in zip(names, configs):
+            if (cfg.peft_type, cfg.num_virtual_tokens) != (first.peft_type, first.num_virtual_tokens):
+                raise ValueError(f"adapters of one batch must share method and num_virtual_tokens: "
+                                 f"{names[0]!r} is {first.peft_type} with {first.num_virtual_tokens} tokens, "
+                                 f"{name!r} is {cfg.peft_type} with {cfg.num_virtual_tokens}")
+        if uses_mpt:
+            if task_ids is None:
+                raise ValueError("task_ids is required for multitask prompt tuning: an int64 tensor [B] of "
+                                 "task indices")
+            for i, (t, cfg) in enumerate(zip(task_list, configs)):
+                if not 0 <= t < cfg.num_tasks:
+                    raise ValueError(f"task_ids[{i}]={t} is out of range for adapter {names[i]!r} with "
+                                     f"num_tasks={cfg.num_tasks}")
+            local = task_list
+        else:
+            local = [0] * batch_size
+        index: dict[tuple[str, int], int] = {}
+        per_source: dict[str, list[int]] = {}
+        for name, entry in sorted(set(zip(names, local)), key=lambda p: (self.adapter_names.index(p[0]), p[1])):
+            index[(name, entry)] = len(index)
+            per_source.setdefault(name, []).append(entry)
+        device = self.backbone.device
+        sources = [(n, torch.tensor(e, dtype=torch.long, device=device)) for n, e in per_source.items()]
+        row_entry = torch.tensor([index[p] for p in zip(names, local)], dtype=torch.long, device=device)
+        return BankPlan(self.prompt_sources[names[0]].kind, first.num_virtual_tokens, sources, row_entry)
+
+    def bank_prompts(self, plan: BankPlan) -> torch.Tensor:
+        """Virtual-token embeddings of the plan's entries: [n_entries, P, d] in the backbone's dtype."""
+        parts = [self.prompt_sources[name].prompts(entries) for name, entries in plan.sources]
+        return torch.cat(parts).to(self.backbone.dtype)
+
+    def bank_kv(self, plan: BankPlan):
+        """(keys, values, last_hidden): per-layer prefix keys/values of the plan's entries, each
+        [n_entries, Hkv, P, D], and the last virtual token's final hidden state [n_entries, d].
+
+        For prefix tuning the keys/values are the parameters (last_hidden is None); for virtual-token
+        methods they come from one backbone pass over the entries' prompts (the prompt pass).
+        """
+        if plan.kind == "kv":
+            parts = [self.prompt_sources[name].prefix_kv(entries) for name, entries in plan.sources]
+            keys = [torch.cat([p[0][layer] for p in parts]).to(self.backbone.dtype)
+                    for layer in range(self.backbone.num_layers)]
+            values = [torch.cat([p[1][layer] for p in parts]).to(self.backbone.dtype)
+                      for layer in range(self.backbone.num_layers)]
+            return keys, values, None
+        prompts = self.bank_prompts(plan)
+        n, P = prompts.shape[:2]
+        ctx = AttentionContext("capture", backend=self.backend)
+        positions = torch.arange(P, device=prompts.device)[None].expand(n, P)
+        hidden = self.backbone.hidden_states(inputs_embeds=prompts, position_ids=positions, ctx=ctx)
+        layers = range(self.backbone.num_layers)
+        return [ctx.captured_k[i] for i in layers], [ctx.captured_v[i] for i in layers], hidden[:, -1]
+
+    # forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, adapter_names=None,
+                inputs_embeds=None, position_ids=None, path: str | None = None, return_dict: bool = True,
+                **kwargs):
+        """Loss and logits of the input tokens ([B, T, V]; virtual tokens get no logits).
+
+        input_ids [B, T] (or inputs_embeds [B, T, d]); attention_mask [B, T] (1 = token, right or left
+        padding); labels [B, T] (-100 = ignore); rows pick adapters by `adapter_names` (list of B names)
+        or `task_ids` (int64 [B]: the MPT task, or for other methods the index of a loaded adapter).
+        """
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(name, None):
+                raise ValueError(f"{name}=True is not supported by fastprompt's forward")
+        if kwargs:
+            raise ValueError(f"unexpected arguments to PromptModel.forward: {sorted(kwargs)}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self._check_batch_args(B, T, attention_mask, labels)
+        plan = self.plan(B, task_ids, adapter_names)
+        path = self._choose_path(path, plan)
+        if path == "concat":
+            hidden, last_virtual = self._concat_hidden(plan, input_ids, inputs_embeds, attention_mask)
+        else:
+            hidden, last_virtual = self._shared_prefix_hidden(plan, input_ids, inputs_embeds, attention_mask,
+                                                              position_ids)
+        lm_head = self.backbone.lm_head
+        logits = lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if last_virtual is not None:
+                # As in PEFT, the last virtual token predicts the first input token.
+                predictions = torch.cat([lm_head(last_virtual)[:, None], logits[:, :-1]], dim=1)
+                targets = labels
+            else:
+                predictions, targets = logits[:, :-1], labels[:, 1:]
+            loss = F.cross_entropy(predictions.float().flatten(0, 1), targets.flatten().to(logits.device),
+                                   ignore_index=-100)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        return output if return_dict else output.to_tuple()
+
+    def _choose_path(self, path: str | None, plan: BankPlan) -> str:
+        path = path or self.path
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if plan.kind == "kv" or path == "auto":
+            return "shared_prefix"
+        return path
+
+    def _check_batch_args(self, B, T, attention_mask, labels) -> None:
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must have shape [B={B}, T={T}], got {tuple(t.shape)}")
+
+    def _concat_hidden(self, plan, input_ids, inputs_embeds, attention_mask):
+        prompts = self.bank_prompts(plan)
+        P = prompts.shape[1]
+        if input_ids is not None:
+            embeds = prompt_embed(input_ids, self.backbone.word_embeddings.weight, prompts, plan.row_entry,
+                                  backend=self.backend)
+        else:
+            embeds = torch.cat([prompts[plan.row_entry].to(inputs_embeds.dtype), inputs_embeds], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
+        hidden = self.backbone.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
+        return hidden[:, P:], hidden[:, P - 1]
+
+    def _shared_prefix_hidden(self, plan, input_ids, inputs_embeds, attention_mask, position_ids):
+        keys, values, last_virtual = self.bank_kv(plan)
+        P = plan.num_virtual_tokens
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if position_ids is not None and plan.kind == "tokens":
+            warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
+            position_ids = None
+        if position_ids is None:
+            position_ids = torch.arange(T, device=self.backbone.device)[None].expand(B, T)
+        ctx = AttentionContext("prefix", keys, values, plan.row_entry, backend=self.backend,
+                               key_padding_mask=None if attention_mask is None else attention_mask.bool())
+        hidden = self.backbone.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                             position_ids=position_ids + P, ctx=ctx)
+        return hidden, None if last_virtual is None else last_virtual[plan.row_entry]
+
+    # generation ------------------------------------------------------------------------------
+    def generate(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None, **kwargs):
+        """Generate continuations; returns [B, T + new] token ids (virtual tokens never appear).
+
+        kwargs: max_new_tokens, do_sample, temperature, top_k, top_p, seed (or generator),
+        eos_token_id, pad_token_id. See `fastprompt.generation.generate`.
+        """
+        from fastprompt.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, task_ids=task_ids,
+                        adapter_names=adapter_names, **kwargs)
+
+
+def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **kwargs) -> PromptModel:
+    """Wrap a Hugging Face causal LM with a new soft-prompt adapter (PEFT's or fastprompt's config)."""
+    return PromptModel(model, peft_config, adapter_name, **kwargs)
+
+
+def from_pretrained(model: nn.Module, adapter_dir, adapter_name: str = "default", is_trainable: bool = False,
+                    **kwargs) -> PromptModel:
+    """Wrap a Hugging Face causal LM with an adapter saved by fastprompt or PEFT."""
+    prompt_model = PromptModel(model, None, **kwargs)
+    prompt_model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
+    return prompt_model
