@@ -22,7 +22,11 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
 def check_index(name: str, ids: torch.Tensor, size: int, what: str) -> None:
     """ids must be integer and lie in [0, size)."""
     if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be an int64 tensor, got {ids.dtype}")
+        raise ValueError(f"{name} must be an int64 (or int32) tensor, got {ids.dtype}")
+    # The range check reads the values on the host; on CUDA that is a sync per call, so it runs on
+    # CPU tensors only (PromptModel validates task ids on the host before anything reaches a kernel).
+    if ids.is_cuda:
+        return
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
         raise ValueError(f"{name} must lie in [0, {size}) ({what}), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")

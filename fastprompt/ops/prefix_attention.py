@@ -74,6 +74,8 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_paddi
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
     check_index("task_ids", task_ids, prefix_k.shape[0], "rows of the prefix bank")
     if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor (True = attend), got {key_padding_mask.dtype}")
         if key_padding_mask.shape != (B, S):
             raise ValueError(f"key_padding_mask must have shape [B={B}, S={S}], got "
                              f"{tuple(key_padding_mask.shape)}")

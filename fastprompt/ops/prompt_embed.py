@@ -36,7 +36,7 @@ def prompt_embed(
         raise ValueError(f"prompts must have d={embedding_weight.shape[1]} (the embedding width), got "
                          f"{tuple(prompts.shape)}")
     check_index("task_ids", task_ids, prompts.shape[0], "rows of prompts")
-    _check_positions(positions, input_ids.shape[1], prompts.shape[1])
+    _check_positions(positions, input_ids.shape[1], prompts.shape[1], input_ids.shape[0])
     if resolve_backend(backend, embedding_weight) == "triton":
         from fastprompt.ops._prompt_embed_triton import prompt_embed_triton
 
@@ -75,7 +75,7 @@ def mpt_prompt_embed(
     for name, t in (("shared", shared), ("task_cols", task_cols), ("task_rows", task_rows)):
         check_float(name, t)
     check_index("task_ids", task_ids, n_tasks, "MPT tasks")
-    _check_positions(positions, input_ids.shape[1], P)
+    _check_positions(positions, input_ids.shape[1], P, input_ids.shape[0])
     if resolve_backend(backend, embedding_weight) == "triton":
         from fastprompt.ops._prompt_embed_triton import mpt_prompt_embed_triton
 
@@ -90,8 +90,17 @@ def mpt_prompts(shared, task_cols, task_rows, task_ids, *, backend: str | None =
 
     For the shared-prefix path, which needs the prompts of the batch's distinct tasks, not of each row.
     """
+    check_rank("shared", shared, 2, "[P, d]")
+    check_rank("task_cols", task_cols, 3, "[n_tasks, P, r]")
+    check_rank("task_rows", task_rows, 3, "[n_tasks, r, d]")
     check_rank("task_ids", task_ids, 1, "[n]")
-    check_index("task_ids", task_ids, task_cols.shape[0], "MPT tasks")
+    for name, t in (("shared", shared), ("task_cols", task_cols), ("task_rows", task_rows)):
+        check_float(name, t)
+    n_tasks, P, r = task_cols.shape
+    if shared.shape[0] != P or task_rows.shape != (n_tasks, r, shared.shape[1]):
+        raise ValueError(f"shared [P, d], task_cols [n_tasks, P, r] and task_rows [n_tasks, r, d] disagree: "
+                         f"{tuple(shared.shape)}, {tuple(task_cols.shape)}, {tuple(task_rows.shape)}")
+    check_index("task_ids", task_ids, n_tasks, "MPT tasks")
     if resolve_backend(backend, shared) == "triton":
         from fastprompt.ops._prompt_embed_triton import mpt_prompts_triton
 
@@ -111,10 +120,15 @@ def _check_tokens(input_ids, embedding_weight, task_ids, positions) -> None:
     check_index("input_ids", input_ids, embedding_weight.shape[0], "the vocabulary")
 
 
-def _check_positions(positions, n_tokens: int, n_virtual: int) -> None:
+def _check_positions(positions, n_tokens: int, n_virtual: int, batch: int) -> None:
     if positions is None:
         return
     check_rank("positions", positions, 2, "[B, L]")
+    if positions.shape[0] != batch or positions.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"positions must be an int64 tensor [B={batch}, L], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if positions.is_cuda:  # as check_index: no host sync on CUDA
+        return
     if positions.numel() and (int(positions.max()) >= n_tokens or int(positions.min()) < -n_virtual):
         raise ValueError(f"positions must lie in [-{n_virtual}, {n_tokens}) (virtual tokens, then input "
                          f"tokens), got values in [{int(positions.min())}, {int(positions.max())}]")

@@ -80,7 +80,7 @@ def prompt_embed(
     P = prompts.shape[1]
     if positions is None:
         positions = default_positions(B, P, T, input_ids.device)
-    tokens = embedding_weight[input_ids]                                   # [B, T, d]
+    tokens = embedding_weight.detach()[input_ids]                          # [B, T, d]; frozen
     row_prompts = prompts[task_ids].to(embedding_weight.dtype)             # [B, P, d]
     is_virtual = positions < 0
     token_index = positions.clamp(min=0)

@@ -1,0 +1,286 @@
+"""prefix_attention: the Triton kernels (interpreted on CPU) against the PyTorch reference.
+
+Every output and every gradient (q, k, v, prefix_k, prefix_v) is compared, for fp32 against the fp32
+reference and for bf16/fp16 against an fp32 reference computed from the same inputs upcast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastprompt.ops import prefix_attention, reference
+from tests.helpers import DEVICE, RTOL, assert_close, nan_like
+
+NAMES = ("out", "dq", "dk", "dv", "d_prefix_k", "d_prefix_v")
+
+
+def _shape_id(B, Hq, Hkv, T, S, P, D):
+    return f"B{B}-Hq{Hq}-Hkv{Hkv}-T{T}-S{S}-P{P}-D{D}"
+
+
+def _shape(*dims):
+    return pytest.param(dims, id=_shape_id(*dims))
+
+
+# (B, Hq, Hkv, T, S, P, D): odd sizes; P = 0 is plain attention; P > 64 spans several prefix tiles.
+SHAPES = [
+    _shape(3, 4, 2, 37, 37, 7, 64),     # GQA
+    _shape(2, 2, 2, 33, 33, 0, 32),     # no prefix
+    _shape(2, 3, 1, 19, 40, 13, 80),    # MQA, S > T, D not a power of two
+    _shape(1, 2, 2, 17, 17, 70, 32),    # prefix longer than a tile and than the sequence
+    _shape(2, 2, 1, 23, 29, 5, 128),
+    _shape(1, 2, 1, 67, 71, 3, 32),     # several query and key tiles even with the interpreter's 64x64
+]
+
+
+def _make_inputs(B, Hq, Hkv, T, S, P, D, dtype, *, n_tasks=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype).requires_grad_()
+
+    q, k, v = rand(B, Hq, T, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D)
+    prefix_k, prefix_v = rand(n_tasks, Hkv, P, D), rand(n_tasks, Hkv, P, D)
+    task_ids = torch.randint(0, n_tasks, (B,), generator=gen).to(DEVICE)
+    task_ids[0] = task_ids[-1]  # at least one task shared by two rows (when B > 1)
+    d_out = torch.randn(B, Hq, T, D, generator=gen).to(device=DEVICE, dtype=dtype)
+    return (q, k, v, prefix_k, prefix_v), task_ids, d_out
+
+
+def _padding_mask(B, S, kind, *, seed=1):
+    """Per-row valid lengths (row 0 full); 'right' keeps the first len keys, 'left' the last len."""
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, S + 1, (B,), generator=gen)
+    lengths[0] = S
+    pos = torch.arange(S)[None, :]
+    mask = pos < lengths[:, None] if kind == "right" else pos >= (S - lengths)[:, None]
+    return mask.to(DEVICE)
+
+
+def _run(tensors, task_ids, d_out, *, backend, causal, mask):
+    out = prefix_attention(*tensors, task_ids, causal=causal, key_padding_mask=mask, backend=backend)
+    grads = torch.autograd.grad(out, tensors, d_out)
+    return (out, *grads)
+
+
+def _check_against_reference(dims, dtype, *, causal, mask_kind=None, mask=None, n_tasks=3):
+    tensors, task_ids, d_out = _make_inputs(*dims, dtype, n_tasks=n_tasks)
+    if mask is None:
+        mask = _padding_mask(dims[0], dims[4], mask_kind)
+    got = _run(tensors, task_ids, d_out, backend="triton", causal=causal, mask=mask)
+    ref_inputs = tuple(t.detach().float().requires_grad_() for t in tensors)
+    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask)
+    for name, a, e in zip(NAMES, got, want):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
+        assert_close(name, a, e, RTOL[dtype])
+    return got
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dims", SHAPES)
+def test_matches_reference_fp32(dims, causal):
+    _check_against_reference(dims, torch.float32, causal=causal, mask_kind="right")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dims", [SHAPES[0], SHAPES[2]])
+def test_matches_reference_half(dims, dtype):
+    _check_against_reference(dims, dtype, causal=True, mask_kind="left")
+
+
+@pytest.mark.parametrize("mask_kind", [None, "left", "right"], ids=["nomask", "left", "right"])
+def test_padding_sides(mask_kind):
+    _check_against_reference((3, 2, 1, 21, 21, 3, 32), torch.float32, causal=True, mask_kind=mask_kind)
+
+
+@pytest.mark.parametrize("P", [0, 5], ids=["P0", "P5"])
+def test_fully_padded_row(P):
+    """A row with every own key masked sees only its prefix (P > 0) or nothing: zeros, never NaN."""
+    dims = (3, 2, 2, 9, 9, P, 32)
+    mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    mask[2, :4] = False  # left padding: with P = 0 its first causal queries see nothing either
+    got = _check_against_reference(dims, torch.float32, causal=True, mask=mask)
+    assert all(torch.isfinite(g).all() for g in got)
+    if P == 0:
+        assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+        assert torch.equal(got[0][2, :, :4], torch.zeros_like(got[0][2, :, :4]))
+
+
+def test_single_task_and_unused_tasks():
+    """All rows on one task of four: the others get zero gradients, the used one the sum over rows."""
+    tensors, _, d_out = _make_inputs(3, 2, 1, 11, 11, 6, 32, torch.float32, n_tasks=4)
+    task_ids = torch.full((3,), 2, dtype=torch.int64, device=DEVICE)
+    got = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None)
+    want = _run(tuple(t.detach().requires_grad_() for t in tensors), task_ids, d_out, backend="torch",
+                causal=True, mask=None)
+    for name, a, e in zip(NAMES, got, want):
+        assert_close(name, a, e, RTOL[torch.float32])
+    assert torch.count_nonzero(got[4][[0, 1, 3]]) == 0
+
+
+def test_non_contiguous_inputs():
+    """q, k, v as transposes of [B, T, H, D] (what HF attention layers hold)."""
+    B, Hq, Hkv, T, S, P, D = 2, 4, 2, 13, 13, 3, 32
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, T, Hq, D, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, Hkv, D, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, Hkv, D, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
+    pk = torch.randn(2, Hkv, P, D, generator=gen).to(DEVICE).requires_grad_()
+    pv = torch.randn(2, Hkv, P, D, generator=gen).to(DEVICE).requires_grad_()
+    task_ids = torch.tensor([1, 0], device=DEVICE)
+    d_out = torch.randn(B, Hq, T, D, generator=gen).to(DEVICE)
+    got = _run((q, k, v, pk, pv), task_ids, d_out, backend="triton", causal=True, mask=None)
+    want = _run((q, k, v, pk, pv), task_ids, d_out, backend="torch", causal=True, mask=None)
+    for name, a, e in zip(NAMES, got, want):
+        assert_close(name, a, e, RTOL[torch.float32])
+
+
+def test_backward_is_deterministic():
+    tensors, _, d_out = _make_inputs(4, 2, 1, 15, 15, 9, 32, torch.float32, n_tasks=2)
+    task_ids = torch.tensor([1, 0, 1, 1], device=DEVICE)
+    first = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None)
+    second = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers directly: NaN-filled outputs, so an element never written fails
+# ----------------------------------------------------------------------------------------------------
+def _launcher_check(dims, dtype, *, causal, mask, num_splits=None, backward=True):
+    from fastprompt.kernels.prefix_attention import prefix_attention_bwd, prefix_attention_fwd
+
+    B, Hq, Hkv, T, S, P, D = dims
+    tensors, task_ids, d_out = _make_inputs(*dims, dtype)
+    tensors = tuple(t.detach() for t in tensors)
+    out = nan_like((B, Hq, T, D), dtype)
+    got_out, lse = prefix_attention_fwd(*tensors, task_ids, causal=causal, key_padding_mask=mask,
+                                        out=out, num_splits=num_splits)
+    assert got_out.data_ptr() == out.data_ptr()
+    ref_inputs = tuple(t.float().requires_grad_() for t in tensors)
+    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask)
+    assert_close("out", got_out, want[0], RTOL[dtype])
+    if not backward:
+        return
+    grads = tuple(nan_like(t.shape, dtype) for t in tensors)
+    got = prefix_attention_bwd(d_out, *tensors, task_ids, got_out, lse, causal=causal,
+                               key_padding_mask=mask, grads=grads)
+    for name, a, buf, e in zip(NAMES[1:], got, grads, want[1:]):
+        assert a.data_ptr() == buf.data_ptr()
+        assert_close(name, a, e, RTOL[dtype])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_launchers_write_every_element(causal):
+    dims = (2, 4, 2, 21, 27, 11, 80)
+    _launcher_check(dims, torch.float32, causal=causal, mask=_padding_mask(2, 27, "left"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode: T <= 16 takes the split-KV forward (several programs per row, merged by log-sum-exp)
+# ----------------------------------------------------------------------------------------------------
+DECODE_SHAPES = [
+    _shape(3, 4, 2, 1, 61, 9, 64),
+    _shape(3, 4, 1, 3, 61, 0, 32),
+    _shape(2, 2, 2, 3, 61, 40, 80),
+]
+
+
+def _cache_mask(B, S):
+    """Each row's cache holds a different number of valid keys (right padded)."""
+    lengths = torch.tensor([S, 40, 17, 5][:B])
+    return (torch.arange(S)[None, :] < lengths[:, None]).to(DEVICE)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "nosplit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dims", DECODE_SHAPES)
+def test_decode_forward(dims, dtype, num_splits):
+    _launcher_check(dims, dtype, causal=True, mask=_cache_mask(dims[0], dims[4]), num_splits=num_splits,
+                    backward=False)
+
+
+def test_decode_splits_the_key_range():
+    """Under the interpreter the heuristic uses one split per key tile: S = 61 gives several."""
+    from fastprompt.kernels import prefix_attention as kernel
+
+    calls = []
+    original = kernel._combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return original[grid]
+
+    kernel._combine_kernel = Spy()
+    try:
+        _launcher_check(DECODE_SHAPES[0].values[0], torch.float32, causal=True, mask=None, backward=False)
+    finally:
+        kernel._combine_kernel = original
+    assert calls, "decode forward did not take the split-KV path"
+
+
+@pytest.mark.parametrize("dims", [DECODE_SHAPES[0], DECODE_SHAPES[1]])
+def test_decode_through_public_op_with_gradients(dims):
+    _check_against_reference(dims, torch.float32, causal=True, mask=_cache_mask(dims[0], dims[4]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Guards and the reference itself
+# ----------------------------------------------------------------------------------------------------
+def test_launcher_guards_name_the_argument():
+    from fastprompt.kernels.prefix_attention import prefix_attention_fwd
+
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 2, 1, 5, 5, 2, 32, torch.float32)
+    q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
+    with pytest.raises(ValueError, match="prefix_k"):
+        prefix_attention_fwd(q, k, v, pk.half(), pv, task_ids)
+    with pytest.raises(ValueError, match="task_ids"):
+        prefix_attention_fwd(q, k, v, pk, pv, task_ids[:1])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        prefix_attention_fwd(q, k, v, pk, pv, task_ids, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="out"):
+        prefix_attention_fwd(q, k, v, pk, pv, task_ids, out=torch.empty(2, 2, 5, 31))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_reference_equals_sdpa_on_concatenated_keys(causal):
+    """An independent check of the reference: SDPA on [prefix ; own] keys with an explicit bool mask."""
+    B, Hq, Hkv, T, S, P, D = 3, 4, 2, 7, 12, 5, 16
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32)
+    q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
+    mask = _padding_mask(B, S, "right")
+    mask[:, -1] = True  # every causal query keeps at least its own... last key visible to the last query
+    keys = torch.cat([pk[task_ids], k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    values = torch.cat([pv[task_ids], v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    allowed = torch.zeros(B, 1, T, P + S, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        for i in range(T):
+            allowed[b, 0, i, :P] = True
+            for j in range(S):
+                allowed[b, 0, i, P + j] = bool(mask[b, j]) and (not causal or j <= i + S - T)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+    got = reference.prefix_attention(q, k, v, pk, pv, task_ids, causal=causal, key_padding_mask=mask)
+    assert_close("reference vs sdpa", got, want, RTOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Native GPU only: realistic sizes (skipped on CPU, where the interpreter would take hours)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [_shape(2, 8, 2, 1031, 1031, 100, 128), _shape(3, 6, 6, 777, 900, 20, 80),
+                                  _shape(2, 4, 4, 513, 513, 0, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_large_shapes_gpu(dims, dtype):
+    _check_against_reference(dims, dtype, causal=True, mask_kind="right")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [_shape(64, 32, 8, 1, 4099, 100, 128), _shape(5, 8, 8, 7, 8191, 20, 64)])
+def test_large_decode_gpu(dims):
+    _launcher_check(dims, torch.bfloat16, causal=True, mask=_cache_mask(min(dims[0], 4), dims[4]).repeat(
+        (dims[0] + 3) // 4, 1)[:dims[0]], backward=False)
