@@ -11,11 +11,6 @@ import pytest  # noqa: E402
 from tests.helpers import DEVICE  # noqa: E402,F401
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
-    config.addinivalue_line("markers", "slow: long-running, not part of the default CI run")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,0 +1,5 @@
+import sys
+
+from fastprompt.cli import main
+
+sys.exit(main())

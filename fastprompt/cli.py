@@ -1,0 +1,25 @@
+"""The `fastprompt` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="tune two soft prompts on a tiny built-in model and serve them "
+                                            "in one mixed batch (offline, CPU, seconds)")
+    demo.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    demo.set_defaults(run=lambda args: __import__("fastprompt.demo", fromlist=["main"]).main(args))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
