@@ -1,0 +1,139 @@
+"""Adapter files round-trip with PEFT both ways; training checkpoints resume; writes are atomic."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastprompt
+from fastprompt import io
+from tests.helpers import assert_close
+from tests.peft_pairs import METHODS, P, peft, peft_and_fastprompt, task_ids_for
+from tests.tiny_models import batch, tiny_model
+
+
+def _logits(model, ids, mask, task_ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+
+
+def _input_logits(peft_logits, method):
+    return peft_logits if method.startswith("prefix") else peft_logits[:, P:]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_peft_loads_what_fastprompt_saves(method, tmp_path):
+    _, ours = peft_and_fastprompt("llama", method)
+    ids, mask, _ = batch()
+    task_ids = task_ids_for(method, len(ids))
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == (["prefix_task_cols", "prefix_task_rows", "prompt_embeddings"] if method == "mpt"
+                    else ["prompt_embeddings"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert_close("logits", _logits(ours, ids, mask, task_ids), _input_logits(_logits(loaded, ids, mask, task_ids),
+                                                                             method), 1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fastprompt_loads_what_peft_saves(method, tmp_path):
+    peft_model, _ = peft_and_fastprompt("gpt2", method)
+    ids, mask, _ = batch(padding="left")
+    task_ids = task_ids_for(method, len(ids))
+    peft_model.save_pretrained(tmp_path)
+    loaded = fastprompt.from_pretrained(tiny_model("gpt2"), tmp_path)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert_close("logits", _logits(loaded, ids, mask, task_ids),
+                 _input_logits(_logits(peft_model, ids, mask, task_ids), method), 1e-5)
+
+
+def test_named_adapters_go_to_subfolders_and_reload(tmp_path):
+    base = tiny_model("llama")
+    model = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    model.add_adapter("other", fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "other" / "adapter_config.json").is_file()
+    reloaded = fastprompt.from_pretrained(tiny_model("llama"), tmp_path)
+    reloaded.load_adapter(tmp_path / "other", adapter_name="other")
+    ids, mask, _ = batch()
+    names = ["default", "other", "other"]
+    assert_close("logits", _logits_named(reloaded, ids, mask, names), _logits_named(model, ids, mask, names), 1e-6)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["inference_mode"] is True
+
+
+def _logits_named(model, ids, mask, names):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+
+
+def test_trainable_load_keeps_training(tmp_path):
+    base = tiny_model("llama")
+    fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=4)).save_pretrained(tmp_path)
+    model = fastprompt.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["prompt_sources.default.embedding.weight"]
+
+
+@pytest.mark.parametrize("method", ["p_tuning_lstm", "prefix_projection", "mpt"])
+def test_training_checkpoint_resumes_exactly(method, tmp_path):
+    _, model = peft_and_fastprompt("llama", method)
+    ids, mask, labels = batch()
+    task_ids = task_ids_for(method, len(ids))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    step()
+    fastprompt.save_training_checkpoint(tmp_path, model, optimizer, step=1)
+    continued = [step() for _ in range(2)]
+    _, resumed = peft_and_fastprompt("llama", method)
+    with torch.no_grad():  # different prompt parameters until the checkpoint is loaded
+        for param in resumed.prompt_sources.parameters():
+            param.add_(1.0)
+    resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
+    meta = fastprompt.load_training_checkpoint(tmp_path, resumed, resumed_optimizer)
+    assert meta["step"] == 1
+    model, optimizer = resumed, resumed_optimizer
+    assert [step() for _ in range(2)] == continued
+    # The training checkpoint keeps the encoder / projection MLP, which the PEFT file folds away.
+    state = load_file(tmp_path / io.TRAINING_STATE_NAME)
+    if method == "p_tuning_lstm":
+        assert any(k.startswith("default.lstm_head.") for k in state)
+    if method == "prefix_projection":
+        assert any(k.startswith("default.transform.") for k in state)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    target = tmp_path / "adapter_model.safetensors"
+
+    def boom(path):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.atomic_write(target, boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.prompt_sources["default"].embedding.weight.add_(1.0)
+    monkeypatch.setattr(io, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
