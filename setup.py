@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `kernels/` holds Triton code only. It is installed as `fastprompt.kernels`, never as a top-level
 # `kernels` module: transformers probes for Hugging Face's own `kernels` package under that name.
@@ -9,13 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "fastprompt",
-        "fastprompt.ops",
-        "fastprompt.methods",
-        "fastprompt.backbones",
-        "fastprompt.kernels",
-    ],
+    packages=find_packages(include=["fastprompt", "fastprompt.*"]) + ["fastprompt.kernels"],
     package_dir={"fastprompt.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
