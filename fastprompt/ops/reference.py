@@ -6,6 +6,7 @@ Written for clarity, not speed. Every function computes in fp32 and returns the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def prefix_attention(
@@ -31,10 +32,8 @@ def prefix_attention(
     """
     B, Hq, T, D = q.shape
     S, Hkv, P = k.shape[2], k.shape[1], prefix_k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    keys = torch.cat([prefix_k[task_ids], k], dim=2).float().repeat_interleave(Hq // Hkv, dim=1)
-    values = torch.cat([prefix_v[task_ids], v], dim=2).float().repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), keys) * scale
+    keys = torch.cat([prefix_k[task_ids], k], dim=2).float()
+    values = torch.cat([prefix_v[task_ids], v], dim=2).float()
 
     own_visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
     if causal:
@@ -44,9 +43,12 @@ def prefix_attention(
         own_visible = own_visible & key_padding_mask.bool()[:, None, None, :]
     visible = torch.cat([own_visible.new_ones(B, 1, T, P), own_visible], dim=-1)
 
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with nothing visible: zeros
-    return torch.einsum("bhts,bhsd->bhtd", probs, values).to(q.dtype)
+    # A query that sees nothing would softmax over an empty set (NaN): let it see everything, then
+    # zero its output, which keeps its gradients finite (zero) too.
+    sees_something = visible.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=visible | ~sees_something,
+                                         scale=scale, enable_gqa=Hq != Hkv)
+    return (out * sees_something).to(q.dtype)
 
 
 def mpt_prompts(shared: torch.Tensor, task_cols: torch.Tensor, task_rows: torch.Tensor,
@@ -114,3 +116,77 @@ def default_positions(batch: int, n_virtual: int, n_tokens: int, device) -> torc
     """The `positions` map of a prompt placed before the tokens: [-1, ..., -P, 0, ..., T - 1] per row."""
     row = torch.cat([-torch.arange(1, n_virtual + 1, device=device), torch.arange(n_tokens, device=device)])
     return row[None].expand(batch, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen-backbone ops: fused LM-head cross-entropy, norms and activations (fastprompt.ops.linear_cross_entropy,
+# fastprompt.ops.norms). Frozen weights: these references are plain autograd, the ops return no weight grads.
+# ----------------------------------------------------------------------------------------------------------
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of the logits hidden @ weight.T (+ bias) against labels, with the [N, V] logits.
+
+    hidden: [N, d] or [B, T, d] (flattened to N = B * T); weight: [V, d]; bias: optional [V]; labels: [N]
+    (or [B, T]) int64, each in [0, V) or == ignore_index. reduction: "mean" (over the tokens whose label is
+    not ignore_index; 0 when there is none, where F.cross_entropy gives NaN), "sum", or "none" ([N], 0 at
+    ignored tokens). Computed in fp32; returns fp32.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1]).float()
+    logits = h @ weight.float().T
+    if bias is not None:
+        logits = logits + bias.float()
+    labels = labels.reshape(-1)
+    losses = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LlamaRMSNorm (also Mistral, Qwen2, Qwen3 and Qwen3's q/k norms): x [..., d], weight [d].
+
+    weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype); the dtype of weight * x (x's
+    dtype when weight has it).
+    """
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """nn.LayerNorm over the last dimension: x [..., d]; weight, bias [d]. Computed in fp32, x's dtype."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, as Llama's MLP computes it: silu in fp32 rounded to the input dtype, then the
+    product (rounded to the input dtype). gate, up: the same shape and dtype."""
+    silu = torch.nn.functional.silu(gate.float()).to(gate.dtype)
+    return (silu.float() * up.float()).to(gate.dtype)
+
+
+def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GELU in fp32, x's dtype. approximate="tanh": GPT-2's gelu_new,
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); "none": 0.5 x (1 + erf(x / sqrt(2)))."""
+    xf = x.float()
+    if approximate == "tanh":
+        y = 0.5 * xf * (1.0 + torch.tanh(0.7978845608028654 * (xf + 0.044715 * xf.pow(3))))
+    else:
+        y = 0.5 * xf * (1.0 + torch.erf(xf * 0.7071067811865476))
+    return y.to(x.dtype)
