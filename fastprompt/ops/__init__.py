@@ -4,3 +4,7 @@ from fastprompt.ops.prefix_attention import prefix_attention
 from fastprompt.ops.prompt_embed import mpt_prompt_embed, mpt_prompts, prompt_embed
 
 __all__ = ["prefix_attention", "prompt_embed", "mpt_prompt_embed", "mpt_prompts"]
+from fastprompt.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from fastprompt.ops.norms import gelu, layer_norm, rms_norm, swiglu  # noqa: E402
+
+__all__ += ["linear_cross_entropy", "rms_norm", "layer_norm", "swiglu", "gelu"]

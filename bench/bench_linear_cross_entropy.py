@@ -1,0 +1,118 @@
+"""Benchmark: fused LM-head cross-entropy vs F.cross_entropy(hidden @ weight.T), forward + backward to hidden.
+
+Providers: "unfused" (logits = hidden @ weight.T in the model's dtype, F.cross_entropy on the fp32 logits,
+as HF's ForCausalLMLoss does; the weight is frozen, so no weight gradient), "fastprompt-torch" (the chunked
+PyTorch path) and, on CUDA, "fastprompt" (the Triton kernels). Reports milliseconds (median, p20, p80),
+the ratio to the unfused path, and peak memory above the inputs. A provider whose loss or d hidden
+disagrees with the unfused path is refused. Writes bench/results/linear_cross_entropy-<device>.json.
+
+    python bench/bench_linear_cross_entropy.py            # Llama-3.2-1B head: V128256 d2048, N 8x1024, bf16
+    python bench/bench_linear_cross_entropy.py --quick    # tiny shapes on CPU, torch paths only (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import (  # noqa: E402
+    WrongOutput, check_or_refuse, peak_memory_mb, print_table, time_ms, write_results)
+from fastprompt import ops  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def unfused(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
+
+
+def fastprompt_provider(backend: str):
+    def run(hidden, weight, labels):
+        return ops.linear_cross_entropy(hidden, weight, labels, backend=backend)
+    return run
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, torch paths only")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--tokens", type=int, default=8 * 1024)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device = args.device or "cpu"
+        args.tokens, args.vocab, args.dim, args.warmup, args.reps = 256, 1000, 64, 1, 3
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick and device.type != "cpu":
+        parser.error("--quick runs on the CPU")
+    dtype = DTYPES[args.dtype]
+    N, V, d = args.tokens, args.vocab, args.dim
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, d, generator=gen).to(device, dtype)
+    weight = (torch.randn(V, d, generator=gen) * d**-0.5).to(device, dtype)
+    labels = torch.randint(0, V, (N,), generator=gen).to(device)
+    labels[:: 7] = -100
+
+    providers = {"unfused": unfused, "fastprompt-torch": fastprompt_provider("torch")}
+    if device.type == "cuda":
+        providers["fastprompt"] = fastprompt_provider("triton")
+
+    leaf = hidden.clone().requires_grad_(True)
+    ref_loss = unfused(leaf, weight, labels)
+    ref_loss.backward()
+    ref_grad, leaf.grad = leaf.grad, None
+    rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    shape = f"N{N}-V{V}-d{d}"
+    rows = []
+    for name, fn in providers.items():
+        leaf.grad = None
+        try:
+            loss = fn(leaf, weight, labels)
+            check_or_refuse(f"{name} loss", loss.detach()[None], ref_loss.detach()[None], rtol)
+            loss.backward()
+            check_or_refuse(f"{name} d hidden", leaf.grad, ref_grad, rtol)
+        except WrongOutput as err:
+            print(f"REFUSED {err}")
+            rows.append({"op": "linear_cross_entropy", "provider": name, "mode": "refused", "shape": shape,
+                         "dtype": args.dtype, "refused": str(err)})
+            continue
+        finally:
+            leaf.grad = None
+        del loss
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(leaf, weight, labels)
+
+        def fwd_bwd(fn=fn):
+            leaf.grad = None
+            fn(leaf, weight, labels).backward()
+
+        for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            timing = time_ms(call, device, warmup=args.warmup, reps=args.reps)
+            rows.append({"op": "linear_cross_entropy", "provider": name, "mode": mode, "shape": shape,
+                         "dtype": args.dtype, **timing, "peak_mb": peak_memory_mb(call, device)})
+    for mode in ("fwd", "fwd+bwd"):
+        base = next((r["ms"] for r in rows if r["mode"] == mode and r["provider"] == "unfused"), None)
+        for r in rows:
+            if r["mode"] == mode and base:
+                r["speedup_vs_unfused"] = base / r["ms"]
+    print_table(rows, ["op", "provider", "mode", "shape", "dtype", "ms", "ms_p20", "ms_p80", "speedup_vs_unfused",
+                       "peak_mb"])
+    name = "linear_cross_entropy-quick" if args.quick else "linear_cross_entropy"
+    print(f"wrote {write_results(name, rows, device)}")
+
+
+if __name__ == "__main__":
+    main()
