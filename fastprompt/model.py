@@ -255,6 +255,7 @@ class PromptModel(nn.Module):
         padding); labels [B, T] (-100 = ignore); rows pick adapters by `adapter_names` (list of B names)
         or `task_ids` (int64 [B]: the MPT task, or for other methods the index of a loaded adapter).
         """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # transformers.Trainer's accumulation
         for name in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(name, None):
                 raise ValueError(f"{name}=True is not supported by fastprompt's forward")
@@ -282,7 +283,9 @@ class PromptModel(nn.Module):
             else:
                 predictions, targets = logits[:, :-1], labels[:, 1:]
             loss = F.cross_entropy(predictions.float().flatten(0, 1), targets.flatten().to(logits.device),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         output = CausalLMOutputWithPast(loss=loss, logits=logits)
         return output if return_dict else output.to_tuple()
 

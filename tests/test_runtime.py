@@ -70,3 +70,23 @@ def test_inputs_embeds_equal_input_ids():
         a = model(input_ids=ids, attention_mask=mask, labels=labels, path=path)
         b = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, path=path)
         assert_close(f"{path} logits", b.logits, a.logits, 1e-6)
+
+
+def test_num_items_in_batch_gives_the_summed_loss_over_it():
+    """transformers.Trainer passes the token count of all accumulated micro-batches."""
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    ids, mask, labels = batch()
+    mean = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    n_targets = int((labels != -100).sum())  # with the virtual token predicting each row's first token
+    summed = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=2 * n_targets).loss
+    assert_close("loss", summed * 2, mean, 1e-6)
+
+
+def test_autocast_trains_in_half_precision():
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PrefixTuningConfig(num_virtual_tokens=4))
+    ids, mask, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grad = model.prompt_sources["default"].embedding.weight.grad
+    assert torch.isfinite(out.loss) and grad is not None and grad.abs().sum() > 0

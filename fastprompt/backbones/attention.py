@@ -64,6 +64,12 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                            "through fastprompt.PromptModel")
     layer = module.layer_idx
     ctx = fastprompt_ctx
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast the projections run in the autocast dtype while rotary embeddings and the
+        # bank may not: bring every operand to one dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if ctx.mode == "capture":
         ctx.captured_k[layer], ctx.captured_v[layer] = key, value
         n, hkv, _, d = key.shape
@@ -77,7 +83,8 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             ctx.cache.keys[layer][:, :, start:stop] = key
             ctx.cache.values[layer][:, :, start:stop] = value
             key, value = ctx.cache.keys[layer][:, :, :stop], ctx.cache.values[layer][:, :, :stop]
-        out = prefix_attention(query, key, value, ctx.prefix_k[layer], ctx.prefix_v[layer], ctx.task_ids,
+        out = prefix_attention(query, key, value, ctx.prefix_k[layer].to(query.dtype),
+                               ctx.prefix_v[layer].to(query.dtype), ctx.task_ids,
                                causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
                                backend=ctx.backend)
     else:
