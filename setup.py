@@ -18,7 +18,8 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "tokenizers>=0.20"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "tokenizers>=0.20", "httpx>=0.27",
+                 "fastapi>=0.110", "uvicorn>=0.29"],
         "bench": ["pytest-benchmark>=4", "peft>=0.17"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },

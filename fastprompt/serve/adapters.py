@@ -1,0 +1,131 @@
+"""The adapter store: each adapter's per-layer prefix keys/values, computed once, and the bank built from them.
+
+Every soft-prompt method on a causal decoder becomes a prefix (DESIGN.md, "One idea"): prompt tuning,
+P-tuning and MPT through one prompt pass (`PromptModel.bank_kv`), prefix tuning straight from its
+parameters. An adapter contributes `num_entries` bank rows (MPT: one per task, otherwise one); the bank
+is the concatenation over adapters, per layer `[n_entries, Hkv, P, D]` on the model's device, and a row
+reads entry `offset[adapter] + task`.
+
+All adapters of one store share `num_virtual_tokens` (the bank has one prefix length): the prefix op
+has no per-entry prefix length.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fastprompt.config import MULTITASK_PROMPT_TUNING
+from fastprompt.model import PromptModel
+from fastprompt.serve.sampling import InvalidRequest
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-:/]{0,127}$")
+
+
+@dataclass
+class StoredAdapter:
+    name: str
+    peft_type: str
+    num_virtual_tokens: int
+    num_entries: int              # MPT: num_tasks; otherwise 1
+    keys: list[torch.Tensor]      # per layer [num_entries, Hkv, P, D]
+    values: list[torch.Tensor]
+    source: str | None = None     # the folder it came from
+
+
+class AdapterStore:
+    """name -> StoredAdapter, and the bank tensors (rebuilt on every add/remove; the engine calls these
+    only between steps)."""
+
+    def __init__(self, base_model: torch.nn.Module, backend: str | None = None):
+        self.base_model = base_model
+        self.backend = backend
+        self.adapters: dict[str, StoredAdapter] = {}
+        self.offsets: dict[str, int] = {}
+        self.bank_k: list[torch.Tensor] | None = None
+        self.bank_v: list[torch.Tensor] | None = None
+        self.version = 0  # bumps on every change, so the engine knows to re-index its rows
+
+    @property
+    def num_virtual_tokens(self) -> int | None:
+        first = next(iter(self.adapters.values()), None)
+        return None if first is None else first.num_virtual_tokens
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def check_name(self, name, field: str = "adapter_name") -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise InvalidRequest(field, f"must be 1-128 characters of letters, digits and ._-:/ (starting with a "
+                                        f"letter or digit), got {name!r}")
+
+    @torch.no_grad()
+    def add_from_dir(self, name: str, adapter_dir) -> StoredAdapter:
+        """Load a PEFT or fastprompt adapter folder (PromptModel.load_adapter) and store its prefixes."""
+        self.check_name(name)
+        if name in self.adapters:
+            raise InvalidRequest("adapter_name", f"{name!r} is already loaded")
+        model = PromptModel(self.base_model, backend=self.backend)
+        try:
+            model.load_adapter(adapter_dir, name)
+        except (OSError, ValueError, KeyError) as error:
+            raise InvalidRequest("adapter_path", f"could not load an adapter from {str(adapter_dir)!r}: "
+                                                 f"{error}") from error
+        return self.add_from_model(name, model, name, source=str(adapter_dir))
+
+    @torch.no_grad()
+    def add_from_model(self, name: str, model: PromptModel, adapter_name: str | None = None, *,
+                       source: str | None = None) -> StoredAdapter:
+        """Store the prefixes of `model`'s adapter `adapter_name` (default: its active one) under `name`."""
+        self.check_name(name)
+        if name in self.adapters:
+            raise InvalidRequest("adapter_name", f"{name!r} is already loaded")
+        adapter_name = adapter_name or model.active_adapter
+        config = model.peft_config[adapter_name]
+        P = config.num_virtual_tokens
+        if self.num_virtual_tokens is not None and P != self.num_virtual_tokens:
+            raise InvalidRequest("adapter_path", f"adapter {name!r} has num_virtual_tokens={P}, but the loaded "
+                                                 f"adapters have {self.num_virtual_tokens}; one server serves "
+                                                 f"one prompt length")
+        mpt = config.peft_type == MULTITASK_PROMPT_TUNING
+        n = config.num_tasks if mpt else 1
+        plan = model.plan(n, task_ids=torch.arange(n) if mpt else None, adapter_names=[adapter_name] * n)
+        assert plan.row_entry.tolist() == list(range(n))
+        keys, values, _ = model.bank_kv(plan)
+        stored = StoredAdapter(name, config.peft_type, P, n, [k.detach().contiguous() for k in keys],
+                               [v.detach().contiguous() for v in values], source)
+        self.adapters[name] = stored
+        self._rebuild()
+        return stored
+
+    def remove(self, name: str) -> None:
+        if name not in self.adapters:
+            raise InvalidRequest("adapter_name", f"{name!r} is not loaded; loaded: {self.names()}")
+        del self.adapters[name]
+        self._rebuild()
+
+    def entry(self, name: str, task: int = 0) -> int:
+        """The bank row for (adapter, task); InvalidRequest naming the field when there is none."""
+        adapter, offsets = self.adapters.get(name), self.offsets
+        if adapter is None or name not in offsets:
+            raise InvalidRequest("model", f"{name!r} is not a loaded adapter; loaded: {self.names()}")
+        if not 0 <= task < adapter.num_entries:
+            raise InvalidRequest("task_id", f"{task} is out of range for adapter {name!r} with "
+                                            f"{adapter.num_entries} task(s)")
+        return offsets[name] + task
+
+    def _rebuild(self) -> None:
+        offsets, offset = {}, 0
+        for name, adapter in self.adapters.items():
+            offsets[name] = offset
+            offset += adapter.num_entries
+        self.offsets = offsets  # one assignment: other threads validating requests never see it half-built
+        if not self.adapters:
+            self.bank_k = self.bank_v = None
+        else:
+            layers = range(len(next(iter(self.adapters.values())).keys))
+            self.bank_k = [torch.cat([a.keys[i] for a in self.adapters.values()]) for i in layers]
+            self.bank_v = [torch.cat([a.values[i] for a in self.adapters.values()]) for i in layers]
+        self.version += 1

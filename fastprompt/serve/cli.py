@@ -1,0 +1,73 @@
+"""`fastprompt serve`: an OpenAI-compatible server for one base model and many soft-prompt adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers) -> None:
+    """Add the `serve` command to the `fastprompt` CLI's subparsers."""
+    serve = subparsers.add_parser("serve", help="serve a base model and soft-prompt adapters over an "
+                                                "OpenAI-compatible HTTP API (needs the `serve` extra)")
+    serve.add_argument("--model", required=True, help="local folder of a Hugging Face causal LM (and tokenizer)")
+    serve.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                       help="an adapter folder (PEFT or fastprompt) served as model NAME; repeatable")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-slots", type=int, default=16, help="rows decoded together (default 16)")
+    serve.add_argument("--max-len", type=int, default=1024, help="prompt + generated tokens per request")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--no-adapter-loading", action="store_true",
+                       help="refuse /v1/load_adapter and /v1/unload_adapter")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=run)
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    adapters = []
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--adapter must look like NAME=DIR, got {spec!r}")
+        adapters.append((name, folder))
+    return adapters
+
+
+def build_engine(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastprompt.serve.engine import Engine
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError):
+        if args.tokenizer:
+            raise
+        tokenizer = None  # token-id prompts only
+    engine = Engine(model, tokenizer, max_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
+                    request_timeout_s=args.request_timeout)
+    for name, folder in parse_adapters(args.adapter):
+        engine.load_adapter(name, folder)
+    return engine
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise SystemExit("fastprompt serve needs FastAPI and uvicorn: pip install 'fastprompt[serve]'") from error
+    from fastprompt.serve.server import create_app
+
+    engine = build_engine(args)
+    app = create_app(engine, request_timeout_s=args.request_timeout,
+                     allow_adapter_loading=not args.no_adapter_loading)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
