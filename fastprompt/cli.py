@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastprompt.serve.cli import add_commands as add_serve_commands
+from fastprompt.train.cli import add_commands as add_train_commands
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
@@ -13,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "in one mixed batch (offline, CPU, seconds)")
     demo.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     demo.set_defaults(run=lambda args: __import__("fastprompt.demo", fromlist=["main"]).main(args))
+    add_train_commands(commands)
+    add_serve_commands(commands)
     return parser
 
 

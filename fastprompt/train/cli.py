@@ -1,0 +1,264 @@
+"""`fastprompt train` and `fastprompt eval`: `add_commands(subparsers)` adds both to the `fastprompt` parser.
+
+    fastprompt train --model DIR --method prompt-tuning --data train.jsonl --eval-data dev.jsonl --out OUT \\
+        --num-virtual-tokens 20 --optimizer adafactor --lr 0.3 --steps 500 --eval-every 50 --save-every 100
+    fastprompt train ... --resume            # continue from the newest OUT/checkpoint-<step>
+    fastprompt eval --model DIR --adapter OUT --data test.jsonl
+
+Several --data files (``TASK=FILE`` or a file per task) or a ``task`` field make a multi-task run: one
+adapter per task (subfolders of OUT named after the tasks), or for ``--method mpt`` one MPT adapter with
+a task id per task. OUT also gets ``fastprompt_data.json`` (method, tasks, verbalizers), which `eval` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
+DATA_CONFIG_NAME = "fastprompt_data.json"
+
+
+def add_commands(subparsers) -> None:
+    """Add the `train` and `eval` subcommands to an argparse subparsers object."""
+    train = subparsers.add_parser("train", help="tune a soft prompt on a local model and JSON-lines/CSV data")
+    train.add_argument("--model", required=True, help="local model folder (weights and tokenizer)")
+    train.add_argument("--method", choices=METHODS, default="prompt-tuning")
+    train.add_argument("--data", action="append", required=True, metavar="[TASK=]FILE",
+                       help="training records (.jsonl or .csv); repeat for several tasks")
+    train.add_argument("--eval-data", action="append", metavar="[TASK=]FILE", help="evaluation records")
+    train.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
+    train.add_argument("--num-virtual-tokens", type=int, default=20)
+    train.add_argument("--lr", type=float, default=None, help="default 0.3 with adafactor, 3e-2 with adamw")
+    train.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
+    train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    train.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    train.add_argument("--metric", default="auto", help="eval_loss, eval_accuracy, eval_token_accuracy or auto")
+    train.add_argument("--patience", type=int, default=None, help="early stopping: evaluations without gain")
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    train.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init", choices=("random", "sample-vocab", "text", "class-labels"), default="random",
+                       help="prompt-tuning initialisation (class-labels uses the verbalizer words)")
+    train.add_argument("--init-text", default=None, help="text for --init text")
+    train.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP")
+    train.add_argument("--encoder-type", choices=("MLP", "LSTM"), default="MLP", help="P-tuning encoder")
+    train.add_argument("--encoder-hidden-size", type=int, default=None)
+    train.add_argument("--num-ranks", type=int, default=1, help="MPT rank")
+    train.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    train.add_argument("--progress", choices=("auto", "tqdm", "print", "none"), default="auto")
+    train.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
+    _add_data_options(train)
+    _add_model_options(train)
+    train.set_defaults(run=run_train)
+
+    evaluate = subparsers.add_parser("eval", help="score a saved adapter on JSON-lines/CSV data")
+    evaluate.add_argument("--model", required=True, help="local model folder (weights and tokenizer)")
+    evaluate.add_argument("--adapter", required=True, help="folder written by `fastprompt train` or PEFT")
+    evaluate.add_argument("--data", action="append", required=True, metavar="[TASK=]FILE")
+    evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    _add_data_options(evaluate)
+    _add_model_options(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
+
+def _add_data_options(parser) -> None:
+    parser.add_argument("--verbalizer", action="append", default=None, metavar="LABEL=WORDS",
+                        help="classification label words, e.g. --verbalizer positive=great (repeat per label)")
+    parser.add_argument("--separator", default=None, help="between input and target (default one space)")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate inputs from the left")
+    parser.add_argument("--batch-size-eval", dest="eval_batch_size", type=int, default=None)
+    parser.add_argument("--score", choices=("sum", "mean"), default="sum",
+                        help="classification: sum or per-token mean log-likelihood of the verbalizer")
+
+
+def _add_model_options(parser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the frozen model's weights")
+    parser.add_argument("--path", choices=("auto", "shared_prefix", "concat"), default="auto",
+                        help="fastprompt forward path")
+
+
+def _verbalizers(items) -> dict | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        label, sep, words = item.partition("=")
+        if not sep or not label or not words:
+            raise ValueError(f"--verbalizer must be LABEL=WORDS, got {item!r}")
+        out[label] = words
+    return out
+
+
+def _load_backbone(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    return base, tokenizer
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _config_for(args, tasks, verbalizers):
+    import fastprompt
+
+    n = args.num_virtual_tokens
+    if args.method == "prefix-tuning":
+        return fastprompt.PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=args.prefix_projection,
+                                             encoder_hidden_size=args.encoder_hidden_size)
+    if args.method == "p-tuning":
+        return fastprompt.PromptEncoderConfig(num_virtual_tokens=n, encoder_reparameterization_type=args.encoder_type,
+                                              encoder_hidden_size=args.encoder_hidden_size)
+    init = args.init.upper().replace("-", "_")
+    extra = {}
+    if init in ("TEXT", "CLASS_LABELS"):
+        extra["tokenizer_name_or_path"] = args.model
+    if init == "TEXT":
+        extra["prompt_tuning_init_text"] = args.init_text
+    if init == "CLASS_LABELS":
+        if not verbalizers:
+            raise ValueError("--init class-labels needs --verbalizer LABEL=WORDS for every label")
+        extra["class_label_words"] = list(verbalizers.values())
+    if args.method == "mpt":
+        if init not in ("RANDOM", "TEXT"):
+            raise ValueError(f"--method mpt supports --init random or text, got {args.init!r}")
+        return fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=init,
+                                                      num_tasks=max(1, len(tasks)), num_ranks=args.num_ranks,
+                                                      **extra)
+    return fastprompt.PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=init, **extra)
+
+
+def _build_model(args, base, tasks, verbalizers):
+    import fastprompt
+
+    config = _config_for(args, tasks, verbalizers)
+    if args.method == "mpt" or not tasks:
+        return fastprompt.get_peft_model(base, config, path=args.path)
+    model = fastprompt.get_peft_model(base, config, tasks[0], path=args.path)
+    for task in tasks[1:]:
+        model.add_adapter(task, config)
+    return model
+
+
+def _data_kwargs(args, saved: dict | None = None) -> dict:
+    saved = saved or {}
+    verbalizers = _verbalizers(args.verbalizer)
+    return {"verbalizers": verbalizers if verbalizers is not None else saved.get("verbalizers"),
+            "separator": args.separator if args.separator is not None else saved.get("separator", " "),
+            "max_length": args.max_length if args.max_length is not None else saved.get("max_length")}
+
+
+def run_train(args) -> int:
+    import torch
+
+    from fastprompt import io
+    from fastprompt.train.data import load_data
+    from fastprompt.train.trainer import Trainer, TrainingConfig
+
+    base, tokenizer = _load_backbone(args)
+    kwargs = _data_kwargs(args)
+    train_data = load_data(args.data, tokenizer, **kwargs)
+    eval_data = load_data(args.eval_data, tokenizer, **kwargs) if args.eval_data else None
+    tasks = train_data.tasks
+    torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
+    model = _build_model(args, base, tasks, kwargs["verbalizers"])
+    model.print_trainable_parameters()
+    lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else 3e-2)
+    config = TrainingConfig(
+        output_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
+        max_grad_norm=args.max_grad_norm or None, precision=args.precision, eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+        log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score)
+    trainer = Trainer(model, config, train_data, eval_data, pad_token_id=_pad_id(tokenizer), tasks=tasks)
+    out = Path(args.out)
+    io.write_json(out / DATA_CONFIG_NAME, {"method": args.method, "tasks": tasks, **kwargs,
+                                           "base_model": str(args.model)})
+    result = trainer.train(resume=args.resume)
+    summary = {"step": result.step, "stopped_early": result.stopped_early, "best_metric": result.best_metric,
+               "final_loss": result.losses[-1] if result.losses else None, "out": str(out)}
+    print(json.dumps(summary))
+    return 0
+
+
+def load_adapters(model_base, adapter_dir, saved: dict, path: str = "auto"):
+    """A PromptModel with the adapters of a `fastprompt train` output folder (or any PEFT adapter folder:
+    the root adapter as "default" and each subfolder holding an adapter under its own name)."""
+    import fastprompt
+    from fastprompt import io
+
+    root = Path(adapter_dir)
+    if saved.get("tasks") and saved.get("method") != "mpt":
+        names = [(t, io.adapter_folder(root, t)) for t in saved["tasks"]]
+    else:
+        names = [("default", root)] if (root / io.CONFIG_NAME).is_file() else []
+        if not saved:
+            names += [(p.name, p) for p in sorted(root.iterdir()) if p.is_dir() and (p / io.CONFIG_NAME).is_file()
+                      and p.name != "best" and not p.name.startswith("checkpoint-")] if root.is_dir() else []
+    if not names:
+        raise ValueError(f"--adapter {str(root)!r} holds no adapter ({io.CONFIG_NAME} not found)")
+    model = fastprompt.from_pretrained(model_base, names[0][1], adapter_name=names[0][0], path=path)
+    for name, folder in names[1:]:
+        model.load_adapter(folder, adapter_name=name)
+    return model
+
+
+def run_eval(args) -> int:
+    from fastprompt import io
+    from fastprompt.train.data import load_data
+    from fastprompt.train.trainer import Trainer, TrainingConfig
+
+    adapter = Path(args.adapter)
+    saved = {}
+    if (adapter / DATA_CONFIG_NAME).is_file():
+        saved = json.loads((adapter / DATA_CONFIG_NAME).read_text())
+    base, tokenizer = _load_backbone(args)
+    data = load_data(args.data, tokenizer, **_data_kwargs(args, saved))
+    model = load_adapters(base, adapter, saved, path=args.path)
+    tasks = saved.get("tasks") or data.tasks
+    if data.tasks and model.active_peft_config.peft_type != "MULTITASK_PROMPT_TUNING" and not saved.get("tasks"):
+        if set(model.adapter_names) == {"default"}:
+            data = _without_tasks(data)
+            tasks = []
+    config = TrainingConfig(output_dir=str(adapter), batch_size=args.eval_batch_size or 8, precision=args.precision,
+                            score=args.score, progress="none", plot=False)
+    metrics = Trainer(model, config, data, pad_token_id=_pad_id(tokenizer), tasks=tasks).evaluate(data)
+    print(json.dumps(metrics))
+    if args.output:
+        io.write_json(Path(args.output), metrics)
+    return 0
+
+
+def _without_tasks(data):
+    """One adapter for every row: drop the rows' task names (a single-task adapter scored on task data)."""
+    import dataclasses
+
+    from fastprompt.train.data import PromptDataset
+
+    examples = [dataclasses.replace(e, task=None) for e in data.examples]
+    choices = {}
+    for labels in data.choices.values():
+        for item in labels:
+            if item not in choices.setdefault(None, []):
+                choices[None].append(item)
+    return PromptDataset(examples, choices)

@@ -1,0 +1,246 @@
+"""Training data: JSON-lines or CSV records, tokenised with the model's tokenizer, right-padded batches.
+
+Two record kinds (one JSON object per line, or one CSV row with a header):
+- text-to-text: ``{"input": "...", "target": "..."}``: the loss covers the target tokens only.
+- classification: ``{"text": "...", "label": "positive"}``: the target is the label's verbalizer
+  (``verbalizers={"positive": "great", ...}``; without one the label itself is the word). Evaluation
+  scores every label's verbalizer by its log-likelihood after the text (accuracy is the metric).
+
+An optional ``task`` field names the row's task for multi-task runs; so does the file when several are
+given (``"task=path"``, or the file's stem). The trainer routes each row to the adapter named after its task,
+or, for MPT, to its task id (the task's index in sorted order).
+
+A malformed record raises ``ValueError`` starting with ``"<file>:<line>: "``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TEXT_TO_TEXT = "text-to-text"
+CLASSIFICATION = "classification"
+
+
+@dataclass
+class Example:
+    """One tokenised record. ``labels`` are -100 on the input tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    task: str | None
+    kind: str
+    source: str                              # "file:line", for error messages
+    prompt_len: int                          # tokens before the target
+    label: str | None = None                 # classification: the label value (as a string)
+
+
+@dataclass
+class PromptDataset:
+    """Tokenised examples plus what evaluation needs: each task's label choices and their token ids."""
+
+    examples: list[Example]
+    choices: dict = field(default_factory=dict)    # task -> [(label, token ids)], classification only
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Sorted names of the tasks present (empty for a single-task dataset)."""
+        return sorted({e.task for e in self.examples if e.task is not None})
+
+    @property
+    def has_classification(self) -> bool:
+        return any(e.kind == CLASSIFICATION for e in self.examples)
+
+
+def read_records(path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs of a JSON-lines file (``.jsonl``/``.json``/other) or a CSV/TSV file
+    with a header row. Blank JSON lines are skipped. Raises ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    records = []
+    suffix = path.suffix.lower()
+    with path.open(newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8") as handle:
+        if suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            if reader.fieldnames is None:
+                raise ValueError(f"{path}:1: empty CSV file (a header row is required)")
+            start = 2
+            for row in reader:
+                if None in row:
+                    raise ValueError(f"{path}:{start}: more fields than the header has ({reader.fieldnames})")
+                missing = [k for k, v in row.items() if v is None]
+                if missing:
+                    raise ValueError(f"{path}:{start}: missing value(s) for {missing}")
+                records.append((start, {k: v for k, v in row.items() if v != ""}))
+                start = reader.line_num + 1
+        else:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {error.msg} (column {error.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{number}: a record must be a JSON object, got "
+                                     f"{type(record).__name__}")
+                records.append((number, record))
+    return records
+
+
+def _label_key(value) -> str:
+    return str(value)
+
+
+def _split_task_path(item) -> tuple[str | None, Path]:
+    if isinstance(item, tuple):
+        return item[0], Path(item[1])
+    text = str(item)
+    if "=" in text and not Path(text).exists():
+        task, _, path = text.partition("=")
+        return task, Path(path)
+    return None, Path(text)
+
+
+def load_data(paths, tokenizer, *, verbalizers: dict | None = None, separator: str = " ",
+              max_length: int | None = None, add_eos: bool = True) -> PromptDataset:
+    """Read and tokenise one or several files into a PromptDataset.
+
+    paths: a path, or a list of paths, ``"task=path"`` strings or ``(task, path)`` pairs. With several files
+        and no task given, a file's records without a ``task`` field take the file's stem as task.
+    tokenizer: a Hugging Face tokenizer (``AutoTokenizer.from_pretrained(model_dir)``).
+    verbalizers: label -> verbalizer text for classification records (keys compared as strings); every
+        verbalized label is a candidate at evaluation. Without it each task's candidates are its labels seen.
+    separator: put between the input (or text) and the target (or verbalizer).
+    max_length: truncate each row's input from the left so input + target fit.
+    add_eos: end text-to-text targets with the tokenizer's EOS token (never verbalizers).
+    """
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    verbalizers = None if verbalizers is None else {_label_key(k): v for k, v in verbalizers.items()}
+    several = len(items) > 1
+    raw = []   # (source, record, file task)
+    for item in items:
+        task, path = _split_task_path(item)
+        if task is None and several:
+            task = path.stem
+        raw.extend((f"{path}:{number}", record, task) for number, record in read_records(path))
+    examples, labels_seen = [], {}
+    encode = _Encoder(tokenizer)
+    for source, record, file_task in raw:
+        example = _tokenise(source, record, file_task, encode, verbalizers, separator, max_length, add_eos)
+        examples.append(example)
+        if example.kind == CLASSIFICATION:
+            labels_seen.setdefault(example.task, set()).add(example.label)
+    named = [e for e in examples if e.task is not None]
+    if named and len(named) != len(examples):
+        first = next(e for e in examples if e.task is None)
+        raise ValueError(f"{first.source}: record has no 'task' while others do (name every row's task, or "
+                         f"give the file as task=path)")
+    choices = {}
+    for task, seen in labels_seen.items():
+        order = list(verbalizers) if verbalizers is not None else sorted(seen)
+        choices[task] = [(label, encode.target(separator + (verbalizers or {}).get(label, label))) for label in order]
+    return PromptDataset(examples, choices)
+
+
+class _Encoder:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def prompt(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def target(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _text_field(source, record, name) -> str:
+    if name not in record or record[name] is None:
+        raise ValueError(f"{source}: missing field {name!r} (record has {sorted(record)})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _tokenise(source, record, file_task, encode, verbalizers, separator, max_length, add_eos) -> Example:
+    task = record.get("task", file_task)
+    if task is not None and (not isinstance(task, str) or not task):
+        raise ValueError(f"{source}: field 'task' must be a non-empty string, got {task!r}")
+    if "input" in record or "target" in record:
+        kind, label = TEXT_TO_TEXT, None
+        prompt_text = _text_field(source, record, "input")
+        target_text = separator + _text_field(source, record, "target")
+    elif "text" in record or "label" in record:
+        kind = CLASSIFICATION
+        prompt_text = _text_field(source, record, "text")
+        if "label" not in record or record["label"] is None or isinstance(record["label"], (dict, list)):
+            raise ValueError(f"{source}: classification record needs a scalar 'label' (record has "
+                             f"{sorted(record)})")
+        label = _label_key(record["label"])
+        if verbalizers is not None and label not in verbalizers:
+            raise ValueError(f"{source}: label {label!r} has no verbalizer (known labels: {sorted(verbalizers)})")
+        target_text = separator + (verbalizers[label] if verbalizers is not None else label)
+    else:
+        raise ValueError(f"{source}: record must have 'input' and 'target' (text-to-text) or 'text' and "
+                         f"'label' (classification); it has {sorted(record)}")
+    prompt = encode.prompt(prompt_text)
+    target = encode.target(target_text)
+    if not target:
+        raise ValueError(f"{source}: the target {target_text.strip()!r} tokenises to no tokens")
+    if kind == TEXT_TO_TEXT and add_eos and encode.tokenizer.eos_token_id is not None:
+        target = target + [encode.tokenizer.eos_token_id]
+    if kind == CLASSIFICATION and not prompt:
+        raise ValueError(f"{source}: 'text' tokenises to no tokens (classification scores the label after it)")
+    if max_length is not None:
+        if len(target) >= max_length:
+            raise ValueError(f"{source}: target is {len(target)} tokens, max_length is {max_length}")
+        prompt = prompt[max(0, len(prompt) - (max_length - len(target))):]
+    return Example(prompt + target, [-100] * len(prompt) + target, task, kind, source, len(prompt), label)
+
+
+def collate(examples: list[Example], pad_token_id: int = 0) -> dict:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on input and padding) [B, T], and
+    ``tasks`` (the rows' task names; the trainer turns them into adapter_names or task_ids)."""
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tasks": [e.task for e in examples]}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the examples in one epoch: a deterministic function of (seed, epoch) alone, so a run
+    resumed at any step sees the same batches as an uninterrupted one."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def micro_batch_indices(n: int, batch_size: int, seed: int, index: int, shuffle: bool = True) -> list[int]:
+    """Example indices of the ``index``-th micro-batch of a run (epochs of ceil(n / batch_size) batches;
+    the last batch of an epoch may be smaller)."""
+    if n == 0:
+        raise ValueError("the training data has no records")
+    per_epoch = -(-n // batch_size)
+    epoch, position = divmod(index, per_epoch)
+    order = epoch_order(n, seed, epoch) if shuffle else list(range(n))
+    return order[position * batch_size:(position + 1) * batch_size]

@@ -1,0 +1,558 @@
+"""A Trainer for PromptModel: only the prompt parameters train.
+
+    trainer = Trainer(model, TrainingConfig(output_dir="out", steps=200, lr=0.3, optimizer="adafactor"),
+                      train_data, eval_data, pad_token_id=tokenizer.pad_token_id)
+    result = trainer.train()            # or trainer.train(resume=True) after an interruption
+    trainer.evaluate()                  # {"eval_loss", "eval_token_accuracy", "eval_accuracy", ...}
+
+Exact resume: the examples of optimizer step s are a deterministic function of (seed, s) (see
+`data.micro_batch_indices`), the learning rate a function of s, and a checkpoint keeps the prompt
+parameters, the optimizer, the RNG state, the grad scaler and the early-stopping state; so a run stopped
+at step k and resumed produces the same losses as an uninterrupted run (bit for bit on a CPU).
+
+Gradient accumulation: each step takes ``batch_size * grad_accum`` examples, split into ``grad_accum``
+micro-batches; each micro-batch's mean token loss is weighted by its share of the step's target tokens,
+so the gradient equals that of the token-mean loss over the whole step's batch.
+
+The backbone keeps its mode (``from_pretrained`` gives eval mode: no backbone dropout); the prompt
+sources are put in train mode while training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastprompt import io
+from fastprompt.config import MULTITASK_PROMPT_TUNING
+from fastprompt.train.data import CLASSIFICATION, PromptDataset, collate, micro_batch_indices
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adafactor")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss_curve.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainingConfig:
+    """Options of `Trainer` (the CLI's flags have the same names)."""
+
+    output_dir: str
+    steps: int = 100                      # optimizer steps
+    batch_size: int = 8                   # examples per micro-batch
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    lr: float = 3e-2
+    optimizer: str = "adamw"              # "adamw" or "adafactor" (Lester et al.: Adafactor, lr 0.3)
+    weight_decay: float = 0.0
+    schedule: str = "constant"            # "constant", "linear" or "cosine", after `warmup` linear steps
+    warmup: int = 0
+    max_grad_norm: float | None = 1.0     # None: no clipping (the norm is still logged)
+    precision: str = "fp32"               # "bf16" / "fp16": autocast (fp16 with a grad scaler)
+    eval_every: int = 0                   # 0: evaluate only at the end (when there is eval data)
+    eval_batch_size: int | None = None
+    metric: str = "auto"                  # "eval_loss" (lower is better) or "eval_accuracy" etc. (higher);
+                                          # "auto": accuracy when the eval data has classification records
+    patience: int | None = None           # stop after this many evaluations without improvement
+    min_delta: float = 0.0
+    save_every: int = 0                   # 0: no intermediate checkpoints
+    keep_checkpoints: int | None = None   # keep only the newest N checkpoint folders
+    seed: int = 0
+    shuffle: bool = True
+    log_every: int = 10                   # progress lines (the JSON-lines log has every step)
+    progress: str = "auto"                # "auto" (tqdm on a terminal, else lines), "tqdm", "print", "none"
+    plot: bool = True                     # loss-curve PNG at the end
+    score: str = "sum"                    # classification: "sum" or "mean" log-probability of the verbalizer
+
+    def __post_init__(self):
+        checks = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
+                  "progress": ("auto", "tqdm", "print", "none"), "score": ("sum", "mean")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")
+
+
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate for the update after `step` updates (transformers' schedules:
+    `get_{constant,linear,cosine}_schedule_with_warmup` give the same values)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW, or Adafactor with an external learning rate (no relative step, no parameter scaling)."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def target_count(model, labels: torch.Tensor) -> int:
+    """How many tokens the model's mean loss averages over: virtual-token methods also score the first
+    input token (predicted by the last virtual token, as in PEFT); prefix tuning does not."""
+    kind = model.prompt_sources[model.active_adapter].kind
+    counted = labels if kind == "tokens" else labels[:, 1:]
+    return int((counted != -100).sum())
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped_early: bool
+    best_metric: float | None
+    log: list[dict] = field(default_factory=list)      # this call's records (train and eval)
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.log if "loss" in r]
+
+
+class Trainer:
+    """Trains a PromptModel's trainable prompt parameters on a `PromptDataset` (see the module docstring).
+
+    Rows are routed by their task: MPT adapters get ``task_ids`` (the task's index in `tasks`, by default
+    the sorted task names of the training data); other methods get ``adapter_names`` (the task's name:
+    one adapter per task); rows without a task use the active adapter.
+    """
+
+    def __init__(self, model, config: TrainingConfig, train_data: PromptDataset,
+                 eval_data: PromptDataset | None = None, *, pad_token_id: int = 0, tasks: list[str] | None = None):
+        self.model = model
+        self.config = config
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.pad_token_id = pad_token_id
+        self.tasks = list(tasks) if tasks is not None else train_data.tasks
+        self.task_index = {t: i for i, t in enumerate(self.tasks)}
+        self.is_mpt = model.active_peft_config.peft_type == MULTITASK_PROMPT_TUNING
+        self.output_dir = Path(config.output_dir)
+        self.optimizer = None
+        self._check_routing(train_data, "train_data")
+        if eval_data is not None:
+            self._check_routing(eval_data, "eval_data")
+
+    # routing ---------------------------------------------------------------------------------
+    def _check_routing(self, data: PromptDataset, argument: str) -> None:
+        for task in data.tasks:
+            if task not in self.task_index:
+                raise ValueError(f"{argument}: task {task!r} is not one of the training tasks {self.tasks}")
+            if not self.is_mpt and task not in self.model.adapter_names:
+                raise ValueError(f"{argument}: task {task!r} has no adapter of that name; loaded: "
+                                 f"{self.model.adapter_names}")
+        if self.is_mpt and len(self.tasks) > self.model.active_peft_config.num_tasks:
+            raise ValueError(f"{len(self.tasks)} tasks {self.tasks} but the MPT adapter has num_tasks="
+                             f"{self.model.active_peft_config.num_tasks}")
+
+    def model_inputs(self, batch: dict) -> dict:
+        """Model kwargs from a collated batch: tensors on the model's device plus the rows' routing."""
+        device = self.model.backbone.device
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        tasks = batch.get("tasks") or []
+        if self.is_mpt:
+            inputs["task_ids"] = torch.tensor([self.task_index.get(t, 0) for t in tasks], dtype=torch.long,
+                                              device=device)
+        elif any(t is not None for t in tasks):
+            inputs["adapter_names"] = list(tasks)
+        return inputs
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return torch.autocast(self.model.backbone.device.type, dtype=dtype, enabled=dtype is not None)
+
+    # training --------------------------------------------------------------------------------
+    def step_batches(self, step: int) -> list[dict]:
+        """The micro-batches of optimizer step `step` (0-based): a function of (seed, step) only."""
+        cfg = self.config
+        indices = micro_batch_indices(len(self.train_data), cfg.batch_size * cfg.grad_accum, cfg.seed, step,
+                                      shuffle=cfg.shuffle)
+        chunks = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+        return [collate([self.train_data[i] for i in chunk], self.pad_token_id) for chunk in chunks]
+
+    def train(self, resume: bool | str = False) -> TrainResult:
+        """Train for `config.steps` optimizer steps (or until early stopping). resume=True continues from
+        the newest checkpoint in the output folder, a path from that checkpoint."""
+        cfg, model = self.config, self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters (load adapters with is_trainable=True)")
+        frozen = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt_sources.")]
+        if frozen:
+            raise ValueError(f"only prompt parameters may train; these also require grad: {frozen[:5]}")
+        self.optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        device_type = model.backbone.device.type
+        scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
+        state = {"best": None, "bad_evals": 0, "tokens": 0}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.output_dir / LOG_NAME
+        step = 0
+        if resume:
+            folder = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(self.output_dir)
+            if folder is None:
+                raise ValueError(f"resume: no {CHECKPOINT_PREFIX}* folder in {str(self.output_dir)!r}")
+            meta = io.load_training_checkpoint(folder, model, self.optimizer)
+            step = int(meta["step"])
+            saved = meta["extra"].get("trainer", {})
+            data = saved.get("data", {})
+            expected = {"seed": cfg.seed, "examples_per_step": cfg.batch_size * cfg.grad_accum,
+                        "num_examples": len(self.train_data)}
+            changed = {k: (data.get(k), v) for k, v in expected.items() if data.get(k, v) != v}
+            if changed:
+                raise ValueError(f"resume: the data order would differ from the checkpoint's ({changed}: "
+                                 f"(checkpoint, now)); use the same seed, batch size and data")
+            state.update({k: saved[k] for k in state if k in saved})
+            if saved.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(saved["scaler"])
+            _truncate_log(log_path, step)
+        else:
+            torch.manual_seed(cfg.seed)
+            log_path.unlink(missing_ok=True)
+        result = TrainResult(step, False, state["best"])
+        metric = self._metric_name()
+        higher = metric != "eval_loss"
+        progress = _Progress(cfg.progress, cfg.steps, step, cfg.log_every)
+        start, tokens_now = time.perf_counter(), 0
+        was_training = model.prompt_sources.training
+        model.prompt_sources.train()
+        try:
+            while step < cfg.steps:
+                batches = self.step_batches(step)
+                counts = [target_count(model, b["labels"]) for b in batches]
+                total = sum(counts)
+                lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, cfg.steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                for batch, count in zip(batches, counts):
+                    if count == 0:
+                        continue
+                    with self._autocast():
+                        out = model(**self.model_inputs(batch))
+                    scaler.scale(out.loss * (count / total)).backward()
+                    loss_sum += out.loss.detach().double().cpu() * count
+                scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                scaler.step(self.optimizer)
+                scaler.update()
+                step += 1
+                state["tokens"] += step_tokens
+                tokens_now += step_tokens
+                elapsed = time.perf_counter() - start
+                record = {"step": step, "loss": float(loss_sum / max(total, 1)), "lr": lr,
+                          "grad_norm": float(grad_norm), "target_tokens": total, "tokens": state["tokens"],
+                          "tokens_per_s": tokens_now / max(elapsed, 1e-9),
+                          "epoch": step * cfg.batch_size * cfg.grad_accum / len(self.train_data)}
+                self._log(log_path, record, result)
+                progress.update(step, record)
+                stop = False
+                if self.eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    stop = self._evaluate_and_track(step, state, metric, higher, log_path, result, progress)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    self.save_checkpoint(step, state, scaler)
+                if stop:
+                    result.stopped_early = True
+                    break
+            if self.eval_data is not None and not result.stopped_early and not (
+                    cfg.eval_every and step % cfg.eval_every == 0):
+                self._evaluate_and_track(step, state, metric, higher, log_path, result, progress)
+        finally:
+            progress.close()
+            model.prompt_sources.train(was_training)
+        model.save_pretrained(self.output_dir)
+        result.step, result.best_metric = step, state["best"]
+        if cfg.plot:
+            plot_loss_curve(read_log(log_path), self.output_dir / PLOT_NAME)
+        return result
+
+    def _metric_name(self) -> str:
+        if self.config.metric != "auto":
+            return self.config.metric
+        return "eval_accuracy" if self.eval_data is not None and self.eval_data.has_classification else "eval_loss"
+
+    def _evaluate_and_track(self, step, state, metric, higher, log_path, result, progress) -> bool:
+        metrics = self.evaluate()
+        if metric not in metrics:
+            raise ValueError(f"metric {metric!r} is not among the evaluation's metrics {sorted(metrics)}")
+        value = metrics[metric]
+        best = state["best"]
+        improved = best is None or (value > best + self.config.min_delta if higher
+                                    else value < best - self.config.min_delta)
+        if improved:
+            state["best"], state["bad_evals"] = value, 0
+            self.model.save_pretrained(self.output_dir / "best")
+        else:
+            state["bad_evals"] += 1
+        self._log(log_path, {"step": step, **metrics, "best_" + metric: state["best"]}, result)
+        progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                       if isinstance(v, float)))
+        return self.config.patience is not None and state["bad_evals"] >= self.config.patience
+
+    def _log(self, path: Path, record: dict, result: TrainResult) -> None:
+        result.log.append(record)
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, step: int, state: dict, scaler=None) -> Path:
+        """`io.save_training_checkpoint` into ``output_dir/checkpoint-<step>`` plus the data-order and
+        early-stopping state."""
+        cfg = self.config
+        folder = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        extra = {"trainer": {
+            "best": state["best"], "bad_evals": state["bad_evals"], "tokens": state["tokens"],
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "data": {"seed": cfg.seed, "examples_per_step": cfg.batch_size * cfg.grad_accum,
+                     "num_examples": len(self.train_data), "next_step": step, "shuffle": cfg.shuffle},
+            "config": asdict(cfg)}}
+        io.save_training_checkpoint(folder, self.model, self.optimizer, step, extra=extra)
+        if cfg.keep_checkpoints:
+            for old in list_checkpoints(self.output_dir)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    # evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, data: PromptDataset | None = None) -> dict:
+        """eval_loss (token mean over all target tokens), eval_token_accuracy (greedy next token), and for
+        classification records eval_accuracy (the label whose verbalizer scores highest), also per task."""
+        data = data if data is not None else self.eval_data
+        if data is None or len(data) == 0:
+            raise ValueError("evaluate: no evaluation data")
+        model = self.model
+        size = self.config.eval_batch_size or self.config.batch_size
+        was_training = model.prompt_sources.training
+        model.prompt_sources.eval()
+        try:
+            loss_sum, count, correct, scored = 0.0, 0, 0, 0
+            for i in range(0, len(data), size):
+                batch = collate([data[j] for j in range(i, min(i + size, len(data)))], self.pad_token_id)
+                n = target_count(model, batch["labels"])
+                with self._autocast():
+                    out = model(**self.model_inputs(batch))
+                loss_sum += float(out.loss) * n
+                count += n
+                targets = batch["labels"][:, 1:].to(out.logits.device)
+                hits = (out.logits[:, :-1].argmax(-1) == targets) & (targets != -100)
+                correct += int(hits.sum())
+                scored += int((targets != -100).sum())
+            metrics = {"eval_loss": loss_sum / max(count, 1), "eval_token_accuracy": correct / max(scored, 1),
+                       "eval_examples": len(data)}
+            classified = [e for e in data.examples if e.kind == CLASSIFICATION]
+            if classified:
+                predictions = self.classify(classified, data.choices)
+                right = [p == e.label for p, e in zip(predictions, classified)]
+                metrics["eval_accuracy"] = sum(right) / len(right)
+                tasks = sorted({e.task for e in classified if e.task is not None})
+                for task in tasks:
+                    own = [r for r, e in zip(right, classified) if e.task == task]
+                    metrics[f"eval_accuracy/{task}"] = sum(own) / len(own)
+            return metrics
+        finally:
+            model.prompt_sources.train(was_training)
+
+    @torch.no_grad()
+    def classify(self, examples, choices: dict) -> list[str]:
+        """Each example's predicted label: the candidate whose verbalizer has the highest log-likelihood
+        after the example's text (summed over its tokens, or averaged with config.score="mean")."""
+        from fastprompt.train.data import Example
+
+        rows, owners = [], []
+        for k, e in enumerate(examples):
+            for label, ids in choices[e.task]:
+                prompt = e.input_ids[:e.prompt_len]
+                rows.append(Example(prompt + ids, [-100] * len(prompt) + ids, e.task, e.kind, e.source, len(prompt),
+                                    label))
+                owners.append(k)
+        size = (self.config.eval_batch_size or self.config.batch_size) * 2
+        scores = []
+        for i in range(0, len(rows), size):
+            batch = collate(rows[i:i + size], self.pad_token_id)
+            with self._autocast():
+                logits = self.model(**{k: v for k, v in self.model_inputs(batch).items() if k != "labels"}).logits
+            log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            targets = batch["labels"][:, 1:].to(logits.device)
+            token = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+            total = token.sum(-1)
+            if self.config.score == "mean":
+                total = total / (targets != -100).sum(-1).clamp(min=1)
+            scores.extend(total.tolist())
+        best: dict[int, tuple[float, str]] = {}
+        for owner, row, score in zip(owners, rows, scores):
+            if owner not in best or score > best[owner][0]:
+                best[owner] = (score, row.label)
+        return [best[k][1] for k in range(len(examples))]
+
+
+# checkpoints, logs, progress, plot ---------------------------------------------------------------
+def list_checkpoints(output_dir) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of a run, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / io.TRAINING_META_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_log(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop the records an interrupted run wrote after the checkpoint's step."""
+    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+    io.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+class _Progress:
+    def __init__(self, mode: str, total: int, initial: int, every: int):
+        self.bar = None
+        if mode == "auto":
+            mode = "tqdm" if sys.stderr.isatty() and _has_tqdm() else "print"
+        if mode == "tqdm":
+            if _has_tqdm():
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step")
+            else:
+                print("tqdm is not installed; printing progress lines")
+                mode = "print"
+        self.mode, self.total, self.every = mode, total, max(1, every)
+
+    def update(self, step: int, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        elif self.mode == "print" and (step % self.every == 0 or step == self.total):
+            print(f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+                  f"grad_norm {record['grad_norm']:.3g}  {record['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.mode == "print":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _has_tqdm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tqdm") is not None
+
+
+def plot_loss_curve(records: list[dict], path) -> Path | None:
+    """Training loss per step (and eval loss where evaluated) as a PNG. Uses matplotlib when installed;
+    otherwise draws a plain chart (no text) with the standard library."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    path = Path(path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        io.atomic_write(path, lambda tmp: Path(tmp).write_bytes(_plain_png(train, evals)))
+        return path
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def _plain_png(train, evals, width: int = 480, height: int = 320) -> bytes:
+    """A white canvas with axes, the train curve in blue and eval points in red, as PNG bytes."""
+    import struct
+    import zlib
+
+    pixels = [[[255, 255, 255] for _ in range(width)] for _ in range(height)]
+    pad = 20
+    points = train + evals
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    finite = [p[1] for p in points if math.isfinite(p[1])] or [0.0]
+    y0, y1 = min(finite), max(finite)
+
+    def xy(step, value):
+        x = pad + (step - x0) / max(x1 - x0, 1e-12) * (width - 2 * pad)
+        y = height - pad - (value - y0) / max(y1 - y0, 1e-12) * (height - 2 * pad)
+        return int(round(x)), int(round(min(max(y, 0), height - 1)))
+
+    def dot(x, y, colour, r=0):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                if 0 <= x + dx < width and 0 <= y + dy < height:
+                    pixels[y + dy][x + dx] = colour
+
+    def line(a, b, colour):
+        n = max(abs(b[0] - a[0]), abs(b[1] - a[1]), 1)
+        for i in range(n + 1):
+            dot(round(a[0] + (b[0] - a[0]) * i / n), round(a[1] + (b[1] - a[1]) * i / n), colour)
+
+    line((pad, height - pad), (width - pad, height - pad), [0, 0, 0])
+    line((pad, pad), (pad, height - pad), [0, 0, 0])
+    curve = [xy(s, v) for s, v in train if math.isfinite(v)]
+    for a, b in zip(curve, curve[1:]):
+        line(a, b, [31, 119, 180])
+    if len(curve) == 1:
+        dot(*curve[0], [31, 119, 180], 2)
+    for s, v in evals:
+        if math.isfinite(v):
+            dot(*xy(s, v), [214, 39, 40], 2)
+    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in pixels)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")

@@ -1,0 +1,187 @@
+"""Trainer: exact resume, accumulation equals a larger batch, early stopping, schedules, task routing."""
+
+import math
+
+import pytest
+import torch
+from transformers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+import fastprompt
+from fastprompt.train import Trainer, TrainingConfig, lr_factor, read_log
+from tests.helpers import assert_close
+from tests.train.common import classification_records, dataset, prompt_model, seq2seq_records
+
+
+def _config(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "out"), steps=4, batch_size=4, lr=0.05, progress="none", plot=False)
+    return TrainingConfig(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("schedule, reference", [
+    ("constant", get_constant_schedule_with_warmup),
+    ("linear", get_linear_schedule_with_warmup),
+    ("cosine", get_cosine_schedule_with_warmup),
+])
+def test_schedules_match_transformers(schedule, reference):
+    total, warmup = 20, 5
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = (reference(optimizer, warmup) if schedule == "constant" else reference(optimizer, warmup, total))
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [lr_factor(schedule, step, warmup, total) for step in range(total)]
+    assert ours == pytest.approx(expected, abs=1e-12)
+    assert ours[0] == 0.0 and ours[warmup] == 1.0
+    if schedule == "cosine":
+        assert ours[warmup + (total - warmup) // 2 + 0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.4667)), abs=1e-3)
+
+
+RESUME_CASES = [
+    pytest.param(fastprompt.PromptTuningConfig(num_virtual_tokens=3),
+                 dict(optimizer="adafactor", lr=0.3, schedule="cosine", warmup=2, grad_accum=2, batch_size=2),
+                 id="prompt-tuning-adafactor-cosine-accum"),
+    pytest.param(fastprompt.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=16, encoder_dropout=0.2),
+                 dict(optimizer="adamw", schedule="linear", warmup=1, eval_every=2, patience=5),
+                 id="p-tuning-dropout-adamw-linear-eval"),
+]
+
+
+@pytest.mark.parametrize("config, options", RESUME_CASES)
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, config, options):
+    data = dataset(tmp_path, seq2seq_records(10))
+    steps = 6
+    full = Trainer(prompt_model(config), _config(tmp_path / "a", steps=steps, **options), data, data)
+    expected = full.train().losses
+    assert len(expected) == steps
+
+    first = Trainer(prompt_model(config), _config(tmp_path / "b", steps=steps, save_every=3, **options), data, data)
+    original = Trainer.step_batches
+
+    def interrupted(self, step):
+        if step == 4:
+            raise KeyboardInterrupt("stopped between checkpoints")
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "step_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    monkeypatch.setattr(Trainer, "step_batches", original)
+    assert [r["step"] for r in read_log(tmp_path / "b" / "out" / "train_log.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+    resumed_model = prompt_model(config)
+    torch.manual_seed(1234)  # the checkpoint's RNG state must win over whatever came before
+    resumed = Trainer(resumed_model, _config(tmp_path / "b", steps=steps, save_every=3, **options), data, data)
+    result = resumed.train(resume=True)
+    assert result.losses == expected[3:]  # bit for bit
+    log = [r["loss"] for r in read_log(tmp_path / "b" / "out" / "train_log.jsonl") if "loss" in r]
+    assert log == expected
+    for (name, a), b in zip(full.model.prompt_sources.named_parameters(), resumed_model.prompt_sources.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_different_data_order(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(8))
+    Trainer(prompt_model(), _config(tmp_path, steps=2, save_every=2), data).train()
+    with pytest.raises(ValueError, match="data order"):
+        Trainer(prompt_model(), _config(tmp_path, steps=4, seed=1), data).train(resume=True)
+
+
+@pytest.mark.parametrize("config", [fastprompt.PromptTuningConfig(num_virtual_tokens=3),
+                                    fastprompt.PrefixTuningConfig(num_virtual_tokens=3)], ids=["prompt", "prefix"])
+def test_accumulation_equals_a_larger_batch(tmp_path, config):
+    # Targets of 1-4 tokens: micro-batches hold different token counts, so a mean of micro-batch means
+    # would weight them wrongly; the step's loss must be the token mean over the whole batch.
+    data = dataset(tmp_path, seq2seq_records(12, seed=5))
+    options = dict(steps=3, max_grad_norm=None, lr=0.05)
+    big = Trainer(prompt_model(config), _config(tmp_path / "big", batch_size=6, grad_accum=1, **options), data)
+    small = Trainer(prompt_model(config), _config(tmp_path / "small", batch_size=2, grad_accum=3, **options), data)
+    big_log, small_log = big.train().log, small.train().log
+    for a, b in zip(big_log, small_log):
+        assert a["target_tokens"] == b["target_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)  # the gradient's scale, too
+    for a, b in zip(big.model.prompt_sources.parameters(), small.model.prompt_sources.parameters()):
+        assert_close("prompt", b, a, 1e-5)
+
+
+def test_early_stopping_stops(tmp_path):
+    data = dataset(tmp_path, classification_records(8), verbalizers={"positive": "good", "negative": "bad"})
+    trainer = Trainer(prompt_model(), _config(tmp_path, steps=50, lr=0.0, eval_every=2, patience=2,
+                                              metric="eval_loss"), data, data)
+    result = trainer.train()
+    assert result.stopped_early and result.step == 6     # best at 2, no gain at 4 and 6
+    evals = [r for r in result.log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and "eval_accuracy" in evals[0]
+    assert (tmp_path / "out" / "best" / "adapter_config.json").is_file()
+
+
+def test_classification_accuracy_learns(tmp_path):
+    data = dataset(tmp_path, classification_records(16), verbalizers={"positive": "review", "negative": "film"})
+    trainer = Trainer(prompt_model(fastprompt.PromptTuningConfig(num_virtual_tokens=4)),
+                      _config(tmp_path, steps=25, lr=0.2, plot=True), data, data)
+    result = trainer.train()
+    assert result.losses[-1] < result.losses[0] / 2
+    assert trainer.evaluate()["eval_accuracy"] == 1.0
+    assert (tmp_path / "out" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_prompt_parameters_train(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(8))
+    model = prompt_model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    Trainer(model, _config(tmp_path, steps=2), data).train()
+    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == ["prompt_sources.default.embedding.weight"]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_multitask_rows_reach_their_adapters_by_name(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(8, tasks=["up", "down"]))
+    model = prompt_model(names=("up", "down", "unused"))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, _config(tmp_path, steps=2), data)
+    batch = trainer.step_batches(0)[0]
+    assert trainer.model_inputs(batch)["adapter_names"] == batch["tasks"] and set(batch["tasks"]) == {"up", "down"}
+    trainer.train()
+    changed = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"up", "down"}
+    assert (tmp_path / "out" / "up" / "adapter_config.json").is_file()
+
+
+def test_multitask_mpt_rows_get_task_ids(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(8, tasks=["a", "c"]))
+    model = prompt_model(fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=3, num_tasks=3))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, _config(tmp_path, steps=2), data)
+    batch = trainer.step_batches(0)[0]
+    assert trainer.model_inputs(batch)["task_ids"].tolist() == [{"a": 0, "c": 1}[t] for t in batch["tasks"]]
+    trainer.train()
+    source = model.prompt_sources["default"]
+    for name in ("prefix_task_cols", "prefix_task_rows"):
+        now, then = getattr(source, name), before[f"prompt_sources.default.{name}"]
+        assert not torch.equal(now[:2], then[:2]) and torch.equal(now[2], then[2]), name
+
+
+def test_unknown_task_adapter_is_an_error(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(4, tasks=["up", "down"]))
+    with pytest.raises(ValueError, match="'down' has no adapter"):
+        Trainer(prompt_model(), _config(tmp_path), data)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_trains(tmp_path, precision):
+    data = dataset(tmp_path, seq2seq_records(8))
+    result = Trainer(prompt_model(), _config(tmp_path, steps=2, precision=precision), data).train()
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_keep_checkpoints_prunes_old_ones(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(8))
+    Trainer(prompt_model(), _config(tmp_path, steps=4, save_every=1, keep_checkpoints=2), data).train()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
