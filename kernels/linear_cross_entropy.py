@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from fastprompt.kernels._guards import FLOAT_DTYPES, check_tensor
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels
@@ -140,17 +139,6 @@ def _config(N: int, V: int, D: int, device: torch.device, backward: bool) -> tup
 # ----------------------------------------------------------------------------------------------------------
 # guards and launchers
 # ----------------------------------------------------------------------------------------------------------
-def _check(name: str, t, shape, dtypes, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(x) for x in dtypes]}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
 
 
 def _check_inputs(hidden, weight, bias, labels) -> tuple[int, int, int]:
@@ -158,14 +146,14 @@ def _check_inputs(hidden, weight, bias, labels) -> tuple[int, int, int]:
         raise ValueError("weight must be a torch.Tensor [V, d]")
     V, D = weight.shape
     device = weight.device
-    _check("weight", weight, None, _FLOAT_DTYPES, device)
+    check_tensor("weight", weight, None, FLOAT_DTYPES, device)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError("hidden must be a torch.Tensor [N, d]")
     N = hidden.shape[0]
-    _check("hidden", hidden, (N, D), (weight.dtype,), device)
-    _check("labels", labels, (N,), (torch.int64, torch.int32), device)
+    check_tensor("hidden", hidden, (N, D), (weight.dtype,), device)
+    check_tensor("labels", labels, (N,), (torch.int64, torch.int32), device)
     if bias is not None:
-        _check("bias", bias, (V,), _FLOAT_DTYPES, device)
+        check_tensor("bias", bias, (V,), FLOAT_DTYPES, device)
     return N, V, D
 
 
@@ -191,8 +179,8 @@ def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bi
     N, V, D = _check_inputs(hidden, weight, bias, labels)
     loss = torch.empty(N, dtype=torch.float32, device=weight.device) if loss is None else loss
     lse = torch.empty(N, dtype=torch.float32, device=weight.device) if lse is None else lse
-    _check("loss", loss, (N,), (torch.float32,), weight.device)
-    _check("lse", lse, (N,), (torch.float32,), weight.device)
+    check_tensor("loss", loss, (N,), (torch.float32,), weight.device)
+    check_tensor("lse", lse, (N,), (torch.float32,), weight.device)
     if N == 0:
         return loss, lse
     if V == 0 or D == 0:
@@ -220,10 +208,10 @@ def lce_bwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ls
     dtype. The sum over vocabulary tiles is an fp32 atomic accumulation into a [N, d] scratch buffer.
     """
     N, V, D = _check_inputs(hidden, weight, bias, labels)
-    _check("lse", lse, (N,), (torch.float32,), weight.device)
-    _check("grad_loss", grad_loss, (N,), (torch.float32,), weight.device)
+    check_tensor("lse", lse, (N,), (torch.float32,), weight.device)
+    check_tensor("grad_loss", grad_loss, (N,), (torch.float32,), weight.device)
     if out is not None:
-        _check("out", out, (N, D), (hidden.dtype,), weight.device)
+        check_tensor("out", out, (N, D), (hidden.dtype,), weight.device)
     acc = torch.zeros(N, D, dtype=torch.float32, device=weight.device)
     if N > 0:
         block_n, block_v, block_k, warps, stages = _config(N, V, D, weight.device, backward=True)

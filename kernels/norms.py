@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from fastprompt.kernels._guards import FLOAT_DTYPES, check_tensor
+
 SWIGLU, GELU_TANH, GELU_ERF = 0, 1, 2
 ACTIVATIONS = {"swiglu": SWIGLU, "gelu_tanh": GELU_TANH, "gelu": GELU_ERF}
 
@@ -176,23 +177,12 @@ def _act_config(n: int, device: torch.device) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # guards and launchers
 # ----------------------------------------------------------------------------------------------------------
-def _check(name: str, t, shape, dtypes, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(x) for x in dtypes]}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
 
 
 def _out(out, shape, dtype, device) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    _check("out", out, shape, (dtype,), device)
+    check_tensor("out", out, shape, (dtype,), device)
     return out
 
 
@@ -200,10 +190,10 @@ def _check_norm(x, weight, bias) -> tuple[int, int]:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("x must be a torch.Tensor [M, d]")
     M, D = x.shape
-    _check("x", x, None, _FLOAT_DTYPES, x.device)
-    _check("weight", weight, (D,), _FLOAT_DTYPES, x.device)
+    check_tensor("x", x, None, FLOAT_DTYPES, x.device)
+    check_tensor("weight", weight, (D,), FLOAT_DTYPES, x.device)
     if bias is not None:
-        _check("bias", bias, (D,), _FLOAT_DTYPES, x.device)
+        check_tensor("bias", bias, (D,), FLOAT_DTYPES, x.device)
     return M, D
 
 
@@ -239,7 +229,7 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps:
     """dx [M, d] (x's dtype) of RMSNorm / LayerNorm; grad_out: [M, d] any float dtype; x, weight as in
     `norm_fwd`. The bias does not enter the input gradient."""
     M, D = _check_norm(x, weight, None)
-    _check("grad_out", grad_out, (M, D), _FLOAT_DTYPES, x.device)
+    check_tensor("grad_out", grad_out, (M, D), FLOAT_DTYPES, x.device)
     out = _out(out, (M, D), x.dtype, x.device)
     if M == 0 or D == 0:
         return out
@@ -253,9 +243,9 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps:
 def _check_act(kind: str, a, b) -> int:
     if kind not in ACTIVATIONS:
         raise ValueError(f"kind must be one of {sorted(ACTIVATIONS)}, got {kind!r}")
-    _check("x" if kind != "swiglu" else "gate", a, None, _FLOAT_DTYPES, getattr(a, "device", None))
+    check_tensor("x" if kind != "swiglu" else "gate", a, None, FLOAT_DTYPES, getattr(a, "device", None))
     if kind == "swiglu":
-        _check("up", b, a.shape, (a.dtype,), a.device)
+        check_tensor("up", b, a.shape, (a.dtype,), a.device)
     return a.numel()
 
 
@@ -279,7 +269,7 @@ def act_bwd(kind: str, grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor 
     """(d a, d b) of `act_fwd` (d b is None unless kind == "swiglu"), in a's dtype; grad_out: a's shape,
     any float dtype, contiguous."""
     n = _check_act(kind, a, b)
-    _check("grad_out", grad_out, tuple(a.shape), _FLOAT_DTYPES, a.device)
+    check_tensor("grad_out", grad_out, tuple(a.shape), FLOAT_DTYPES, a.device)
     da = torch.empty_like(a)
     db = torch.empty_like(a) if kind == "swiglu" else None
     if n == 0:

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from fastprompt.kernels._guards import FLOAT_DTYPES, check_tensor
+
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -142,17 +143,6 @@ def _grad_config(d: int, device: torch.device) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # guards
 # ----------------------------------------------------------------------------------------------------------
-def _check(name: str, t: torch.Tensor, shape: tuple | None, dtypes: tuple, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(x) for x in dtypes]}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
 
 
 def _check_rank(name: str, t, rank: int, layout: str) -> None:
@@ -165,7 +155,7 @@ def _check_rank(name: str, t, rank: int, layout: str) -> None:
 def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    _check("out", out, shape, (dtype,), device)
+    check_tensor("out", out, shape, (dtype,), device)
     return out
 
 
@@ -174,14 +164,14 @@ def _check_tokens(input_ids, embedding_weight, task_ids, positions, n_virtual: i
     _check_rank("embedding_weight", embedding_weight, 2, "[V, d]")
     device = embedding_weight.device
     B, T = input_ids.shape
-    _check("embedding_weight", embedding_weight, None, _FLOAT_DTYPES, device)
-    _check("input_ids", input_ids, None, _INDEX_DTYPES, device)
-    _check("task_ids", task_ids, (B,), _INDEX_DTYPES, device)
+    check_tensor("embedding_weight", embedding_weight, None, FLOAT_DTYPES, device)
+    check_tensor("input_ids", input_ids, None, _INDEX_DTYPES, device)
+    check_tensor("task_ids", task_ids, (B,), _INDEX_DTYPES, device)
     if positions is None:
         L = n_virtual + T
     else:
         _check_rank("positions", positions, 2, "[B, L]")
-        _check("positions", positions, (B, positions.shape[1]), _INDEX_DTYPES, device)
+        check_tensor("positions", positions, (B, positions.shape[1]), _INDEX_DTYPES, device)
         L = positions.shape[1]
     return B, T, L
 
@@ -228,7 +218,7 @@ def prompt_embed_fwd(input_ids: torch.Tensor, embedding_weight: torch.Tensor, pr
     B, T, L = _check_tokens(input_ids, embedding_weight, task_ids, positions, 0)
     _check_rank("prompts", prompts, 3, "[n_tasks, P, d]")
     n_tasks, P, d = prompts.shape
-    _check("prompts", prompts, (n_tasks, P, embedding_weight.shape[1]), _FLOAT_DTYPES, embedding_weight.device)
+    check_tensor("prompts", prompts, (n_tasks, P, embedding_weight.shape[1]), FLOAT_DTYPES, embedding_weight.device)
     if positions is None:
         L = P + T
     out = _check_out(out, (B, L, d), embedding_weight.dtype, embedding_weight.device)
@@ -244,9 +234,9 @@ def _check_mpt(shared, task_cols, task_rows, device) -> tuple[int, int, int, int
     n_tasks, _, r = task_cols.shape
     if r < 1:
         raise ValueError(f"task_cols must have rank r >= 1, got {tuple(task_cols.shape)}")
-    _check("shared", shared, None, _FLOAT_DTYPES, device)
-    _check("task_cols", task_cols, (n_tasks, P, r), _FLOAT_DTYPES, device)
-    _check("task_rows", task_rows, (n_tasks, r, d), _FLOAT_DTYPES, device)
+    check_tensor("shared", shared, None, FLOAT_DTYPES, device)
+    check_tensor("task_cols", task_cols, (n_tasks, P, r), FLOAT_DTYPES, device)
+    check_tensor("task_rows", task_rows, (n_tasks, r, d), FLOAT_DTYPES, device)
     return n_tasks, P, d, r
 
 
@@ -281,7 +271,7 @@ def mpt_prompts_fwd(shared: torch.Tensor, task_cols: torch.Tensor, task_rows: to
     device = shared.device if isinstance(shared, torch.Tensor) else None
     n_tasks, P, d, r = _check_mpt(shared, task_cols, task_rows, device)
     _check_rank("task_ids", task_ids, 1, "[n]")
-    _check("task_ids", task_ids, None, _INDEX_DTYPES, device)
+    check_tensor("task_ids", task_ids, None, _INDEX_DTYPES, device)
     n = task_ids.shape[0]
     out = _check_out(out, (n, P, d), shared.dtype, device)
     # no tokens (T = 0): the id and embedding pointers are never read; pass task_ids and shared in their place
@@ -329,14 +319,14 @@ def prompt_grad(grad_out: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, n_
     _check_rank("grad_out", grad_out, 3, "[B, L, d]")
     device = grad_out.device
     B, L, d = grad_out.shape
-    _check("grad_out", grad_out, None, _FLOAT_DTYPES, device)
-    _check("task_ids", task_ids, (B,), _INDEX_DTYPES, device)
+    check_tensor("grad_out", grad_out, None, FLOAT_DTYPES, device)
+    check_tensor("task_ids", task_ids, (B,), _INDEX_DTYPES, device)
     if positions is not None:
-        _check("positions", positions, (B, L), _INDEX_DTYPES, device)
+        check_tensor("positions", positions, (B, L), _INDEX_DTYPES, device)
     elif L < n_virtual:
         raise ValueError(f"grad_out must have L >= P={n_virtual} without positions, got {tuple(grad_out.shape)}")
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     _check_blocks(blocks)
     out = _check_out(out, (n_tasks, n_virtual, d), dtype, device)
     if out.numel() == 0:
