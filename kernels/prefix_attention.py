@@ -52,6 +52,18 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: which keys offs_n each query of the tile sees (bounds, causal, padding)."""
+    visible = n_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= last_key[:, None])
+    if HAS_MASK:
+        pad = tl.load(mask_base + offs_n, mask=n_ok, other=0)
+        visible = visible & (pad != 0)[None, :]
+    return visible
+
+
+@triton.jit
 def _packed_rows(pid_m, T, G, BLOCK_M: tl.constexpr):
     """Rows of a query tile over the packed (group head, position) axis, and the tile's position range."""
     m0 = pid_m * BLOCK_M
@@ -83,12 +95,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= last_key[:, None])
-        if HAS_MASK:
-            pad = tl.load(mask_base + offs_n, mask=n_ok, other=0)
-            visible = visible & (pad != 0)[None, :]
+        visible = _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL, HAS_MASK)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -337,12 +344,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= last_key[:, None])
-        if HAS_MASK:
-            pad = tl.load(mask_base + offs_n, mask=n_ok, other=0)
-            visible = visible & (pad != 0)[None, :]
+        visible = _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL, HAS_MASK)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - delta[:, None])
