@@ -15,29 +15,44 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastprompt import io
-from fastprompt.backbones import AttentionContext, get_backbone
+from fastprompt.backbones import AttentionContext, get_backbone, patches
 from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING, as_fastprompt_config
 from fastprompt.methods import build_source
-from fastprompt.ops import prompt_embed
+from fastprompt.ops import linear_cross_entropy, prompt_embed
 
 PATHS = ("auto", "shared_prefix", "concat")
 
 
 def resolve_config(config, backbone):
-    """Fill the model-derived fields as PEFT does (num_layers, token_dim, heads, encoder_hidden_size) and
-    check the ones given against the model."""
+    """Fill the model-derived fields as PEFT does (num_layers, token_dim, heads, encoder_hidden_size,
+    num_transformer_submodules, task_type; for SEQ_CLS the trainable head in modules_to_save) and check the
+    ones given against the model."""
     config = dataclasses.replace(as_fastprompt_config(config))
+    kind = backbone.kind
+    sites = getattr(config, "prefix_sites", None)
+    if sites is not None and kind != "seq2seq":
+        raise ValueError(f"prefix_sites applies to encoder-decoder models only; leave it None for "
+                         f"{backbone.config.model_type} ({kind})")
     if config.peft_type == PREFIX_TUNING:
         token_dim, heads = backbone.num_kv_heads * backbone.head_dim, backbone.num_kv_heads
     else:
         token_dim, heads = backbone.hidden_size, backbone.num_heads
-    expected = {"num_layers": backbone.num_layers, "token_dim": token_dim, "num_attention_heads": heads,
-                "num_transformer_submodules": 1}
+    # With prefix_sites, the prefix holds num_layers layers for each site.
+    expected = {"num_layers": backbone.num_layers * len(sites or [None]), "token_dim": token_dim,
+                "num_attention_heads": heads}
+    if kind == "seq2seq":
+        # PEFT's default on encoder-decoders: one prompt for the encoder, one for the decoder.
+        if config.num_transformer_submodules is None:
+            config.num_transformer_submodules = 2
+        elif config.num_transformer_submodules not in (1, 2):
+            raise ValueError(f"config.num_transformer_submodules must be 1 or 2 on an encoder-decoder, got "
+                             f"{config.num_transformer_submodules}")
+    else:
+        expected["num_transformer_submodules"] = 1
     for name, value in expected.items():
         given = getattr(config, name)
         if given is None:
@@ -45,6 +60,15 @@ def resolve_config(config, backbone):
         elif given != value:
             raise ValueError(f"config.{name}={given} does not match the model ({name}={value} for "
                              f"{backbone.config.model_type})")
+    # CAUSAL_LM is the configs' default, so on another kind of model it stands for "not given".
+    if config.task_type is None or (config.task_type == "CAUSAL_LM" and kind != "causal"):
+        config.task_type = backbone.task_type
+    elif config.task_type != backbone.task_type:
+        raise ValueError(f"config.task_type={config.task_type!r} does not match the model (task_type="
+                         f"{backbone.task_type!r} for {type(backbone.model).__name__})")
+    if config.task_type == "SEQ_CLS":
+        # As PeftModelForSequenceClassification: the classifier ("classifier" or "score") trains too.
+        config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), "classifier", "score"]))
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     if config.base_model_name_or_path is None:
@@ -66,7 +90,8 @@ class PromptModel(nn.Module):
     """A drop-in for PEFT's prompt-learning models on causal decoders (see the README for the API)."""
 
     def __init__(self, base_model: nn.Module, config=None, adapter_name: str = "default", *,
-                 path: str = "auto", backend: str | None = None):
+                 path: str = "auto", backend: str | None = None, fused_ops: bool = True,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -79,8 +104,40 @@ class PromptModel(nn.Module):
         self.path = path
         self.backend = backend
         self.active_adapter: str | None = None
+        # Instance patches of the frozen backbone (backbones/patches.py), undone by `unpatch()`.
+        self._frozen_ops = patches.patch_frozen_ops(self.backbone) if fused_ops else None
+        self._checkpointing = None
+        if gradient_checkpointing:
+            self.gradient_checkpointing_enable()
         if config is not None:
             self.add_adapter(adapter_name, config)
+
+    # backbone patches ------------------------------------------------------------------------
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing is not None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer's activations in the backward (works with the shared-prefix path
+        and prefix tuning). `gradient_checkpointing_kwargs` is accepted for transformers.Trainer; only
+        {"use_reentrant": False} (the default here) is supported."""
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: "
+                             "fastprompt checkpoints non-reentrantly so gradients reach the prompt bank")
+        if self._checkpointing is None:
+            self._checkpointing = patches.checkpoint_layers(self.backbone)
+
+    def gradient_checkpointing_disable(self) -> None:
+        if self._checkpointing is not None:
+            self._checkpointing.undo()
+            self._checkpointing = None
+
+    def unpatch(self) -> None:
+        """Give the base model back as it came: undo the fused-ops and checkpointing patches."""
+        self.gradient_checkpointing_disable()
+        if self._frozen_ops is not None:
+            self._frozen_ops.undo()
+            self._frozen_ops = None
 
     # adapters --------------------------------------------------------------------------------
     @property
@@ -248,12 +305,16 @@ class PromptModel(nn.Module):
     # forward ---------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, adapter_names=None,
                 inputs_embeds=None, position_ids=None, path: str | None = None, return_dict: bool = True,
-                **kwargs):
+                return_logits: bool | None = None, **kwargs):
         """Loss and logits of the input tokens ([B, T, V]; virtual tokens get no logits).
 
         input_ids [B, T] (or inputs_embeds [B, T, d]); attention_mask [B, T] (1 = token, right or left
         padding); labels [B, T] (-100 = ignore); rows pick adapters by `adapter_names` (list of B names)
         or `task_ids` (int64 [B]: the MPT task, or for other methods the index of a loaded adapter).
+
+        return_logits: None (default) gives logits unless a loss is computed with grad mode on (a training
+        step: the loss comes from the fused LM head + cross-entropy and no [B, T, V] logits are held);
+        True or False forces either.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # transformers.Trainer's accumulation
         for name in ("output_attentions", "output_hidden_states"):
@@ -272,22 +333,37 @@ class PromptModel(nn.Module):
         else:
             hidden, last_virtual = self._shared_prefix_hidden(plan, input_ids, inputs_embeds, attention_mask,
                                                               position_ids)
-        lm_head = self.backbone.lm_head
-        logits = lm_head(hidden)
+        if return_logits is None:
+            return_logits = labels is None or not torch.is_grad_enabled()
         loss = None
         if labels is not None:
-            if last_virtual is not None:
-                # As in PEFT, the last virtual token predicts the first input token.
-                predictions = torch.cat([lm_head(last_virtual)[:, None], logits[:, :-1]], dim=1)
-                targets = labels
-            else:
-                predictions, targets = logits[:, :-1], labels[:, 1:]
-            loss = F.cross_entropy(predictions.float().flatten(0, 1), targets.flatten().to(logits.device),
-                                   ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
+            loss = self.lm_loss(hidden, last_virtual, labels, num_items_in_batch)
+        logits = self.backbone.lm_head(hidden) if return_logits else None
         output = CausalLMOutputWithPast(loss=loss, logits=logits)
         return output if return_dict else output.to_tuple()
+
+    def lm_loss(self, hidden: torch.Tensor, last_virtual: torch.Tensor | None, labels: torch.Tensor,
+                num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy through the frozen LM head, fused (`ops.linear_cross_entropy`).
+
+        hidden [B, T, d] of the input tokens; last_virtual [B, d] (the last virtual token's hidden state,
+        which as in PEFT predicts the first input token) or None; labels [B, T] int64 (-100 = ignore).
+        Mean over the counted targets, or their sum / num_items_in_batch. Returns an fp32 scalar.
+        """
+        if last_virtual is not None:
+            predictors, targets = torch.cat([last_virtual[:, None], hidden[:, :-1]], dim=1), labels
+        else:
+            predictors, targets = hidden[:, :-1], labels[:, 1:]
+        head = self.backbone.lm_head
+        weight, bias = head.weight, getattr(head, "bias", None)
+        device_type = predictors.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else weight.dtype)
+        loss = linear_cross_entropy(predictors.to(dtype), weight.to(dtype), targets.to(predictors.device),
+                                    bias=None if bias is None else bias.to(dtype),
+                                    reduction="mean" if num_items_in_batch is None else "sum",
+                                    backend=self.backend)
+        return loss if num_items_in_batch is None else loss / num_items_in_batch
 
     def _choose_path(self, path: str | None, plan: BankPlan) -> str:
         path = path or self.path
@@ -343,14 +419,29 @@ class PromptModel(nn.Module):
                         adapter_names=adapter_names, **kwargs)
 
 
+def prompt_model_class(model: nn.Module) -> type[PromptModel]:
+    """The PromptModel class for a Hugging Face model's kind: causal decoder, encoder-decoder or encoder."""
+    kind = get_backbone(model).kind
+    if kind == "seq2seq":
+        from fastprompt.seq2seq import Seq2SeqPromptModel
+
+        return Seq2SeqPromptModel
+    if kind == "encoder":
+        from fastprompt.encoder import EncoderPromptModel
+
+        return EncoderPromptModel
+    return PromptModel
+
+
 def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **kwargs) -> PromptModel:
-    """Wrap a Hugging Face causal LM with a new soft-prompt adapter (PEFT's or fastprompt's config)."""
-    return PromptModel(model, peft_config, adapter_name, **kwargs)
+    """Wrap a Hugging Face model (causal LM, T5/BART, BERT/RoBERTa) with a new soft-prompt adapter (PEFT's
+    or fastprompt's config); the class follows the model's kind (`prompt_model_class`)."""
+    return prompt_model_class(model)(model, peft_config, adapter_name, **kwargs)
 
 
 def from_pretrained(model: nn.Module, adapter_dir, adapter_name: str = "default", is_trainable: bool = False,
                     **kwargs) -> PromptModel:
-    """Wrap a Hugging Face causal LM with an adapter saved by fastprompt or PEFT."""
-    prompt_model = PromptModel(model, None, **kwargs)
+    """Wrap a Hugging Face model with an adapter saved by fastprompt or PEFT."""
+    prompt_model = prompt_model_class(model)(model, None, **kwargs)
     prompt_model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
     return prompt_model

@@ -85,7 +85,8 @@ def test_shared_prefix_equals_concat(family, config):
     results = {}
     for path in ("concat", "shared_prefix"):
         model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, path=path)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, path=path,
+                    return_logits=True)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results[path] = (out.loss.detach(), out.logits.detach(), grads)

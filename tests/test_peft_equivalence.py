@@ -22,7 +22,8 @@ def test_loss_logits_and_gradients_equal_peft(family, method, path, padding):
     expected = peft_model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
     expected.loss.backward()
     expected_grads = prompt_grads(peft_model.prompt_encoder["default"])
-    actual = ours(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, path=path)
+    actual = ours(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, path=path,
+                  return_logits=True)
     actual.loss.backward()
     actual_grads = prompt_grads(ours.prompt_sources["default"])
 

@@ -39,7 +39,8 @@ def test_half_precision_backbone_is_as_accurate_as_peft(method, dtype):
     task_ids = task_ids_for(method, len(ids))
 
     def run(m, sources):
-        out = m(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
+        extra = {"return_logits": True} if m is model else {}
+        out = m(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, **extra)
         out.loss.backward()
         # PEFT's logits include the virtual tokens': compare the input tokens' only.
         results = {"loss": out.loss.detach(), "logits": out.logits.detach()[:, -ids.shape[1]:],
@@ -67,9 +68,10 @@ def test_inputs_embeds_equal_input_ids():
     ids, mask, labels = batch()
     embeds = model.backbone.word_embeddings(ids)
     for path in ("shared_prefix", "concat"):
-        a = model(input_ids=ids, attention_mask=mask, labels=labels, path=path)
-        b = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, path=path)
+        a = model(input_ids=ids, attention_mask=mask, labels=labels, path=path, return_logits=True)
+        b = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, path=path, return_logits=True)
         assert_close(f"{path} logits", b.logits, a.logits, 1e-6)
+        assert_close(f"{path} loss", b.loss, a.loss, 1e-6)
 
 
 def test_num_items_in_batch_gives_the_summed_loss_over_it():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
 
+from fastprompt.backbones import patches
 from fastprompt.backbones.attention import ATTENTION_NAME, AttentionContext
 
 _REGISTRY: dict[str, type["Backbone"]] = {}
@@ -41,6 +43,9 @@ class Backbone:
     """
 
     decoder_attr: str  # attribute of the *ForCausalLM model holding the decoder stack
+    layers_attr: str   # attribute of the decoder stack holding its layers
+    kind = "causal"    # "causal" | "seq2seq" | "encoder": which PromptModel class wraps it
+    task_type = "CAUSAL_LM"  # PEFT's task type for adapters on this model
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -81,6 +86,11 @@ class Backbone:
         return self.model.get_output_embeddings()
 
     @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        return getattr(self.decoder, self.layers_attr)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.word_embeddings.weight.dtype
 
@@ -103,10 +113,15 @@ class Backbone:
         with self.attention_implementation(ATTENTION_NAME):
             return self.decoder(**kwargs, fastprompt_ctx=ctx).last_hidden_state
 
+    def frozen_op_replacements(self) -> list[tuple[nn.Module, Callable]]:
+        """(module, forward) pairs routing this family's norms and activations through fastprompt.ops
+        (`backbones/patches.py`); none by default."""
+        return []
+
     @contextmanager
     def attention_implementation(self, name: str):
         """Switch the model's attention implementation for the duration of a call, then restore it."""
-        configs = {id(c): c for c in (self.config, self.decoder.config)}.values()
+        configs = {id(c): c for c in self.attention_configs()}.values()
         previous = [(c, c._attn_implementation) for c in configs]
         for c in configs:
             c._attn_implementation = name
@@ -116,12 +131,27 @@ class Backbone:
             for c, impl in previous:
                 c._attn_implementation = impl
 
+    def attention_configs(self) -> list:
+        """The config objects whose `_attn_implementation` the model's attention layers read."""
+        return [self.config, self.decoder.config]
+
 
 @register_backbone("llama", "mistral", "qwen2", "qwen3")
 class LlamaFamily(Backbone):
     """Llama, Mistral, Qwen2, Qwen3: RoPE, grouped-query attention, head_dim from the config."""
 
     decoder_attr = "model"
+    layers_attr = "layers"
+
+    def frozen_op_replacements(self):
+        replacements = []
+        swiglu = getattr(self.config, "hidden_act", None) == "silu"
+        for module in self.decoder.modules():
+            if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+                replacements.append((module, patches.rms_norm_forward))
+            elif swiglu and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                replacements.append((module, patches.swiglu_mlp_forward))
+        return replacements
 
 
 @register_backbone("gpt2")
@@ -129,3 +159,13 @@ class GPT2(Backbone):
     """GPT-2: learned absolute positions, multi-head attention."""
 
     decoder_attr = "transformer"
+    layers_attr = "h"
+    GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+    def frozen_op_replacements(self):
+        replacements = [(m, patches.layer_norm_forward) for m in self.decoder.modules()
+                        if isinstance(m, nn.LayerNorm)]
+        approximate = self.GELU_FORMS.get(self.config.activation_function)
+        if approximate is not None:
+            replacements += [(layer.mlp.act, patches.gelu_forward(approximate)) for layer in self.layers]
+        return replacements
