@@ -38,8 +38,8 @@ def linear_cross_entropy(
 
     Backends: the Triton kernel walks the vocabulary in tiles with an online log-sum-exp and recomputes
     the logits tile by tile in the backward; the PyTorch path processes the tokens in chunks of
-    CHUNK_ELEMENTS // V and recomputes each chunk's logits in the backward (one fp32 [chunk, V] block at
-    a time).
+    CHUNK_ELEMENTS // V (one fp32 [chunk, V] block at a time) and, when hidden requires a gradient, forms
+    d loss / d hidden [N, d] in the forward from the same block, so its backward is a row scaling.
 
     Example::
 
@@ -82,42 +82,42 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token losses; the gradient is formed in the forward, from the same logits block.
+
+    The loss is the graph's last op and each token's loss depends on its hidden state alone, so
+    d loss_i / d hidden_i = (softmax_i - onehot_i) @ weight can be computed while the chunk's logits are at
+    hand and kept as G [N, d]; the backward only scales G's rows by the incoming gradient. Two matmuls
+    over the vocabulary per token (as unfused autograd), not three (forward, recomputed logits, d hidden).
+    """
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk):
         N = hidden.shape[0]
+        with_grad = ctx.needs_input_grad[0]
         losses = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        per_token_grad = torch.empty_like(hidden) if with_grad else None
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0).long()
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             logits = _chunk_logits(hidden[s:e], weight, bias)
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe[s:e, None])[:, 0]
-            losses[s:e] = torch.where(valid[s:e], lse[s:e] - target, 0.0)
+            losses[s:e] = torch.where(valid[s:e], lse - target, 0.0)
+            if with_grad:
+                p = torch.exp_(logits.sub_(lse[:, None]))                                  # softmax, in place
+                p.scatter_add_(1, safe[s:e, None], -torch.ones_like(lse)[:, None])           # - one-hot
+                p.mul_(valid[s:e, None])
+                per_token_grad[s:e] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
             del logits
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        ctx.save_for_backward(per_token_grad)
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_losses):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        N = hidden.shape[0]
-        valid = labels != ctx.ignore_index
-        safe = torch.where(valid, labels, 0).long()
-        g = torch.where(valid, grad_losses.float(), 0.0)
-        d_hidden = torch.empty_like(hidden)
-        for s in range(0, N, ctx.chunk):
-            e = min(N, s + ctx.chunk)
-            p = torch.exp_(_chunk_logits(hidden[s:e], weight, bias).sub_(lse[s:e, None]))   # softmax
-            p.scatter_add_(1, safe[s:e, None], -valid[s:e, None].float())                     # - one-hot
-            p.mul_(g[s:e, None])
-            d_hidden[s:e] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-            del p
+        (per_token_grad,) = ctx.saved_tensors
+        d_hidden = per_token_grad * grad_losses.to(per_token_grad.dtype)[:, None]
         return d_hidden, None, None, None, None, None
 
 

@@ -137,7 +137,8 @@ def test_trainable_weight_falls_back_to_reference():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_saves_no_logits(backend):
-    """The fused op keeps O(N d) for its backward; the reference keeps [N, V] fp32 logits/probabilities."""
+    """The fused op keeps at most one [N, d] tensor (and scalars) for its backward, beyond the inputs; the
+    reference keeps [N, V] fp32 logits/probabilities."""
     N, V, d = 16, 997, 40
     hidden, weight, _, labels, _ = _case(N, V, d, torch.float32)
     leaf = hidden.clone().requires_grad_(True)
@@ -145,7 +146,7 @@ def test_saves_no_logits(backend):
                         exclude=[weight, labels, leaf])
     unfused = saved_bytes(lambda: reference.linear_cross_entropy(leaf, weight, labels).backward(),
                           exclude=[weight, labels, leaf])
-    assert fused.activation_bytes < N * 16 * 4 < N * V * 4 <= unfused.activation_bytes, (fused, unfused)
+    assert fused.activation_bytes <= N * d * 4 + 64 < N * V * 4 <= unfused.activation_bytes, (fused, unfused)
 
 
 def test_errors():
