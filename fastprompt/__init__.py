@@ -14,15 +14,19 @@ from fastprompt.config import (
 from fastprompt.ensemble import combine_predictions, mean_log_prob, score_choices
 from fastprompt.io import load_training_checkpoint, save_training_checkpoint
 from fastprompt.model import PromptModel, from_pretrained, get_peft_model
+from fastprompt.encoder import EncoderPromptModel, template_positions  # noqa: E402  (after model: subclasses)
+from fastprompt.seq2seq import Seq2SeqPromptModel  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EncoderPromptModel",
     "MultitaskPromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptModel",
     "PromptTuningConfig",
+    "Seq2SeqPromptModel",
     "combine_predictions",
     "from_pretrained",
     "get_peft_model",
@@ -30,4 +34,5 @@ __all__ = [
     "mean_log_prob",
     "save_training_checkpoint",
     "score_choices",
+    "template_positions",
 ]

@@ -15,6 +15,12 @@ PROMPT_TUNING = "PROMPT_TUNING"
 PREFIX_TUNING = "PREFIX_TUNING"
 P_TUNING = "P_TUNING"
 MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+# PEFT's task types for the backbone kinds fastprompt wraps: causal decoders, encoder-decoders, encoders
+# (a sequence classifier, or a masked-LM head scored as features).
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+# Attentions of an encoder-decoder that prefix tuning can reach: PEFT prefixes the decoder's self-attention;
+# Li & Liang also the encoder's self-attention and the decoder's cross-attention.
+PREFIX_SITES = ("encoder", "decoder", "cross")
 
 
 @dataclass
@@ -36,8 +42,9 @@ class PromptLearningConfig:
     def __post_init__(self):
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
-        if self.task_type not in (None, "CAUSAL_LM"):
-            raise ValueError(f"task_type must be 'CAUSAL_LM' (decoder backbones), got {self.task_type!r}")
+        self.task_type = _enum_value(self.task_type)
+        if self.task_type not in (None, *TASK_TYPES):
+            raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -76,17 +83,28 @@ class PromptTuningConfig(PromptLearningConfig):
 
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
-    """Prefix tuning (Li & Liang): per-layer key/value prefixes, optionally through an MLP."""
+    """Prefix tuning (Li & Liang): per-layer key/value prefixes, optionally through an MLP.
+
+    prefix_sites (fastprompt's addition, encoder-decoders only): None is PEFT's layout (the decoder's
+    self-attention); a list of PREFIX_SITES prefixes each named attention, num_layers per site.
+    """
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     init_weights: str | None = None
+    prefix_sites: list[str] | None = None
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PREFIX_TUNING
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
+        if self.prefix_sites is not None:
+            sites = list(self.prefix_sites)
+            if not sites or len(set(sites)) != len(sites) or not set(sites) <= set(PREFIX_SITES):
+                raise ValueError(f"prefix_sites must be None or distinct names from {PREFIX_SITES}, got "
+                                 f"{self.prefix_sites!r}")
+            self.prefix_sites = [s for s in PREFIX_SITES if s in sites]  # one order for the parameter layout
 
 
 @dataclass

@@ -62,7 +62,8 @@ def test_unsupported_model_family():
     opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                    num_attention_heads=2, word_embed_proj_dim=16))
     with pytest.raises(ValueError, match=r"model family 'opt' is not supported; supported model_type values: "
-                                         r"\['gpt2', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
+                                         r"\['bart', 'bert', 'gpt2', 'llama', 'mistral', 'mt5', 'qwen2', 'qwen3', "
+                                         r"'roberta', 't5'\]"):
         fastprompt.get_peft_model(opt, fastprompt.PromptTuningConfig(num_virtual_tokens=4))
 
 

@@ -36,6 +36,20 @@ class KVCache:
                    [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)])
 
 
+class Captures:
+    """Per-layer keys/values recorded by the prompt pass: `keys[layer]`, `values[layer]`, each
+    [n, Hkv, P, D].
+
+    A plain object, not a dataclass or dict: wrappers that rebuild a layer's tensor arguments (FSDP2
+    maps them through torch's pytree utilities) leave it as it is, so every copy of the context records
+    into the same place.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+
 @dataclass
 class AttentionContext:
     """What fastprompt's attention does in one forward of the backbone."""
@@ -47,8 +61,7 @@ class AttentionContext:
     key_padding_mask: torch.Tensor | None = None  # [B, S] over the row's own keys (cache included)
     cache: KVCache | None = None
     backend: str | None = None
-    captured_k: dict[int, torch.Tensor] = field(default_factory=dict)
-    captured_v: dict[int, torch.Tensor] = field(default_factory=dict)
+    captured: Captures = field(default_factory=Captures)
 
 
 def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -71,7 +84,7 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if ctx.mode == "capture":
-        ctx.captured_k[layer], ctx.captured_v[layer] = key, value
+        ctx.captured.keys[layer], ctx.captured.values[layer] = key, value
         n, hkv, _, d = key.shape
         empty = key.new_empty(n, hkv, 0, d)
         no_task = torch.zeros(n, dtype=torch.long, device=key.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastprompt.config import MULTITASK_PROMPT_TUNING, P_TUNING, PREFIX_TUNING, PROMPT_TUNING
 from fastprompt.methods.base import PromptSource
 from fastprompt.methods.mpt import MultitaskPromptTuning
@@ -12,6 +14,10 @@ from fastprompt.methods.prompt_tuning import PromptTuning
 
 def build_source(config, backbone) -> PromptSource:
     """The prompt source for a resolved config (see `fastprompt.model.resolve_config`) on a backbone."""
+    if config.peft_type != PREFIX_TUNING and (config.num_transformer_submodules or 1) > 1:
+        # As PEFT's prompt encoders: num_virtual_tokens per transformer submodule (encoder-decoders: 2).
+        config = dataclasses.replace(config, num_virtual_tokens=config.num_virtual_tokens
+                                     * config.num_transformer_submodules)
     if config.peft_type == PROMPT_TUNING:
         return PromptTuning(config, backbone.word_embeddings)
     if config.peft_type == MULTITASK_PROMPT_TUNING:
