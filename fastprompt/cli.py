@@ -7,6 +7,7 @@ import sys
 
 from fastprompt.serve.cli import add_commands as add_serve_commands
 from fastprompt.train.cli import add_commands as add_train_commands
+from fastprompt.train.transfer_cli import add_commands as add_transfer_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     demo.set_defaults(run=lambda args: __import__("fastprompt.demo", fromlist=["main"]).main(args))
     add_train_commands(commands)
+    add_transfer_commands(commands)
     add_serve_commands(commands)
     return parser
 

@@ -300,7 +300,7 @@ class PromptModel(nn.Module):
         positions = torch.arange(P, device=prompts.device)[None].expand(n, P)
         hidden = self.backbone.hidden_states(inputs_embeds=prompts, position_ids=positions, ctx=ctx)
         layers = range(self.backbone.num_layers)
-        return [ctx.captured_k[i] for i in layers], [ctx.captured_v[i] for i in layers], hidden[:, -1]
+        return [ctx.captured.keys[i] for i in layers], [ctx.captured.values[i] for i in layers], hidden[:, -1]
 
     # forward ---------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, adapter_names=None,
@@ -327,12 +327,7 @@ class PromptModel(nn.Module):
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         self._check_batch_args(B, T, attention_mask, labels)
         plan = self.plan(B, task_ids, adapter_names)
-        path = self._choose_path(path, plan)
-        if path == "concat":
-            hidden, last_virtual = self._concat_hidden(plan, input_ids, inputs_embeds, attention_mask)
-        else:
-            hidden, last_virtual = self._shared_prefix_hidden(plan, input_ids, inputs_embeds, attention_mask,
-                                                              position_ids)
+        hidden, last_virtual = self._hidden(plan, path, input_ids, inputs_embeds, attention_mask, position_ids)
         if return_logits is None:
             return_logits = labels is None or not torch.is_grad_enabled()
         loss = None
@@ -405,6 +400,24 @@ class PromptModel(nn.Module):
         hidden = self.backbone.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                              position_ids=position_ids + P, ctx=ctx)
         return hidden, None if last_virtual is None else last_virtual[plan.row_entry]
+
+    def hidden_states(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None,
+                      inputs_embeds=None, path: str | None = None):
+        """Final hidden states of the input tokens, the LM head's input: (hidden [B, T, d], last_virtual
+        [B, d] or None) in the backbone's dtype. last_virtual is each row's last virtual token's state (it
+        predicts the first input token; None for prefix tuning). Arguments as in `forward`; the LM head
+        of them gives forward's logits, and `lm_loss` of them its loss."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self._check_batch_args(B, T, attention_mask, None)
+        plan = self.plan(B, task_ids, adapter_names)
+        return self._hidden(plan, path, input_ids, inputs_embeds, attention_mask, None)
+
+    def _hidden(self, plan, path, input_ids, inputs_embeds, attention_mask, position_ids):
+        if self._choose_path(path, plan) == "concat":
+            return self._concat_hidden(plan, input_ids, inputs_embeds, attention_mask)
+        return self._shared_prefix_hidden(plan, input_ids, inputs_embeds, attention_mask, position_ids)
 
     # generation ------------------------------------------------------------------------------
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None, **kwargs):

@@ -1,9 +1,12 @@
-"""Training soft prompts: data loading, a Trainer and the `fastprompt train` / `fastprompt eval` commands.
+"""Training soft prompts: data loading, a Trainer and the `fastprompt train` / `fastprompt eval` commands;
+MPT source training and target adaptation (`fastprompt.train.mpt`), SPoT transfer (`fastprompt.train.spot`),
+data-parallel and FSDP runs under torchrun (`fastprompt.train.distributed`).
 
-    from fastprompt.train import Trainer, TrainingConfig, load_data
+    from fastprompt.train import Trainer, TrainingConfig, load_data, task_model
 """
 
 from fastprompt.train.data import Example, PromptDataset, collate, load_data, micro_batch_indices, read_records
+from fastprompt.train.distributed import Distributed
 from fastprompt.train.trainer import (
     TrainResult,
     Trainer,
@@ -14,9 +17,11 @@ from fastprompt.train.trainer import (
     plot_loss_curve,
     read_log,
     target_count,
+    task_model,
 )
 
 __all__ = [
+    "Distributed",
     "Example",
     "PromptDataset",
     "TrainResult",
@@ -32,4 +37,5 @@ __all__ = [
     "read_log",
     "read_records",
     "target_count",
+    "task_model",
 ]

@@ -8,11 +8,18 @@
 Several --data files (``TASK=FILE`` or a file per task) or a ``task`` field make a multi-task run: one
 adapter per task (subfolders of OUT named after the tasks), or for ``--method mpt`` one MPT adapter with
 a task id per task. OUT also gets ``fastprompt_data.json`` (method, tasks, verbalizers), which `eval` reads.
+
+Under ``torchrun --nproc-per-node N -m fastprompt train ...`` the run is data-parallel (``--batch-size`` is
+per rank; see `fastprompt.train.distributed`); ``--fsdp`` also shards the frozen decoder layers.
+
+The option groups and helpers here (`add_training_options`, `training_config`, `add_data_options`,
+`add_model_options`, `training_setup`, ...) are shared with the transfer commands (`transfer_cli`).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
@@ -27,25 +34,7 @@ def add_commands(subparsers) -> None:
     train.add_argument("--data", action="append", required=True, metavar="[TASK=]FILE",
                        help="training records (.jsonl or .csv); repeat for several tasks")
     train.add_argument("--eval-data", action="append", metavar="[TASK=]FILE", help="evaluation records")
-    train.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
     train.add_argument("--num-virtual-tokens", type=int, default=20)
-    train.add_argument("--lr", type=float, default=None, help="default 0.3 with adafactor, 3e-2 with adamw")
-    train.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
-    train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    train.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
-    train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
-    train.add_argument("--metric", default="auto", help="eval_loss, eval_accuracy, eval_token_accuracy or auto")
-    train.add_argument("--patience", type=int, default=None, help="early stopping: evaluations without gain")
-    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    train.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init", choices=("random", "sample-vocab", "text", "class-labels"), default="random",
                        help="prompt-tuning initialisation (class-labels uses the verbalizer words)")
     train.add_argument("--init-text", default=None, help="text for --init text")
@@ -53,11 +42,9 @@ def add_commands(subparsers) -> None:
     train.add_argument("--encoder-type", choices=("MLP", "LSTM"), default="MLP", help="P-tuning encoder")
     train.add_argument("--encoder-hidden-size", type=int, default=None)
     train.add_argument("--num-ranks", type=int, default=1, help="MPT rank")
-    train.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
-    train.add_argument("--progress", choices=("auto", "tqdm", "print", "none"), default="auto")
-    train.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
-    _add_data_options(train)
-    _add_model_options(train)
+    add_training_options(train)
+    add_data_options(train)
+    add_model_options(train)
     train.set_defaults(run=run_train)
 
     evaluate = subparsers.add_parser("eval", help="score a saved adapter on JSON-lines/CSV data")
@@ -66,12 +53,54 @@ def add_commands(subparsers) -> None:
     evaluate.add_argument("--data", action="append", required=True, metavar="[TASK=]FILE")
     evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
-    _add_data_options(evaluate)
-    _add_model_options(evaluate)
+    add_data_options(evaluate)
+    add_model_options(evaluate)
     evaluate.set_defaults(run=run_eval)
 
 
-def _add_data_options(parser) -> None:
+def add_training_options(parser) -> None:
+    """--out and the optimisation, evaluation, checkpoint, progress and distributed options of a training
+    command (the fields of `TrainingConfig`; read them back with `training_config`)."""
+    parser.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
+    parser.add_argument("--lr", type=float, default=None, help="default 0.3 with adafactor, 3e-2 with adamw")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (per rank)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
+    parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    parser.add_argument("--metric", default="auto", help="eval_loss, eval_accuracy, eval_token_accuracy or auto")
+    parser.add_argument("--patience", type=int, default=None, help="early stopping: evaluations without gain")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    parser.add_argument("--progress", choices=("auto", "tqdm", "print", "none"), default="auto")
+    parser.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the frozen decoder layers across the ranks (FSDP2)")
+
+
+def training_config(args):
+    """The `TrainingConfig` of a command's `add_training_options` flags."""
+    from fastprompt.train.trainer import TrainingConfig
+
+    lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else 3e-2)
+    return TrainingConfig(
+        output_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
+        max_grad_norm=args.max_grad_norm or None, precision=args.precision, eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+        log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score)
+
+
+def add_data_options(parser) -> None:
     parser.add_argument("--verbalizer", action="append", default=None, metavar="LABEL=WORDS",
                         help="classification label words, e.g. --verbalizer positive=great (repeat per label)")
     parser.add_argument("--separator", default=None, help="between input and target (default one space)")
@@ -81,7 +110,7 @@ def _add_data_options(parser) -> None:
                         help="classification: sum or per-token mean log-likelihood of the verbalizer")
 
 
-def _add_model_options(parser) -> None:
+def add_model_options(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the frozen model's weights")
@@ -101,17 +130,38 @@ def _verbalizers(items) -> dict | None:
     return out
 
 
-def _load_backbone(args):
+def load_backbone(args, device=None, *, fsdp: bool = False):
+    """(frozen HF causal LM in eval mode on `device`, its tokenizer) from the local folder --model. With
+    fsdp, its decoder layers are sharded across the ranks of the process group (`shard_backbone`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    return base, tokenizer
+    device = torch.device(device or args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    if fsdp:
+        from fastprompt.train.distributed import shard_backbone
+
+        base = shard_backbone(base, device)
+    else:
+        base = base.to(device)
+    return base, AutoTokenizer.from_pretrained(args.model)
 
 
-def _pad_id(tokenizer) -> int:
+@contextmanager
+def training_setup(args):
+    """Everything a training command starts from: yields (Distributed, frozen base model, tokenizer).
+    Joins torchrun's process group when there is one (and leaves it at the end); --fsdp needs one."""
+    from fastprompt.train import distributed
+
+    with distributed.session(args.device) as (context, device):
+        if args.fsdp and not context.enabled:
+            raise ValueError("--fsdp shards the backbone across ranks: launch with torchrun --nproc-per-node N")
+        base, tokenizer = load_backbone(args, device, fsdp=args.fsdp)
+        yield context, base, tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS, else 0."""
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if value is not None:
             return int(value)
@@ -147,19 +197,9 @@ def _config_for(args, tasks, verbalizers):
     return fastprompt.PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=init, **extra)
 
 
-def _build_model(args, base, tasks, verbalizers):
-    import fastprompt
-
-    config = _config_for(args, tasks, verbalizers)
-    if args.method == "mpt" or not tasks:
-        return fastprompt.get_peft_model(base, config, path=args.path)
-    model = fastprompt.get_peft_model(base, config, tasks[0], path=args.path)
-    for task in tasks[1:]:
-        model.add_adapter(task, config)
-    return model
-
-
-def _data_kwargs(args, saved: dict | None = None) -> dict:
+def data_kwargs(args, saved: dict | None = None) -> dict:
+    """`load_data` keyword arguments from --verbalizer/--separator/--max-length, falling back to `saved`
+    (a run's fastprompt_data.json)."""
     saved = saved or {}
     verbalizers = _verbalizers(args.verbalizer)
     return {"verbalizers": verbalizers if verbalizers is not None else saved.get("verbalizers"),
@@ -167,38 +207,48 @@ def _data_kwargs(args, saved: dict | None = None) -> dict:
             "max_length": args.max_length if args.max_length is not None else saved.get("max_length")}
 
 
+def load_training_data(args, tokenizer) -> tuple:
+    """(train data, eval data or None, load_data kwargs) of --data / --eval-data."""
+    from fastprompt.train.data import load_data
+
+    kwargs = data_kwargs(args)
+    train_data = load_data(args.data, tokenizer, **kwargs)
+    eval_data = load_data(args.eval_data, tokenizer, **kwargs) if args.eval_data else None
+    return train_data, eval_data, kwargs
+
+
+def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | None = None) -> int:
+    """Write OUT/fastprompt_data.json (what `eval` reads back; `extra` adds fields), train, print a JSON
+    summary. In a distributed run only rank 0 writes and prints."""
+    from fastprompt import io
+
+    out = Path(args.out)
+    if trainer.dist.is_main:
+        io.write_json(out / DATA_CONFIG_NAME, {"method": method, "tasks": trainer.tasks, **data_options,
+                                               "base_model": str(args.model), **(extra or {})})
+    result = trainer.train(resume=args.resume)
+    if trainer.dist.is_main:
+        print(json.dumps({"step": result.step, "stopped_early": result.stopped_early,
+                          "best_metric": result.best_metric,
+                          "final_loss": result.losses[-1] if result.losses else None, "out": str(out)}))
+    return 0
+
+
 def run_train(args) -> int:
     import torch
 
-    from fastprompt import io
-    from fastprompt.train.data import load_data
-    from fastprompt.train.trainer import Trainer, TrainingConfig
+    from fastprompt.train.trainer import Trainer, task_model
 
-    base, tokenizer = _load_backbone(args)
-    kwargs = _data_kwargs(args)
-    train_data = load_data(args.data, tokenizer, **kwargs)
-    eval_data = load_data(args.eval_data, tokenizer, **kwargs) if args.eval_data else None
-    tasks = train_data.tasks
-    torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
-    model = _build_model(args, base, tasks, kwargs["verbalizers"])
-    model.print_trainable_parameters()
-    lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else 3e-2)
-    config = TrainingConfig(
-        output_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
-        max_grad_norm=args.max_grad_norm or None, precision=args.precision, eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score)
-    trainer = Trainer(model, config, train_data, eval_data, pad_token_id=_pad_id(tokenizer), tasks=tasks)
-    out = Path(args.out)
-    io.write_json(out / DATA_CONFIG_NAME, {"method": args.method, "tasks": tasks, **kwargs,
-                                           "base_model": str(args.model)})
-    result = trainer.train(resume=args.resume)
-    summary = {"step": result.step, "stopped_early": result.stopped_early, "best_metric": result.best_metric,
-               "final_loss": result.losses[-1] if result.losses else None, "out": str(out)}
-    print(json.dumps(summary))
-    return 0
+    with training_setup(args) as (context, base, tokenizer):
+        train_data, eval_data, kwargs = load_training_data(args, tokenizer)
+        tasks = train_data.tasks
+        torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
+        model = task_model(base, _config_for(args, tasks, kwargs["verbalizers"]), tasks, path=args.path)
+        if context.is_main:
+            model.print_trainable_parameters()
+        trainer = Trainer(model, training_config(args), train_data, eval_data, pad_token_id=pad_id(tokenizer),
+                          tasks=tasks, distributed=context)
+        return run_trainer(trainer, args, args.method, kwargs)
 
 
 def load_adapters(model_base, adapter_dir, saved: dict, path: str = "auto"):
@@ -232,8 +282,8 @@ def run_eval(args) -> int:
     saved = {}
     if (adapter / DATA_CONFIG_NAME).is_file():
         saved = json.loads((adapter / DATA_CONFIG_NAME).read_text())
-    base, tokenizer = _load_backbone(args)
-    data = load_data(args.data, tokenizer, **_data_kwargs(args, saved))
+    base, tokenizer = load_backbone(args)
+    data = load_data(args.data, tokenizer, **data_kwargs(args, saved))
     model = load_adapters(base, adapter, saved, path=args.path)
     tasks = saved.get("tasks") or data.tasks
     if data.tasks and model.active_peft_config.peft_type != "MULTITASK_PROMPT_TUNING" and not saved.get("tasks"):
@@ -242,7 +292,7 @@ def run_eval(args) -> int:
             tasks = []
     config = TrainingConfig(output_dir=str(adapter), batch_size=args.eval_batch_size or 8, precision=args.precision,
                             score=args.score, progress="none", plot=False)
-    metrics = Trainer(model, config, data, pad_token_id=_pad_id(tokenizer), tasks=tasks).evaluate(data)
+    metrics = Trainer(model, config, data, pad_token_id=pad_id(tokenizer), tasks=tasks).evaluate(data)
     print(json.dumps(metrics))
     if args.output:
         io.write_json(Path(args.output), metrics)

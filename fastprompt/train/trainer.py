@@ -11,8 +11,15 @@ parameters, the optimizer, the RNG state, the grad scaler and the early-stopping
 at step k and resumed produces the same losses as an uninterrupted run (bit for bit on a CPU).
 
 Gradient accumulation: each step takes ``batch_size * grad_accum`` examples, split into ``grad_accum``
-micro-batches; each micro-batch's mean token loss is weighted by its share of the step's target tokens,
+micro-batches; each micro-batch's loss is its token sum divided by the target tokens of the whole step,
 so the gradient equals that of the token-mean loss over the whole step's batch.
+
+Data parallel (`fastprompt.train.distributed`): with ``distributed=Distributed(rank, world_size)`` a step
+takes ``world_size`` times as many examples, each rank runs its share of the micro-batches, and the prompt
+gradients are summed over ranks: the same update as one process on the same global batch.
+
+Subclasses change the objective through two hooks: `normalizers` (global counts for a step) and
+`compute_loss` (one micro-batch's share of the step's loss); see `fastprompt.train.mpt`.
 
 The backbone keeps its mode (``from_pretrained`` gives eval mode: no backbone dropout); the prompt
 sources are put in train mode while training.
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 from fastprompt import io
 from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.train.data import CLASSIFICATION, PromptDataset, collate, micro_batch_indices
+from fastprompt.train.distributed import Distributed
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -49,8 +57,8 @@ class TrainingConfig:
 
     output_dir: str
     steps: int = 100                      # optimizer steps
-    batch_size: int = 8                   # examples per micro-batch
-    grad_accum: int = 1                   # micro-batches per optimizer step
+    batch_size: int = 8                   # examples per micro-batch (per rank in a distributed run)
+    grad_accum: int = 1                   # micro-batches per optimizer step and rank
     lr: float = 3e-2
     optimizer: str = "adamw"              # "adamw" or "adafactor" (Lester et al.: Adafactor, lr 0.3)
     weight_decay: float = 0.0
@@ -125,6 +133,19 @@ def target_count(model, labels: torch.Tensor) -> int:
     return int((counted != -100).sum())
 
 
+def task_model(base_model, config, tasks: list[str], *, path: str = "auto"):
+    """A PromptModel ready for a (multi-)task run of the Trainer: one adapter per task named after it,
+    all from `config` (rows reach theirs by name); for MPT, or without tasks, one adapter "default"."""
+    import fastprompt
+
+    if config.peft_type == MULTITASK_PROMPT_TUNING or not tasks:
+        return fastprompt.get_peft_model(base_model, config, path=path)
+    model = fastprompt.get_peft_model(base_model, config, tasks[0], path=path)
+    for task in tasks[1:]:
+        model.add_adapter(task, config)
+    return model
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -143,12 +164,17 @@ class Trainer:
     Rows are routed by their task: MPT adapters get ``task_ids`` (the task's index in `tasks`, by default
     the sorted task names of the training data); other methods get ``adapter_names`` (the task's name:
     one adapter per task); rows without a task use the active adapter.
+
+    distributed: this process's rank and the world size for data-parallel training (see the module
+    docstring); the default is a single process.
     """
 
     def __init__(self, model, config: TrainingConfig, train_data: PromptDataset,
-                 eval_data: PromptDataset | None = None, *, pad_token_id: int = 0, tasks: list[str] | None = None):
+                 eval_data: PromptDataset | None = None, *, pad_token_id: int = 0, tasks: list[str] | None = None,
+                 distributed: Distributed | None = None):
         self.model = model
         self.config = config
+        self.dist = distributed or Distributed()
         self.train_data = train_data
         self.eval_data = eval_data
         self.pad_token_id = pad_token_id
@@ -190,13 +216,35 @@ class Trainer:
         return torch.autocast(self.model.backbone.device.type, dtype=dtype, enabled=dtype is not None)
 
     # training --------------------------------------------------------------------------------
+    @property
+    def examples_per_step(self) -> int:
+        """The global batch: batch_size × grad_accum × world_size examples per optimizer step."""
+        return self.config.batch_size * self.config.grad_accum * self.dist.world_size
+
     def step_batches(self, step: int) -> list[dict]:
-        """The micro-batches of optimizer step `step` (0-based): a function of (seed, step) only."""
+        """The micro-batches of optimizer step `step` (0-based) over all ranks: a function of (seed, step)
+        only."""
         cfg = self.config
-        indices = micro_batch_indices(len(self.train_data), cfg.batch_size * cfg.grad_accum, cfg.seed, step,
+        indices = micro_batch_indices(len(self.train_data), self.examples_per_step, cfg.seed, step,
                                       shuffle=cfg.shuffle)
         chunks = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
         return [collate([self.train_data[i] for i in chunk], self.pad_token_id) for chunk in chunks]
+
+    def normalizers(self, batches: list[dict]) -> dict[str, int]:
+        """Counts over a whole step (every micro-batch of every rank) that `compute_loss` divides by:
+        ``target_tokens``, the tokens the token-mean LM loss averages over (at least 1)."""
+        return {"target_tokens": max(1, sum(target_count(self.model, b["labels"]) for b in batches))}
+
+    def compute_loss(self, batch: dict, norms: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's share of the step's loss: (0-dim loss to backpropagate, extra 0-dim terms to
+        log). Shares add up over micro-batches and ranks to the step's loss, so each is a sum over the
+        micro-batch divided by step-wide counts. Here: the LM loss's token sum / norms["target_tokens"]."""
+        out = self.model(**self.model_inputs(batch), num_items_in_batch=norms["target_tokens"])
+        return out.loss, {}
+
+    def save_model(self, folder) -> None:
+        """Write the trained adapters in PEFT's layout (all of them; subclasses may select)."""
+        self.model.save_pretrained(folder)
 
     def train(self, resume: bool | str = False) -> TrainResult:
         """Train for `config.steps` optimizer steps (or until early stopping). resume=True continues from
@@ -212,6 +260,7 @@ class Trainer:
         device_type = model.backbone.device.type
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
         state = {"best": None, "bad_evals": 0, "tokens": 0}
+        main = self.dist.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / LOG_NAME
         step = 0
@@ -223,7 +272,7 @@ class Trainer:
             step = int(meta["step"])
             saved = meta["extra"].get("trainer", {})
             data = saved.get("data", {})
-            expected = {"seed": cfg.seed, "examples_per_step": cfg.batch_size * cfg.grad_accum,
+            expected = {"seed": cfg.seed, "examples_per_step": self.examples_per_step,
                         "num_examples": len(self.train_data)}
             changed = {k: (data.get(k), v) for k, v in expected.items() if data.get(k, v) != v}
             if changed:
@@ -232,35 +281,38 @@ class Trainer:
             state.update({k: saved[k] for k in state if k in saved})
             if saved.get("scaler") and scaler.is_enabled():
                 scaler.load_state_dict(saved["scaler"])
-            _truncate_log(log_path, step)
+            if main:
+                _truncate_log(log_path, step)
         else:
             torch.manual_seed(cfg.seed)
-            log_path.unlink(missing_ok=True)
+            if main:
+                log_path.unlink(missing_ok=True)
+        self.dist.broadcast_parameters(params)
         result = TrainResult(step, False, state["best"])
         metric = self._metric_name()
         higher = metric != "eval_loss"
-        progress = _Progress(cfg.progress, cfg.steps, step, cfg.log_every)
+        progress = _Progress(cfg.progress if main else "none", cfg.steps, step, cfg.log_every)
         start, tokens_now = time.perf_counter(), 0
         was_training = model.prompt_sources.training
         model.prompt_sources.train()
         try:
             while step < cfg.steps:
                 batches = self.step_batches(step)
-                counts = [target_count(model, b["labels"]) for b in batches]
-                total = sum(counts)
+                norms = self.normalizers(batches)
                 lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, cfg.steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), dtype=torch.float64)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                for batch, count in zip(batches, counts):
-                    if count == 0:
-                        continue
+                shares: dict[str, torch.Tensor] = {}
+                for batch, weight in self.dist.shard(batches):
                     with self._autocast():
-                        out = model(**self.model_inputs(batch))
-                    scaler.scale(out.loss * (count / total)).backward()
-                    loss_sum += out.loss.detach().double().cpu() * count
+                        loss, terms = self.compute_loss(batch, norms)
+                    scaler.scale(loss * weight).backward()
+                    for name, value in {"loss": loss, **terms}.items():
+                        shares[name] = shares.get(name, 0.0) + value.detach().float() * weight
+                self.dist.sync_gradients(params)
+                summed = self.dist.all_reduce_sum(torch.stack(list(shares.values()))).tolist()
                 scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 scaler.step(self.optimizer)
@@ -269,16 +321,16 @@ class Trainer:
                 state["tokens"] += step_tokens
                 tokens_now += step_tokens
                 elapsed = time.perf_counter() - start
-                record = {"step": step, "loss": float(loss_sum / max(total, 1)), "lr": lr,
-                          "grad_norm": float(grad_norm), "target_tokens": total, "tokens": state["tokens"],
+                record = {"step": step, **dict(zip(shares, summed)), "lr": lr, "grad_norm": float(grad_norm),
+                          "target_tokens": norms["target_tokens"], "tokens": state["tokens"],
                           "tokens_per_s": tokens_now / max(elapsed, 1e-9),
-                          "epoch": step * cfg.batch_size * cfg.grad_accum / len(self.train_data)}
+                          "epoch": step * self.examples_per_step / len(self.train_data)}
                 self._log(log_path, record, result)
                 progress.update(step, record)
                 stop = False
                 if self.eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
                     stop = self._evaluate_and_track(step, state, metric, higher, log_path, result, progress)
-                if cfg.save_every and step % cfg.save_every == 0:
+                if cfg.save_every and step % cfg.save_every == 0 and main:
                     self.save_checkpoint(step, state, scaler)
                 if stop:
                     result.stopped_early = True
@@ -289,10 +341,12 @@ class Trainer:
         finally:
             progress.close()
             model.prompt_sources.train(was_training)
-        model.save_pretrained(self.output_dir)
+        if main:
+            self.save_model(self.output_dir)
+            if cfg.plot:
+                plot_loss_curve(read_log(log_path), self.output_dir / PLOT_NAME)
+        self.dist.barrier()  # the other ranks return once rank 0's files are in place
         result.step, result.best_metric = step, state["best"]
-        if cfg.plot:
-            plot_loss_curve(read_log(log_path), self.output_dir / PLOT_NAME)
         return result
 
     def _metric_name(self) -> str:
@@ -310,7 +364,8 @@ class Trainer:
                                     else value < best - self.config.min_delta)
         if improved:
             state["best"], state["bad_evals"] = value, 0
-            self.model.save_pretrained(self.output_dir / "best")
+            if self.dist.is_main:
+                self.save_model(self.output_dir / "best")
         else:
             state["bad_evals"] += 1
         self._log(log_path, {"step": step, **metrics, "best_" + metric: state["best"]}, result)
@@ -320,6 +375,8 @@ class Trainer:
 
     def _log(self, path: Path, record: dict, result: TrainResult) -> None:
         result.log.append(record)
+        if not self.dist.is_main:
+            return
         with path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -331,7 +388,7 @@ class Trainer:
         extra = {"trainer": {
             "best": state["best"], "bad_evals": state["bad_evals"], "tokens": state["tokens"],
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "data": {"seed": cfg.seed, "examples_per_step": cfg.batch_size * cfg.grad_accum,
+            "data": {"seed": cfg.seed, "examples_per_step": self.examples_per_step,
                      "num_examples": len(self.train_data), "next_step": step, "shuffle": cfg.shuffle},
             "config": asdict(cfg)}}
         io.save_training_checkpoint(folder, self.model, self.optimizer, step, extra=extra)
