@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from fastprompt.backbones import SiteContext, get_backbone
+from fastprompt.backbones import SiteContext
 from fastprompt.backbones.sites import SITES_ATTENTION_NAME
 from fastprompt.model import BankPlan, PromptModel
 from fastprompt.ops import prompt_embed
@@ -23,13 +23,7 @@ from fastprompt.ops import prompt_embed
 class BidirectionalPromptModel(PromptModel):
     """PromptModel's adapter bank (add/load/save/plan) on an encoder or encoder-decoder backbone."""
 
-    kind: str  # the backbone kind this class wraps
-
     def __init__(self, base_model: nn.Module, config=None, adapter_name: str = "default", **kwargs):
-        kind = get_backbone(base_model).kind
-        if kind != self.kind:
-            raise ValueError(f"{type(self).__name__} wraps {self.kind} models; {type(base_model).__name__} is "
-                             f"{kind}: use fastprompt.get_peft_model, which picks the class")
         if kwargs.get("path", "auto") not in ("auto", "concat"):
             raise ValueError(f"path must be 'auto' or 'concat' on an encoder or encoder-decoder (the prompt is "
                              f"seen bidirectionally, so it goes into every row), got {kwargs['path']!r}")

@@ -89,6 +89,8 @@ class BankPlan:
 class PromptModel(nn.Module):
     """A drop-in for PEFT's prompt-learning models on causal decoders (see the README for the API)."""
 
+    kind = "causal"  # the backbone kind this class wraps (subclasses: "seq2seq", "encoder")
+
     def __init__(self, base_model: nn.Module, config=None, adapter_name: str = "default", *,
                  path: str = "auto", backend: str | None = None, fused_ops: bool = True,
                  gradient_checkpointing: bool = False):
@@ -97,6 +99,9 @@ class PromptModel(nn.Module):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.base_model = base_model
         self.backbone = get_backbone(base_model)
+        if self.backbone.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} wraps {self.kind} models; {type(base_model).__name__} is "
+                             f"{self.backbone.kind}: use fastprompt.get_peft_model, which picks the class")
         for param in base_model.parameters():
             param.requires_grad_(False)
         self.prompt_sources = nn.ModuleDict()

@@ -473,7 +473,7 @@ def _check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes, device) -> torc
     return t
 
 
-def _prepare(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask):
+def _prepare(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal):
     """Guard the launcher inputs; return them (last dim contiguous) and the shape numbers."""
     device = q.device
     if device.type != "cuda" and not _interpret():
@@ -491,8 +491,8 @@ def _prepare(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask):
         raise ValueError(f"k and v must have shape [B={B}, Hkv, S, D={D}], got {tuple(k.shape)}, {tuple(v.shape)}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv})")
-    if S < T:
-        raise ValueError(f"k must have S >= T, got S={S}, T={T}")
+    if causal and S < T:
+        raise ValueError(f"k must have S >= T when causal, got S={S}, T={T}")
     if prefix_k.shape[1:] != (Hkv, P, D) or prefix_v.shape != prefix_k.shape:
         raise ValueError(f"prefix_k and prefix_v must have shape [n_tasks, Hkv={Hkv}, P, D={D}], got "
                          f"{tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}")
@@ -524,7 +524,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
     heuristic that fills the GPU; 1 disables it) and merged by log-sum-exp.
     """
     q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
-        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask)
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
     scale = D ** -0.5 if scale is None else float(scale)
     if out is None:
         out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
@@ -583,7 +583,7 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse,
     8 * B * Hkv * P * D bytes extra), reduced per task in a fixed order; no float atomics.
     """
     q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
-        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask)
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
     n_tasks = prefix_k.shape[0]
     for name, t in (("d_out", d_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:

@@ -140,22 +140,9 @@ def site_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         out = biased_prefix_attention(query, key, value, prefix_k, prefix_v, task_ids, bias, causal=causal,
                                       key_padding_mask=mask, scale=scaling)
     else:
-        if not causal and key.shape[2] < T:
-            key, value, mask = _pad_keys(key, value, mask, T)
         out = prefix_attention(query, key, value, prefix_k, prefix_v, task_ids, causal=causal,
                                key_padding_mask=mask, scale=scaling, backend=ctx.backend)
     return out.transpose(1, 2), None
-
-
-def _pad_keys(key, value, mask, length: int):
-    """Pad keys/values to `length` with masked-out positions: prefix_attention asks for at least as many
-    keys as queries (its causal alignment), which a short source under cross-attention may not have."""
-    B, H, S, D = key.shape
-    pad = key.new_zeros(B, H, length - S, D)
-    if mask is None:
-        mask = torch.ones(B, S, dtype=torch.bool, device=key.device)
-    mask = torch.cat([mask, mask.new_zeros(B, length - S)], dim=1)
-    return torch.cat([key, pad], dim=2), torch.cat([value, pad], dim=2), mask
 
 
 AttentionInterface.register(SITES_ATTENTION_NAME, site_attention)

@@ -24,7 +24,8 @@ def prefix_attention(
 ) -> torch.Tensor:
     """softmax(q·[prefix_k[task] ; k]ᵀ·scale + mask)·[prefix_v[task] ; v], per batch row.
 
-    Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D] with S >= T (S > T when decoding against a cache);
+    Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D] with S >= T when causal (S > T when decoding against a
+    cache; any S when not causal, e.g. cross-attention);
     prefix_k, prefix_v [n_tasks, Hkv, P, D] (P = 0 is plain attention); task_ids [B] int64;
     key_padding_mask [B, S] bool, True = attend. Hq is a multiple of Hkv. Dtypes: fp32, bf16 or fp16,
     the same for q, k, v and the prefix; accumulation is fp32. Causal masking is aligned to the end
@@ -35,7 +36,7 @@ def prefix_attention(
 
         out = prefix_attention(q, k, v, bank_k, bank_v, task_ids=torch.tensor([0, 2, 2]))
     """
-    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask)
+    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
     if resolve_backend(backend, q) == "triton":
         from fastprompt.ops._prefix_attention_triton import prefix_attention_triton
 
@@ -45,7 +46,8 @@ def prefix_attention(
                                       key_padding_mask=key_padding_mask, scale=scale)
 
 
-def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask) -> None:
+def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+                                causal: bool = True) -> None:
     check_rank("q", q, 4, "[B, Hq, T, D]")
     check_rank("k", k, 4, "[B, Hkv, S, D]")
     check_rank("v", v, 4, "[B, Hkv, S, D]")
@@ -61,8 +63,8 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_paddi
     Hkv, S = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv})")
-    if S < T:
-        raise ValueError(f"k must have at least as many positions as q (S={S} >= T={T})")
+    if causal and S < T:
+        raise ValueError(f"k must have at least as many positions as q when causal (S={S} >= T={T})")
     if prefix_k.shape != prefix_v.shape or prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
         raise ValueError(f"prefix_k and prefix_v must have shape [n_tasks, Hkv={Hkv}, P, D={D}], got "
                          f"{tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}")

@@ -23,7 +23,8 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Attention in which each batch row first sees its task's prefix, then its own keys.
 
-    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (the row's own keys, S >= T: S > T in decoding with a cache);
+    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (the row's own keys; when causal S >= T, S > T in decoding with
+    a cache);
     prefix_k, prefix_v: [n_tasks, Hkv, P, D] (P may be 0); task_ids: [B] int64 in [0, n_tasks);
     key_padding_mask: [B, S] bool, True = attend. Hq must be a multiple of Hkv (grouped-query attention).
     Causal masking is aligned to the end: query i sees own keys j <= i + S - T. The prefix is always

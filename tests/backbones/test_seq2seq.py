@@ -211,3 +211,6 @@ def test_errors_name_the_argument():
                                                                             num_transformer_submodules=3))
     with pytest.raises(ValueError, match="wraps seq2seq"):
         fastprompt.Seq2SeqPromptModel(tiny("bert"))
+    for family in ("t5", "bert"):  # the causal class refuses the other kinds and names the way out
+        with pytest.raises(ValueError, match="wraps causal.*get_peft_model"):
+            fastprompt.PromptModel(tiny(family), fastprompt.PromptTuningConfig(num_virtual_tokens=P))

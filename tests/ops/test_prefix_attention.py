@@ -85,6 +85,20 @@ def test_matches_reference_fp32(dims, causal):
     _check_against_reference(dims, torch.float32, causal=causal, mask_kind="right")
 
 
+@pytest.mark.parametrize("mask_kind", [None, "right"], ids=["nomask", "right"])
+@pytest.mark.parametrize("dims", [_shape(2, 4, 2, 29, 11, 5, 32), _shape(3, 2, 1, 21, 3, 0, 64)])
+def test_non_causal_with_fewer_keys_than_queries(dims, mask_kind):
+    """Cross-attention: a decoder's queries over a shorter encoder source (S < T), with and without a prefix."""
+    _check_against_reference(dims, torch.float32, causal=False, mask_kind=mask_kind)
+
+
+def test_causal_needs_as_many_keys_as_queries():
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 2, 2, 9, 5, 3, 32, torch.float32)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="S=5"):
+            prefix_attention(q, k, v, pk, pv, task_ids, causal=True, backend=backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("dims", [SHAPES[0], SHAPES[2]])
 def test_matches_reference_half(dims, dtype):
