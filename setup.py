@@ -20,7 +20,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "tokenizers>=0.20", "httpx>=0.27",
                  "fastapi>=0.110", "uvicorn>=0.29"],
-        "bench": ["pytest-benchmark>=4", "peft>=0.17"],
+        "bench": ["pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.8"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["fastprompt=fastprompt.cli:main"]},

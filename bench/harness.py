@@ -1,23 +1,32 @@
 """One benchmark harness: timed medians, peak memory, and JSON rows that name everything measured.
 
-Every benchmark script builds rows with `measure` and writes them with `write_results`, which puts
-`bench/results/<name>-<device>.json` beside this file (device, dtype, shapes, versions and commit in
-each row). A provider whose output disagrees with the reference is refused (`check_or_refuse`).
+Every benchmark builds its rows and writes them with `write_results`, which puts
+`bench/results/<name>-<device>.json` beside this file, or `<name>-<device>-<date>.json` with
+`dated=True` (device, versions, commit and date stamped on each row; the rows carry dtype and shapes).
+A provider whose output disagrees with the reference is refused (`check_or_refuse`); `add_ratios`
+puts each row next to its baseline provider.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import re
 import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from fastprompt.io import atomic_write
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# ‖out − ref‖ / ‖ref‖ allowed against an fp32 reference (DESIGN.md, "Kernel conventions").
+RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 class WrongOutput(AssertionError):
@@ -25,12 +34,14 @@ class WrongOutput(AssertionError):
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's marketing name ("NVIDIA H100 80GB HBM3"), or "cpu-<processor>"."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{platform.processor() or platform.machine()}"
 
 
 def versions() -> dict:
+    """Versions of torch, triton, transformers and peft (None where peft is not installed)."""
     import transformers
     import triton
 
@@ -45,6 +56,7 @@ def versions() -> dict:
 
 
 def commit() -> str | None:
+    """The repository's short commit hash, or None outside a git checkout."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -52,27 +64,47 @@ def commit() -> str | None:
         return None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a clock read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, reps: int = 20) -> dict:
-    """Median, p20 and p80 milliseconds of `fn`, device-synchronised."""
+    """Median, p20 and p80 milliseconds of `fn`, device-synchronised (triton's do_bench on CUDA, which
+    sizes its own repetitions from a time budget: meant for kernels of micro- to milliseconds)."""
     if device.type == "cuda":
         import triton.testing
 
         median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup * 5, rep=reps * 5,
                                                    quantiles=[0.5, 0.2, 0.8])
         return {"ms": median, "ms_p20": p20, "ms_p80": p80}
+    return time_steps_ms(fn, device, warmup=warmup, reps=reps)
+
+
+def time_steps_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> dict:
+    """Median, p20 and p80 milliseconds over exactly `reps` calls of `fn` after `warmup` calls, each
+    call timed on its own between two device synchronisations (for whole training steps, where a fixed
+    count of steps matters more than a time budget)."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     samples = []
     for i in range(warmup + reps):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         if i >= warmup:
             samples.append((time.perf_counter() - start) * 1e3)
-    q = torch.tensor(samples).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
-    return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
+    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return {"ms": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item()}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak device memory of one call of `fn` above what was allocated before it (CUDA only)."""
+    """Call `fn` once; return the peak device memory during the call above what was allocated before it
+    (MiB), or None off CUDA (the call still runs, so callers may collect what it produces)."""
     if device.type != "cuda":
+        fn()
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -82,26 +114,77 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def release_memory(device: torch.device) -> None:
+    """On CUDA, collect garbage (models hold reference cycles) and return cached blocks, so the next
+    provider's peak counts only what it allocates. Nothing on the CPU, where a collection costs more
+    than a tiny model's whole step and no peak is measured."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def failure_status(error: Exception) -> tuple[str, str]:
+    """(status, message) for a provider that raised: ("oom", "out of memory") when the device ran out of
+    memory (a result: this batch does not fit), else ("error", "Type: message") with the traceback
+    printed to stderr (a bug somewhere, not a measurement)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "oom", "out of memory"
+    traceback.print_exc(file=sys.stderr)
+    return "error", f"{type(error).__name__}: {error}"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in fp32 (any shapes that match; tensors may live on any device)."""
+    expected = expected.detach().float()
+    diff = actual.detach().float().to(expected.device) - expected
+    return float(diff.norm() / expected.norm().clamp_min(1e-12))
+
+
 def check_or_refuse(provider: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
     """Raise WrongOutput when ‖actual − expected‖ / ‖expected‖ > rtol."""
-    rel = float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12))
+    rel = relative_error(actual, expected)
     if not rel <= rtol:
         raise WrongOutput(f"{provider}: output differs from the reference (relative error {rel:.2e} > "
                           f"{rtol:.0e}); refusing to report its speed")
 
 
-def write_results(name: str, rows: list[dict], device: torch.device) -> Path:
-    """Write rows (each stamped with device, versions and commit) to bench/results/<name>-<device>.json."""
+def write_results(name: str, rows: list[dict], device: torch.device, *, dated: bool = False,
+                  out_dir: str | Path | None = None) -> Path:
+    """Write rows, each stamped with device, versions, commit, date and torch's CPU thread count, to
+    <out_dir>/<name>-<device>.json (<name>-<device>-<YYYY-MM-DD>.json when `dated`); out_dir defaults
+    to bench/results. The file is written to a temporary name and renamed into place. Returns its path."""
     stamp = {"device": device_name(device), "versions": versions(), "commit": commit(),
-             "date": time.strftime("%Y-%m-%d")}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+             "date": time.strftime("%Y-%m-%d"), "cpu_threads": torch.get_num_threads()}
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stamp["device"]).strip("-").lower()
-    path = RESULTS_DIR / f"{name}-{slug}.json"
-    path.write_text(json.dumps([{**stamp, **row} for row in rows], indent=1) + "\n")
+    stem = f"{name}-{slug}-{stamp['date']}" if dated else f"{name}-{slug}"
+    path = Path(out_dir if out_dir is not None else RESULTS_DIR) / f"{stem}.json"
+    text = json.dumps([{**stamp, **row} for row in rows], indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
+def add_ratios(rows: list[dict], *, group_by: tuple[str, ...], baseline: str, metrics: tuple[str, ...],
+               label: str = "peft") -> list[dict]:
+    """Set row[f"{metric}_vs_{label}"] = row[metric] / baseline_row[metric] on every row, where the
+    baseline row is the one whose "provider" is `baseline` among rows with equal `group_by` values.
+
+    A ratio is None where either value is missing (None, absent, zero) — a refused or failed provider,
+    or a metric the device does not report. Returns `rows`, changed in place.
+    """
+    def key(row):
+        return tuple(row.get(k) for k in group_by)
+
+    base = {key(r): r for r in rows if r.get("provider") == baseline}
+    for row in rows:
+        reference = base.get(key(row), {})
+        for metric in metrics:
+            value, ref = row.get(metric), reference.get(metric)
+            row[f"{metric}_vs_{label}"] = value / ref if value and ref else None
+    return rows
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print the given keys of each row as aligned columns (absent values print as None)."""
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
@@ -109,4 +192,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def _fmt(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    # Four significant digits whatever the magnitude (0.0123 MFU, 1.83x, 12,345 tokens/s).
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"

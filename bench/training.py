@@ -1,0 +1,398 @@
+"""Training suite: one soft-prompt training step, fastprompt against PEFT, on the same model, batch and data.
+
+For each case (model, method, batch, sequence length) every provider builds its own copy of the frozen
+backbone, loads the same prompt parameters, and is checked before it is timed:
+
+  peft-sdpa         PEFT's prompt-learning model, SDPA attention (the baseline of every ratio)
+  peft-eager        the same with eager attention
+  peft-lora-r16     PEFT LoRA r=16 (alpha 32, PEFT's default target modules) on the same model: what
+                    users train instead of a soft prompt
+  fastprompt        fastprompt's default path (shared prefix; Triton kernels on CUDA)
+  fastprompt-torch  fastprompt with kernels off (backend="torch": the PyTorch references)
+
+Check (on the first batch, before any optimizer step): the loss and every prompt-parameter gradient
+against an fp32 reference, PEFT with eager attention on the same weights upcast, computed row by row
+(the rows have no padding, so the mean over rows of the row losses is the batch loss). fp32 runs are held
+to 1e-4; in bf16/fp16 a whole backbone drifts from fp32 by itself (PEFT's prompt gradients by 2% on an
+8-layer model), so the bar per quantity is PEFT (SDPA)'s own error in that dtype, x1.25 + 1e-3, or the
+DESIGN tolerance 2e-2 where larger. LoRA at initialisation computes the backbone's own function, so its
+loss is checked against the backbone's fp32 loss. A provider over the bar is refused: its row carries
+the error message and no timing.
+
+Timing: `steps` optimizer steps (forward, backward, AdamW on the trainable parameters) after `warmup`
+ones, each between device synchronisations; median and p20/p80. Memory: the CUDA peak of one step above
+what was allocated before it (model and optimizer state included in "before"), and on every device the
+activations autograd saves for the backward (fastprompt.audit.saved_bytes). tokens/s counts the rows'
+B·T tokens (virtual tokens are not data). MFU: bench/flops.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fastprompt
+from bench.flops import mfu, peak_flops, train_step_flops
+from bench.harness import (RTOL, WrongOutput, add_ratios, device_name, failure_status, peak_memory_mb,
+                           relative_error, release_memory, time_steps_ms)
+from bench.models import build_model, max_positions, model_shape
+from fastprompt.audit import saved_bytes
+
+BASELINE = "peft-sdpa"
+CASE_KEYS = ("model", "method", "num_virtual_tokens", "n_tasks", "batch", "seq_len", "sweep", "dtype")
+RATIO_METRICS = ("tokens_per_s", "peak_mb", "saved_mb")
+ROW_KEYS = ("suite", *CASE_KEYS, "model_shape", "provider", "status", "error", "loss_rel_err", "grad_rel_err",
+            "loss_tolerance", "grad_tolerance", "step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mb",
+            "saved_mb", "flops_per_step", "mfu")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A soft-prompt method at one prompt length; MPT rows cycle over `n_tasks` tasks (mixed rows)."""
+
+    name: str                   # "prompt_tuning", "prefix", "p_tuning_mlp" or "mpt"
+    num_virtual: int
+    n_tasks: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-P{self.num_virtual}"
+
+    @property
+    def prompt_entries(self) -> int:
+        """Distinct prompts the prompt pass runs (prefix tuning has none: its keys/values are parameters)."""
+        return 0 if self.name == "prefix" else self.n_tasks
+
+    def peft_config(self):
+        """PEFT's config for this method (fastprompt takes the same object)."""
+        import peft
+
+        common = dict(task_type="CAUSAL_LM", num_virtual_tokens=self.num_virtual)
+        if self.name == "prompt_tuning":
+            return peft.PromptTuningConfig(**common)
+        if self.name == "prefix":
+            return peft.PrefixTuningConfig(**common)
+        if self.name == "p_tuning_mlp":
+            return peft.PromptEncoderConfig(encoder_reparameterization_type="MLP", **common)
+        if self.name == "mpt":
+            return peft.MultitaskPromptTuningConfig(num_tasks=self.n_tasks, **common)
+        raise ValueError(f"method name must be prompt_tuning, prefix, p_tuning_mlp or mpt, got {self.name!r}")
+
+
+METHODS = (Method("prompt_tuning", 20), Method("prompt_tuning", 100), Method("prefix", 100),
+           Method("p_tuning_mlp", 100), Method("mpt", 100, n_tasks=4))
+SWEEP_METHOD = Method("prompt_tuning", 100)
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    method: Method
+    batch: int
+    seq_len: int
+    sweep: str | None = None    # "seq_len" or "batch" for the points of a sweep, None for the main table
+
+
+@dataclass
+class Batch:
+    """One batch of random token ids (no padding: every row has seq_len tokens and labels)."""
+
+    input_ids: torch.Tensor           # [B, T] int64
+    attention_mask: torch.Tensor      # [B, T] int64, all ones
+    labels: torch.Tensor              # [B, T] int64, = input_ids
+    task_ids: torch.Tensor | None     # [B] int64 (MPT: row i has task i % n_tasks), else None
+
+    @classmethod
+    def random(cls, case: Case, vocab: int, device: torch.device, seed: int = 0) -> "Batch":
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (case.batch, case.seq_len), generator=gen).to(device)
+        task_ids = None
+        if case.method.name == "mpt":
+            task_ids = (torch.arange(case.batch) % case.method.n_tasks).to(device)
+        return cls(ids, torch.ones_like(ids), ids.clone(), task_ids)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.labels[start:stop],
+                     None if self.task_ids is None else self.task_ids[start:stop])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# providers: each builds a Runner on its own copy of the backbone
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Runner:
+    module: nn.Module
+    params: dict[str, nn.Parameter]           # trainable, named as in PEFT's prompt encoder
+    loss: Callable[[Batch], torch.Tensor]     # the step's scalar loss on a batch
+    has_prompt: bool = True                   # False for LoRA: no prompt (its loss is the backbone's)
+
+
+Builder = Callable[[nn.Module, Method, "dict | None"], Runner]
+
+
+def _backbone_copy(base: nn.Module, attention: str) -> nn.Module:
+    model = copy.deepcopy(base)
+    model.set_attn_implementation(attention)
+    return model
+
+
+def peft_prompt(attention: str) -> Builder:
+    """PEFT's prompt-learning model with the given attention ("sdpa" or "eager"); `state` (a prompt encoder
+    state dict) replaces PEFT's initialisation when given."""
+    def build(base, method, state):
+        import peft
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(_backbone_copy(base, attention), method.peft_config())
+        encoder = model.prompt_encoder["default"]
+        if state is not None:
+            encoder.load_state_dict(state)
+
+        def loss(batch: Batch) -> torch.Tensor:
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                         task_ids=batch.task_ids).loss
+        return Runner(model, dict(encoder.named_parameters()), loss)
+    return build
+
+
+def peft_lora(base, method, state) -> Runner:
+    """PEFT LoRA r=16, alpha 32, on PEFT's default target modules (q_proj/v_proj; GPT-2's c_attn)."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_backbone_copy(base, "sdpa"),
+                                    peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0))
+
+    def loss(batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    return Runner(model, {n: p for n, p in model.named_parameters() if p.requires_grad}, loss, has_prompt=False)
+
+
+def fastprompt_model(backend: str | None) -> Builder:
+    """fastprompt's PromptModel on its default path; backend None lets each op choose (Triton on CUDA),
+    "torch" turns the kernels off."""
+    def build(base, method, state):
+        model = fastprompt.get_peft_model(_backbone_copy(base, "sdpa"), method.peft_config(), backend=backend)
+        source = model.prompt_sources["default"]
+        if state is not None:
+            source.load_state_dict(state)
+
+        def loss(batch: Batch) -> torch.Tensor:
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                         task_ids=batch.task_ids).loss
+        return Runner(model, dict(source.named_parameters()), loss)
+    return build
+
+
+PROVIDERS: dict[str, Builder] = {
+    "peft-sdpa": peft_prompt("sdpa"),
+    "peft-eager": peft_prompt("eager"),
+    "peft-lora-r16": peft_lora,
+    "fastprompt": fastprompt_model(None),
+    "fastprompt-torch": fastprompt_model("torch"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the reference and the check
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """fp32 results on the first batch, and (half precision) PEFT (SDPA)'s own errors in the run dtype."""
+
+    loss: float
+    grads: dict[str, torch.Tensor]                 # CPU fp32, by parameter name
+    base_loss: float                               # the backbone alone: LoRA at initialisation
+    bar: dict[str, float] = field(default_factory=dict)   # quantity -> PEFT's error ("loss", "grad")
+
+
+def loss_and_grads(runner: Runner, batch: Batch, rows_per_chunk: int | None = None) -> tuple[float, dict]:
+    """The batch loss and the trainable parameters' gradients (CPU fp32), computed `rows_per_chunk` rows
+    at a time (None: all at once) and weighted by rows, which equals the whole batch because every row
+    has the same number of labels. Leaves the gradients cleared."""
+    n = len(batch)
+    chunk = rows_per_chunk or n
+    total = 0.0
+    for start in range(0, n, chunk):
+        part = batch.rows(start, start + chunk)
+        loss = runner.loss(part) * (len(part) / n)
+        loss.backward()
+        total += loss.item()
+    grads = {name: p.grad.detach().float().cpu() for name, p in runner.params.items() if p.grad is not None}
+    for p in runner.params.values():
+        p.grad = None
+    return total, grads
+
+
+def reference(base: nn.Module, method: Method, batch: Batch, dtype: torch.dtype,
+              seed: int = 0) -> tuple[Reference, dict]:
+    """(Reference, prompt state): PEFT eager on `base`'s weights in fp32, one row at a time (any batch fits),
+    with PEFT's own seeded initialisation of the prompt, which every provider then loads."""
+    torch.manual_seed(seed)
+    runner = peft_prompt("eager")(base, method, None)
+    runner.module.float()
+    state = {k: v.detach().clone() for k, v in runner.module.prompt_encoder["default"].state_dict().items()}
+    loss, grads = loss_and_grads(runner, batch, rows_per_chunk=1)
+    with torch.no_grad():
+        backbone = runner.module.get_base_model()
+        base_loss = sum(backbone(input_ids=batch.input_ids[i:i + 1], labels=batch.labels[i:i + 1]).loss.item()
+                        for i in range(len(batch))) / len(batch)
+    ref = Reference(loss, grads, base_loss)
+    del runner, backbone
+    release_memory(batch.input_ids.device)
+    if dtype != torch.float32:
+        peft_half = peft_prompt("sdpa")(base, method, state)
+        half_loss, half_grads = loss_and_grads(peft_half, batch, rows_per_chunk=1)
+        ref.bar = {"loss": abs(half_loss - loss) / abs(loss),
+                   "grad": max(relative_error(half_grads[n], g) for n, g in grads.items())}
+        del peft_half
+        release_memory(batch.input_ids.device)
+    return ref, state
+
+
+def tolerance(dtype: torch.dtype, bar: float | None) -> float:
+    """Allowed relative error: RTOL[dtype]; in half precision at least PEFT's own error x1.25 + 1e-3."""
+    if dtype == torch.float32 or bar is None:
+        return RTOL[dtype]
+    return max(RTOL[dtype], 1.25 * bar + 1e-3)
+
+
+def check(provider: str, runner: Runner, batch: Batch, ref: Reference, dtype: torch.dtype) -> dict:
+    """Errors and tolerances of the provider's loss and gradients on the first batch against the fp32
+    reference; raises WrongOutput (naming the quantity) when one is over its tolerance."""
+    loss, grads = loss_and_grads(runner, batch)
+    expected = ref.loss if runner.has_prompt else ref.base_loss
+    result = {"loss_rel_err": abs(loss - expected) / abs(expected),
+              "loss_tolerance": tolerance(dtype, ref.bar.get("loss")), "grad_rel_err": None, "grad_tolerance": None}
+    if runner.has_prompt:
+        if sorted(grads) != sorted(ref.grads):
+            raise WrongOutput(f"{provider}: gradients for {sorted(grads)}, the reference has {sorted(ref.grads)}")
+        result["grad_rel_err"] = max(relative_error(grads[n], g) for n, g in ref.grads.items())
+        result["grad_tolerance"] = tolerance(dtype, ref.bar.get("grad"))
+    for quantity in ("loss", "grad"):
+        error, tol = result[f"{quantity}_rel_err"], result[f"{quantity}_tolerance"]
+        if error is not None and not error <= tol:
+            raise WrongOutput(f"{provider}: {quantity} differs from the fp32 reference (relative error "
+                              f"{error:.2e} > {tol:.2e}); refusing to report its speed")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one case, the suite
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    warmup: int = 5
+    steps: int = 20
+
+
+def measure(runner: Runner, batch: Batch, settings: Settings) -> dict:
+    """Step time (median, p20, p80 ms), CUDA peak MB of one step, and MB of activations saved for backward."""
+    optimizer = torch.optim.AdamW(list(runner.params.values()), lr=1e-4)
+
+    def step():
+        runner.loss(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    timing = time_steps_ms(step, settings.device, warmup=settings.warmup, reps=settings.steps)
+    peak = peak_memory_mb(step, settings.device)
+    saved = saved_bytes(lambda: runner.loss(batch).backward(), exclude=list(runner.module.parameters()))
+    optimizer.zero_grad(set_to_none=True)
+    return {"step_ms": timing["ms"], "step_ms_p20": timing["ms_p20"], "step_ms_p80": timing["ms_p80"],
+            "peak_mb": peak, "saved_mb": saved.activation_bytes / 2**20}
+
+
+def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[str, Builder],
+               log=print) -> list[dict]:
+    """One row per provider for `case` on `base` (see the module docstring); never raises for a provider:
+    a refused, out-of-memory or failed provider gets a row with its status and error."""
+    shape = model_shape(base)
+    dtype_name = str(settings.dtype).removeprefix("torch.")
+    flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=case.method.num_virtual,
+                             prompt_entries=case.method.prompt_entries)
+    lora_flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=0, prompt_entries=0)
+    peak = peak_flops(device_name(settings.device), settings.dtype)
+    common = dict(suite="training", model=case.model, method=case.method.label,
+                  num_virtual_tokens=case.method.num_virtual, n_tasks=case.method.n_tasks, batch=case.batch,
+                  seq_len=case.seq_len, sweep=case.sweep, dtype=dtype_name, model_shape=shape)
+    batch = Batch.random(case, shape["vocab"], settings.device)
+    try:
+        ref, state = reference(base, case.method, batch, settings.dtype)
+    except Exception as error:  # no reference, no check: every provider of the case is reported failed
+        status, message = failure_status(error)
+        return [_row(common, provider=name, status=status, error=f"reference: {message}") for name in providers]
+
+    rows = []
+    for name, build in providers.items():
+        runner = None
+        try:
+            runner = build(base, case.method, state)
+            errors = check(name, runner, batch, ref, settings.dtype)
+            timing = measure(runner, batch, settings)
+            step_flops = flops if runner.has_prompt else lora_flops
+            rows.append(_row(common, provider=name, status="ok", **errors, **timing,
+                             tokens_per_s=case.batch * case.seq_len / (timing["step_ms"] / 1e3),
+                             flops_per_step=step_flops, mfu=mfu(step_flops, timing["step_ms"], peak)))
+        except WrongOutput as error:
+            rows.append(_row(common, provider=name, status="refused", error=str(error)))
+        except Exception as error:  # OOM, or a failure: reported in the row, the next provider runs
+            status, message = failure_status(error)
+            rows.append(_row(common, provider=name, status=status, error=message))
+        finally:
+            del runner
+            release_memory(settings.device)
+        row = rows[-1]
+        log(f"training {case.model} {case.method.label} B{case.batch} T{case.seq_len} {name}: {row['status']}"
+            + (f" {row['step_ms']:.1f} ms/step" if row["status"] == "ok" else f" ({row['error']})"))
+    return rows
+
+
+def training_cases(models: list[str], methods: tuple[Method, ...], batch: int, seq_len: int,
+                   sweep_seq_lens: tuple[int, ...] = (), sweep_batches: tuple[int, ...] = ()) -> list[Case]:
+    """The main table (every model x method at batch x seq_len), then the sweeps of SWEEP_METHOD on the
+    first model: sequence length at `batch`, batch at `seq_len`. Raises ValueError for a case longer than
+    its model's positions (GPT-2: 1024, virtual tokens included)."""
+    cases = [Case(m, method, batch, seq_len) for m in models for method in methods]
+    cases += [Case(models[0], SWEEP_METHOD, batch, t, "seq_len") for t in sweep_seq_lens]
+    cases += [Case(models[0], SWEEP_METHOD, b, seq_len, "batch") for b in sweep_batches]
+    for case in cases:
+        limit = max_positions(case.model)
+        if limit is not None and case.seq_len + case.method.num_virtual > limit:
+            raise ValueError(f"seq_len={case.seq_len} with {case.method.num_virtual} virtual tokens exceeds "
+                             f"{case.model}'s {limit} positions; choose a shorter --seq-len")
+    return cases
+
+
+def run(cases: list[Case], settings: Settings, providers: dict[str, Builder] | None = None, log=print) -> list[dict]:
+    """Rows of every case (models built once each, in settings.dtype on settings.device), with the ratios
+    to PEFT (SDPA) of tokens/s, peak memory and saved activations added."""
+    providers = PROVIDERS if providers is None else providers
+    by_case: dict[int, list[dict]] = {}
+    for model_name in dict.fromkeys(c.model for c in cases):  # each model built once, rows in case order
+        base = build_model(model_name, settings.dtype, settings.device)
+        for i, case in enumerate(cases):
+            if case.model == model_name:
+                by_case[i] = bench_case(base, case, settings, providers, log)
+        del base
+        release_memory(settings.device)
+    rows = [row for i in sorted(by_case) for row in by_case[i]]
+    return add_ratios(rows, group_by=CASE_KEYS, baseline=BASELINE, metrics=RATIO_METRICS)
+
+
+def _row(common: dict, **values) -> dict:
+    """A row with every key of ROW_KEYS (None where not measured)."""
+    return {**dict.fromkeys(ROW_KEYS), **common, **values}
+

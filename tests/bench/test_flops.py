@@ -1,0 +1,48 @@
+"""FLOP counts against torch's own counter and a hand count; peaks and MFU."""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import flops
+from bench.models import build_model, model_shape
+
+
+def test_forward_flops_equal_torch_flop_counter_on_both_families():
+    """Eager attention multiplies the full T x T score matrix (the causal mask is applied after), so
+    the pairs to compare with are B·T·T; embeddings, norms and activations are no matmuls for either.
+    Llama's rotary embedding adds one tiny matmul (inverse frequencies x positions: 2·(D/2)·T), which
+    the model count leaves out."""
+    for name in ("tiny-llama", "tiny-gpt2"):
+        model = build_model(name, torch.float32, torch.device("cpu"))
+        model.set_attn_implementation("eager")
+        B, T = 3, 7
+        ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=ids)
+        shape = model_shape(model)
+        rotary = 2 * (shape["head_dim"] // 2) * T if shape["family"] == "llama" else 0
+        expected = flops.forward_flops(shape, tokens=B * T, attended_pairs=B * T * T, logit_tokens=B * T)
+        assert counter.get_total_flops() == expected + rotary, name
+
+
+def test_train_step_flops_by_hand():
+    shape = dict(layers=1, hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, gated_mlp=True, vocab=10)
+    # Layer weights: q 4·4 + k, v 2·4·2 + o 4·4 + MLP 3·4·8 = 144.
+    # Rows (batch 1, 2 tokens, prefix 1): matmuls 2·144·2 + LM head 2·4·10·2 = 736;
+    #   pairs 2·1 + (1 + 2) = 5, attention 4·(2·2)·5 = 80.
+    # Prompt pass (1 entry of 1 token): matmuls 2·144·1 = 288 (no LM head); 1 pair: attention 16.
+    # Forward + input gradients: 2 x matmuls + 3 x attention = 2·1024 + 3·96.
+    assert flops.layer_matmul_params(shape) == 144
+    assert flops.train_step_flops(shape, batch=1, seq_len=2, num_virtual=1, prompt_entries=1) == 2336
+    # Prefix tuning and LoRA run no prompt pass.
+    assert flops.train_step_flops(shape, batch=1, seq_len=2, num_virtual=1, prompt_entries=0) == 2 * 736 + 3 * 80
+
+
+def test_peaks_by_device_name_and_mfu():
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756.5e12
+    assert flops.peak_flops("NVIDIA H200 NVL", torch.float32) == 60.0e12
+    assert flops.peak_flops("NVIDIA A100-SXM4-80GB", torch.float16) == 312.0e12
+    assert flops.peak_flops("cpu-x86_64", torch.float32) is None
+    assert flops.mfu(3e12, 1500.0, 4e12) == 0.5
+    assert flops.mfu(3e12, 1500.0, None) is None

@@ -1,0 +1,105 @@
+"""The training suite on a tiny Llama on the CPU: every provider checked and timed, rows complete, ratios to
+PEFT (SDPA), and a provider with wrong outputs refused while the others still run."""
+
+import pytest
+import torch
+
+from bench import training
+from bench.flops import train_step_flops
+from bench.models import build_model, model_shape
+
+pytest.importorskip("peft")
+
+CPU = torch.device("cpu")
+SETTINGS = training.Settings(CPU, torch.float32, warmup=0, steps=2)
+# Odd sizes; MPT with 5 rows over 4 tasks mixes tasks in the batch (row i has task i % 4).
+CASES = [training.Case("tiny-llama", training.Method("prompt_tuning", 5), batch=3, seq_len=7),
+         training.Case("tiny-llama", training.Method("mpt", 6, n_tasks=4), batch=5, seq_len=9)]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return training.run(CASES, SETTINGS, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_model("tiny-llama", torch.float32, CPU)
+
+
+def test_every_provider_is_checked_timed_and_reported_with_every_key(rows, base):
+    assert [r["provider"] for r in rows] == list(training.PROVIDERS) * len(CASES)
+    for row, case in zip(rows, [c for c in CASES for _ in training.PROVIDERS]):
+        assert set(training.ROW_KEYS) | {f"{m}_vs_peft" for m in training.RATIO_METRICS} == set(row)
+        assert row["status"] == "ok", row["error"]
+        assert (row["method"], row["batch"], row["seq_len"]) == (case.method.label, case.batch, case.seq_len)
+        assert row["model_shape"] == model_shape(base)
+        assert row["loss_rel_err"] <= row["loss_tolerance"] == 1e-4
+        if row["provider"] == "peft-lora-r16":   # no prompt: its loss is the backbone's, nothing else to compare
+            assert row["grad_rel_err"] is None
+        else:
+            assert row["grad_rel_err"] <= row["grad_tolerance"] == 1e-4
+        assert row["step_ms_p20"] <= row["step_ms"] <= row["step_ms_p80"]
+        assert row["tokens_per_s"] == pytest.approx(case.batch * case.seq_len / (row["step_ms"] / 1e3))
+        assert row["saved_mb"] > 0 and row["peak_mb"] is None and row["mfu"] is None   # CPU: no peak known
+        virtual = 0 if row["provider"] == "peft-lora-r16" else case.method.num_virtual
+        entries = 0 if row["provider"] == "peft-lora-r16" else case.method.prompt_entries
+        assert row["flops_per_step"] == train_step_flops(row["model_shape"], batch=case.batch, seq_len=case.seq_len,
+                                                         num_virtual=virtual, prompt_entries=entries)
+
+
+def test_ratios_are_to_peft_sdpa_of_the_same_case(rows):
+    for i in range(0, len(rows), len(training.PROVIDERS)):
+        case_rows = rows[i:i + len(training.PROVIDERS)]
+        baseline = next(r for r in case_rows if r["provider"] == "peft-sdpa")
+        for row in case_rows:
+            for metric in training.RATIO_METRICS[::2]:   # tokens_per_s, saved_mb (peak_mb is None on the CPU)
+                assert row[f"{metric}_vs_peft"] == pytest.approx(row[metric] / baseline[metric])
+            assert row["peak_mb_vs_peft"] is None
+
+
+def test_row_by_row_reference_equals_the_whole_batch(base):
+    case = CASES[1]
+    batch = training.Batch.random(case, model_shape(base)["vocab"], CPU)
+    torch.manual_seed(0)
+    runner = training.peft_prompt("eager")(base, case.method, None)
+    whole_loss, whole = training.loss_and_grads(runner, batch)
+    rowwise_loss, rowwise = training.loss_and_grads(runner, batch, rows_per_chunk=1)
+    assert rowwise_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert sorted(whole) == sorted(rowwise) and whole
+    for name, grad in whole.items():
+        assert float((rowwise[name] - grad).norm() / grad.norm()) < 1e-5, name
+
+
+def test_half_precision_bar_is_peft_own_error_or_the_design_tolerance():
+    assert training.tolerance(torch.float32, 0.5) == 1e-4
+    assert training.tolerance(torch.bfloat16, None) == 2e-2
+    assert training.tolerance(torch.bfloat16, 0.001) == 2e-2
+    assert training.tolerance(torch.bfloat16, 0.03) == pytest.approx(1.25 * 0.03 + 1e-3)
+
+
+def _perturbed_fastprompt(base, method, state):
+    """fastprompt with every prompt parameter nudged by 1%: a provider whose outputs are wrong."""
+    runner = training.fastprompt_model("torch")(base, method, state)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in runner.params.values():
+            param.add_(0.01 * param.abs().mean() * torch.randn(param.shape, generator=gen))
+    return runner
+
+
+def _out_of_memory(base, method, state):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_wrong_provider_is_refused_and_out_of_memory_reported_while_the_rest_run(base):
+    providers = {"peft-sdpa": training.PROVIDERS["peft-sdpa"], "wrong": _perturbed_fastprompt,
+                 "too-big": _out_of_memory, "fastprompt": training.PROVIDERS["fastprompt"]}
+    rows = training.bench_case(base, CASES[0], SETTINGS, providers, log=lambda line: None)
+    by_provider = {r["provider"]: r for r in rows}
+    assert list(by_provider) == list(providers)
+    wrong = by_provider["wrong"]
+    assert wrong["status"] == "refused" and "refusing to report its speed" in wrong["error"]
+    assert wrong["step_ms"] is None and wrong["tokens_per_s"] is None
+    assert by_provider["too-big"]["status"] == "oom" and by_provider["too-big"]["step_ms"] is None
+    assert by_provider["peft-sdpa"]["status"] == by_provider["fastprompt"]["status"] == "ok"
