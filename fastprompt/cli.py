@@ -13,9 +13,12 @@ from fastprompt.train.transfer_cli import add_commands as add_transfer_commands
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="tune two soft prompts on a tiny built-in model and serve them "
-                                            "in one mixed batch (offline, CPU, seconds)")
-    demo.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    demo = commands.add_parser("demo", help="prompt-tune SmolLM2-135M on Rotten Tomatoes sentiment and print "
+                                            "zero-shot vs tuned accuracy (offline, CPU, minutes)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30; --tiny: 100)")
+    demo.add_argument("--out", default=None, help="keep the tuned adapter, logs and data here")
+    demo.add_argument("--tiny", action="store_true", help="instead, tune two soft prompts on a tiny built-in "
+                                                          "model and serve them in one mixed batch (seconds)")
     demo.set_defaults(run=lambda args: __import__("fastprompt.demo", fromlist=["main"]).main(args))
     add_train_commands(commands)
     add_transfer_commands(commands)

