@@ -1,5 +1,5 @@
 """MPT (Wang et al. 2023) on SmolLM2-135M-Instruct with offline data: teachers, source training by prompt
-distillation, and target adaptation. CPU: about fifteen minutes with the defaults on two cores.
+distillation, and target adaptation. CPU: under ten minutes with the defaults on two cores.
 
 Tasks (fastprompt.offline.datasets): sources Rotten Tomatoes sentiment and BBC business-vs-sports; target
 BBC entertainment-vs-tech (no article in common with the sources).
