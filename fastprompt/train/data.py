@@ -121,8 +121,10 @@ def load_data(paths, tokenizer, *, verbalizers: dict | None = None, separator: s
     paths: a path, or a list of paths, ``"task=path"`` strings or ``(task, path)`` pairs. With several files
         and no task given, a file's records without a ``task`` field take the file's stem as task.
     tokenizer: a Hugging Face tokenizer (``AutoTokenizer.from_pretrained(model_dir)``).
-    verbalizers: label -> verbalizer text for classification records (keys compared as strings); every
-        verbalized label is a candidate at evaluation. Without it each task's candidates are its labels seen.
+    verbalizers: label -> verbalizer text for classification records (keys compared as strings). With one
+        task every verbalized label is a candidate at evaluation; with several, a task's candidates are the
+        verbalized labels its records use (one dict may serve tasks with different label sets). Without it
+        each task's candidates are its labels seen.
     separator: put between the input (or text) and the target (or verbalizer).
     max_length: truncate each row's input from the left so input + target fit.
     add_eos: end text-to-text targets with the tokenizer's EOS token (never verbalizers).
@@ -150,7 +152,10 @@ def load_data(paths, tokenizer, *, verbalizers: dict | None = None, separator: s
                          f"give the file as task=path)")
     choices = {}
     for task, seen in labels_seen.items():
-        order = list(verbalizers) if verbalizers is not None else sorted(seen)
+        if verbalizers is None:
+            order = sorted(seen)
+        else:
+            order = [label for label in verbalizers if len(labels_seen) == 1 or label in seen]
         choices[task] = [(label, encode.target(separator + (verbalizers or {}).get(label, label))) for label in order]
     return PromptDataset(examples, choices)
 

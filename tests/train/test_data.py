@@ -33,6 +33,18 @@ def test_csv_classification_with_verbalizers(tmp_path, tok):
     assert data.has_classification
 
 
+def test_one_verbalizer_dict_serves_tasks_with_different_labels(tmp_path, tok):
+    films = write_jsonl(tmp_path / "films.jsonl", [{"text": "the film was good", "label": "pos"},
+                                                   {"text": "the film was awful", "label": "neg"}])
+    news = write_jsonl(tmp_path / "news.jsonl", [{"text": "the match", "label": "sport"}])
+    verbalizers = {"pos": "great", "neg": "bad", "sport": "good"}
+    data = load_data([films, news], tok, verbalizers=verbalizers)
+    assert [label for label, _ in data.choices["films"]] == ["pos", "neg"]
+    assert [label for label, _ in data.choices["news"]] == ["sport"]
+    alone = load_data(films, tok, verbalizers=verbalizers)   # one task: every verbalized label competes
+    assert [label for label, _ in alone.choices[None]] == ["pos", "neg", "sport"]
+
+
 def test_collate_pads_right(tmp_path, tok):
     data = load_data(write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "target": "good"},
                                                         {"input": "a movie was", "target": "bad film"}]), tok)
