@@ -48,6 +48,18 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+def stopping_setup(gen_config, eos_token_id, pad_token_id, seed, generator, device):
+    """(eos ids, pad id, generator) of a generate call: the arguments where given, else the model's
+    generation config; pad falls back to the first EOS id, then 0; a generator seeded with `seed` on
+    `device` when only a seed is given."""
+    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
+    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    return eos, pad, generator
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, task_ids=None,
              adapter_names=None, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -68,11 +80,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         raise ValueError(f"attention_mask must have shape [B={B}, T={T}], got {tuple(attention_mask.shape)}")
     mask = attention_mask.to(device).bool()
     gen_config = getattr(backbone.model, "generation_config", None)
-    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
-    pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    eos, pad, generator = stopping_setup(gen_config, eos_token_id, pad_token_id, seed, generator, device)
 
     plan = model.plan(B, task_ids, adapter_names)
     keys, values, _ = model.bank_kv(plan)

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape, prepend_ones
 from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING
-from fastprompt.generation import _check_sampling, _token_ids, sample_next
+from fastprompt.generation import _check_sampling, sample_next, stopping_setup
 from fastprompt.model import BankPlan
 
 
@@ -145,11 +145,7 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
             start = start if start is not None else getattr(source, "decoder_start_token_id", None)
         if start is None:
             raise ValueError("decoder_start_token_id is not set in the model's config: pass it to generate")
-        eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
-        pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
-        pad = pad if pad is not None else (eos[0] if eos else 0)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        eos, pad, generator = stopping_setup(gen_config, eos_token_id, pad_token_id, seed, generator, device)
 
         plan = self.plan(B, task_ids, adapter_names)
         sequence = torch.full((B, 1), int(start), dtype=torch.long, device=device)
