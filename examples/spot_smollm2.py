@@ -25,11 +25,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import fastprompt
 from fastprompt.demo import accuracy
 from fastprompt.methods.spot import transfer_prompt
-from fastprompt.offline.datasets import bbc_news, load_tasks, rotten_tomatoes
-from fastprompt.offline.smollm2 import load_smollm2, smollm2_folder
+from fastprompt.offline.datasets import load_tasks, transfer_tasks
+from fastprompt.offline.smollm2 import instruction_config, load_smollm2
 from fastprompt.train import Trainer, TrainingConfig
 from fastprompt.train.spot import compare, spot_target_model, write_report
 from fastprompt.train.trainer import task_model
@@ -55,13 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    sources = [rotten_tomatoes(test_size=args.test_size, max_words=16, seed=args.seed),
-               bbc_news(topics=("business", "sports"), test_size=args.test_size, max_words=24, seed=args.seed)]
-    target = bbc_news(topics=("entertainment", "tech"), test_size=args.test_size, max_words=24, seed=args.seed)
+    sources, target = transfer_tasks(test_size=args.test_size, seed=args.seed)
     base, tokenizer = load_smollm2(args.cache)
-    config = fastprompt.PromptTuningConfig(
-        num_virtual_tokens=len(tokenizer(INSTRUCTION)["input_ids"]), prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=INSTRUCTION, tokenizer_name_or_path=str(smollm2_folder(args.cache)))
+    config = instruction_config(INSTRUCTION, tokenizer, args.cache)
 
     def trainer(model, data, folder, steps):
         options = TrainingConfig(output_dir=str(out / folder), steps=steps, batch_size=args.batch_size, lr=args.lr,

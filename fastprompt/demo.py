@@ -57,7 +57,7 @@ def tune_sentiment(output_dir, *, steps: int = DEFAULT_STEPS["sentiment"], batch
     """
     import fastprompt
     from fastprompt.offline.datasets import rotten_tomatoes
-    from fastprompt.offline.smollm2 import load_smollm2, smollm2_folder
+    from fastprompt.offline.smollm2 import instruction_config, load_smollm2
     from fastprompt.train import Trainer, TrainingConfig, load_data
 
     start = time.perf_counter()
@@ -66,9 +66,7 @@ def tune_sentiment(output_dir, *, steps: int = DEFAULT_STEPS["sentiment"], batch
     files = task.write(Path(output_dir) / "data")
     train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
     test = load_data(files["test"], tokenizer, verbalizers=task.verbalizers)
-    config = fastprompt.PromptTuningConfig(
-        num_virtual_tokens=len(tokenizer(instruction)["input_ids"]), prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=instruction, tokenizer_name_or_path=str(smollm2_folder(cache)))
+    config = instruction_config(instruction, tokenizer, cache)
     model = fastprompt.get_peft_model(base, config, path=path)
     model.print_trainable_parameters()
     trainer = Trainer(model, TrainingConfig(output_dir=str(output_dir), steps=steps, batch_size=batch_size, lr=lr,

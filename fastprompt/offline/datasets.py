@@ -124,6 +124,15 @@ def bbc_news(*, topics: list[str] | tuple[str, ...] | None = None, name: str | N
                  seed=seed, template=template, cut=True)
 
 
+def transfer_tasks(*, test_size: int = 60, seed: int = 0) -> tuple[list[TaskData], TaskData]:
+    """(sources, target) for prompt transfer (SPoT, MPT): sources Rotten Tomatoes sentiment (snippets of at
+    most 16 words) and BBC business-vs-sports; target BBC entertainment-vs-tech, which shares no article with
+    the sources (articles cut to 24 words). `test_size` held-out records per task, balanced."""
+    sources = [rotten_tomatoes(test_size=test_size, max_words=16, seed=seed),
+               bbc_news(topics=("business", "sports"), test_size=test_size, max_words=24, seed=seed)]
+    return sources, bbc_news(topics=("entertainment", "tech"), test_size=test_size, max_words=24, seed=seed)
+
+
 def _task(name, records, verbalizers, *, test_size, train_size, max_words, seed, template, cut=False) -> TaskData:
     """Filter (or, with `cut`, shorten) texts to `max_words`, format them, keep each text once, split them
     (module docstring)."""

@@ -99,3 +99,12 @@ def load_smollm2(cache: str | os.PathLike | None = None, dtype: torch.dtype = to
     folder = smollm2_folder(cache)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).eval()
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def instruction_config(instruction: str, tokenizer, cache: str | os.PathLike | None = None):
+    """A `PromptTuningConfig` for SmolLM2 whose virtual tokens start as the embeddings of `instruction`
+    (as many virtual tokens as the instruction has tokens), so the untuned prompt is the instruction itself."""
+    from fastprompt.config import PromptTuningConfig
+
+    return PromptTuningConfig(num_virtual_tokens=len(tokenizer(instruction)["input_ids"]), prompt_tuning_init="TEXT",
+                              prompt_tuning_init_text=instruction, tokenizer_name_or_path=str(smollm2_folder(cache)))
