@@ -123,24 +123,32 @@ def write_similarity_csv(report: SimilarityReport, path) -> Path:
 
 
 def plot_similarity(report: SimilarityReport, path) -> Path:
-    """The matrix as an annotated heatmap PNG (matplotlib, Agg backend)."""
+    """The matrix as an annotated heatmap PNG (matplotlib, Agg backend). The colours span the matrix's own
+    range, not [-1, 1]: prompts tuned from one start are all close to each other, and the ranking lives in
+    the small differences. Cells and margins grow with the number and length of the task names."""
     plt = _pyplot()
     path = Path(path)
-    n_rows, n_cols = report.matrix.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * n_cols, 1.2 + 0.6 * n_rows))
-    image = ax.imshow(report.matrix.numpy(), cmap="viridis", vmin=-1.0, vmax=1.0)
-    ax.set_xticks(range(n_cols), report.sources, rotation=45, ha="right")
-    ax.set_yticks(range(n_rows), report.targets)
+    matrix = report.matrix.float()
+    n_rows, n_cols = matrix.shape
+    label_inches = 0.075 * max(len(name) for name in [*report.sources, *report.targets])   # ~8 pt characters
+    fig, ax = plt.subplots(figsize=(2.4 + label_inches + 0.75 * n_cols, 1.4 + label_inches + 0.45 * n_rows),
+                           layout="constrained")
+    low, high = float(matrix.min()), float(matrix.max())
+    image = ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto", vmin=low, vmax=high if high > low else low + 1e-6)
+    ax.set_xticks(range(n_cols), report.sources, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n_rows), report.targets, fontsize=8)
     ax.set_xlabel("source task")
     ax.set_ylabel("target task")
-    ax.set_title(f"SPoT prompt similarity ({report.metric})")
+    ax.set_title(f"SPoT prompt similarity\n({report.metric} cosine)", fontsize=10)
+    middle = (low + high) / 2
     for i in range(n_rows):
         for j in range(n_cols):
-            ax.text(j, i, f"{float(report.matrix[i, j]):.2f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
+            value = float(matrix[i, j])
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > middle else "white")   # viridis is light at the top
+    fig.colorbar(image, ax=ax, shrink=0.8)
     try:
-        io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
