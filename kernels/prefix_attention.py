@@ -9,11 +9,14 @@ other strides are free):
     prefix_k/prefix_v: [n_tasks, Hkv, P, D]    P >= 0, always visible
     task_ids:          [B] int64 (or int32)
     key_padding_mask:  [B, S] bool, True = attend
+    bias:              [B or 1, Hq or 1, T or 1, P + S] any float dtype, added to the scaled scores; a
+                       size-1 dimension is read with stride 0 (no broadcast copy); optional
     lse:               [B, Hq, T] fp32, log2-sum-exp2 of the scaled scores (-inf for a row seeing nothing)
 
 The query tile packs the G = Hq / Hkv query heads that share a key/value head into its rows (row m is
 head m // T, position m % T), so one program reads each key/value tile once for the whole group; this is
-what makes decode (T = 1) fill a 16-row tile. Scores are computed in base 2 (scale * log2(e) folded in).
+what makes decode (T = 1) fill a 16-row tile. Scores are computed in base 2 (scale * log2(e) folded in,
+the bias multiplied by log2(e) as it is read); masks are applied after the bias, so they always win.
 All accumulation is fp32; fp32 inputs use IEEE dots (no tf32), bf16/fp16 use tensor cores.
 
 Decode: for T <= DECODE_MAX_T the forward splits the [prefix ; own] key range over several programs
@@ -36,6 +39,7 @@ import triton.language as tl
 
 DECODE_MAX_T = 16
 _LOG2E = 1.4426950408889634
+_LOG2E_JIT = tl.constexpr(_LOG2E)  # the same, readable inside @triton.jit (the bias in base-2 scores)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,6 +68,12 @@ def _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL: tl.constexpr, HAS_M
 
 
 @triton.jit
+def _load_bias(ptrs, ok):
+    """The bias at ptrs in fp32, in base-2 score units (0 where not ok)."""
+    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * _LOG2E_JIT
+
+
+@triton.jit
 def _packed_rows(pid_m, T, G, BLOCK_M: tl.constexpr):
     """Rows of a query tile over the packed (group head, position) axis, and the tile's position range."""
     m0 = pid_m * BLOCK_M
@@ -84,17 +94,21 @@ def _packed_rows(pid_m, T, G, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, lo, hi,
-               last_key, offs_d, d_ok, qk_scale,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, bias_rows, stride_bn,
+               lo, hi, last_key, offs_d, d_ok, qk_scale,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                DOT_PREC: tl.constexpr):
-    """Online softmax over keys [lo, hi) of one segment (the prefix or the row's own keys)."""
+    """Online softmax over keys [lo, hi) of one segment (the prefix or the row's own keys).
+
+    bias_rows: [BLOCK_M] pointers to each query row's bias at this segment's key 0."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_bn, n_ok[None, :])
         visible = _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL, HAS_MASK)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -111,12 +125,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base
 # Forward (and split-KV decode forward)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "S", "P", "split_len"])
-def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, O, LSE, O_PART, LSE_PART,
+def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, LSE, O_PART, LSE_PART,
                 sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
-                spkt, spkh, spkp, spvt, spvh, spvp,
+                spkt, spkh, spkp, spvt, spvh, spvp, sbb, sbh, sbt, sbn,
                 T, S, P, G, Hkv, D, qk_scale, split_len, n_splits,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -133,6 +147,7 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, O, LSE, O_PART, LSE_PART,
         + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     task = tl.load(TASK + b).to(tl.int64)
+    bias_rows = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + t.to(tl.int64) * sbt
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a row that sees nothing stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -146,9 +161,9 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, O, LSE, O_PART, LSE_PART,
     pk_base = PK + task * spkt + hkv.to(tl.int64) * spkh
     pv_base = PV + task * spvt + hkv.to(tl.int64) * spvh
     last_key = t + (S - T)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pk_base, pv_base, spkp, spvp, MASK, lo,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pk_base, pv_base, spkp, spvp, MASK, bias_rows, sbn, lo,
                                tl.minimum(hi, P), last_key, offs_d, d_ok, qk_scale,
-                               BLOCK_N, False, False, DOT_PREC)
+                               BLOCK_N, False, False, HAS_BIAS, DOT_PREC)
 
     # 2) the row's own keys: [o_lo, full) is visible to every row of the tile (no causal test), then
     #    [full, o_hi) with the causal test.
@@ -162,13 +177,14 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, O, LSE, O_PART, LSE_PART,
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     mask_base = MASK + b.to(tl.int64) * S
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, o_lo,
-                               tl.minimum(o_hi, full), last_key, offs_d, d_ok, qk_scale,
-                               BLOCK_N, False, HAS_MASK, DOT_PREC)
+    own_bias_rows = bias_rows + P.to(tl.int64) * sbn
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn,
+                               o_lo, tl.minimum(o_hi, full), last_key, offs_d, d_ok, qk_scale,
+                               BLOCK_N, False, HAS_MASK, HAS_BIAS, DOT_PREC)
     if CAUSAL:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn,
                                    tl.maximum(o_lo, full), o_hi, last_key, offs_d, d_ok, qk_scale,
-                                   BLOCK_N, True, HAS_MASK, DOT_PREC)
+                                   BLOCK_N, True, HAS_MASK, HAS_BIAS, DOT_PREC)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -234,12 +250,13 @@ def _delta_kernel(O, DO, DELTA, n_rows, D, BLOCK_R: tl.constexpr, D_PAD: tl.cons
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_base, lo, hi,
-                S, T, D, offs_d, d_ok, qk_scale,
-                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_base, bias_base, stride_bt,
+                stride_bn, lo, hi, S, T, D, offs_d, d_ok, qk_scale,
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query positions [lo, hi) of one query head.
 
-    q, dO are contiguous [.., T, D] here (row stride D); lse and delta are [.., T].
+    q, dO are contiguous [.., T, D] here (row stride D); lse and delta are [.., T]; bias_base points at
+    this head's bias at the segment's key 0.
     """
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -253,6 +270,9 @@ def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_b
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         s_t = _dot(k, tl.trans(q), DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         visible = key_ok[:, None] & m_ok[None, :]
+        if HAS_BIAS:
+            s_t += _load_bias(bias_base + offs_n[:, None].to(tl.int64) * stride_bn
+                              + offs_m[None, :].to(tl.int64) * stride_bt, visible)
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + (S - T))
         p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
@@ -264,12 +284,14 @@ def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_b
 
 
 @triton.jit
-def _dkdv_tile(Q, DO, LSE, DELTA, k_base, v_base, stride_kn, stride_vn, mask_base, dk_base, dv_base,
-               n0, n_end, b, hkv, T, S, G, Hkv, D, qk_scale, sm_scale,
+def _dkdv_tile(Q, DO, LSE, DELTA, k_base, v_base, stride_kn, stride_vn, mask_base, bias_base, sbh, sbt, sbn,
+               dk_base, dv_base, n0, n_end, b, hkv, T, S, G, Hkv, D, qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-               IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                DOT_PREC: tl.constexpr):
-    """dK, dV of keys [n0, n0 + BLOCK_N) of one segment, summed over the G query heads of the group."""
+    """dK, dV of keys [n0, n0 + BLOCK_N) of one segment, summed over the G query heads of the group.
+
+    bias_base points at row b's bias at the segment's key 0 (head 0)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_end
     offs_d = tl.arange(0, D_PAD)
@@ -294,49 +316,55 @@ def _dkdv_tile(Q, DO, LSE, DELTA, k_base, v_base, stride_kn, stride_vn, mask_bas
     Hq = Hkv * G
     for g in range(0, G):
         row0 = (b.to(tl.int64) * Hq + hkv * G + g) * T
+        head_bias = bias_base + (hkv * G + g).to(tl.int64) * sbh
         if not IS_PREFIX:
             if CAUSAL:
                 dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, Q + row0 * D, DO + row0 * D, LSE + row0,
-                                     DELTA + row0, t_start, t_full, S, T, D, offs_d, d_ok, qk_scale,
-                                     BLOCK_M, True, DOT_PREC)
+                                     DELTA + row0, head_bias, sbt, sbn, t_start, t_full, S, T, D, offs_d, d_ok,
+                                     qk_scale, BLOCK_M, True, HAS_BIAS, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, Q + row0 * D, DO + row0 * D, LSE + row0,
-                             DELTA + row0, t_full, T, S, T, D, offs_d, d_ok, qk_scale,
-                             BLOCK_M, False, DOT_PREC)
+                             DELTA + row0, head_bias, sbt, sbn, t_full, T, S, T, D, offs_d, d_ok, qk_scale,
+                             BLOCK_M, False, HAS_BIAS, DOT_PREC)
     out_ptrs = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(dk_base + out_ptrs, (dk * sm_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
     tl.store(dv_base + out_ptrs, dv.to(dv_base.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["T", "S", "P"])
-def _bwd_dkdv_kernel(Q, K, V, PK, PV, TASK, MASK, DO, LSE, DELTA, DK, DV, DPK_PART, DPV_PART,
-                     skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp,
+def _bwd_dkdv_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DK, DV, DPK_PART, DPV_PART,
+                     skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp, sbb, sbh, sbt, sbn,
                      T, S, P, G, Hkv, D, qk_scale, sm_scale, n_prefix_blocks,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
     """Grid: (prefix key tiles + own key tiles, B * Hkv). Prefix tiles write this row's fp32 partial."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
     bh = b.to(tl.int64) * Hkv + hkv
+    row_bias = BIAS + b.to(tl.int64) * sbb
     if pid_n < n_prefix_blocks:
         task = tl.load(TASK + b).to(tl.int64)
         _dkdv_tile(Q, DO, LSE, DELTA, PK + task * spkt + hkv.to(tl.int64) * spkh,
-                   PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK,
+                   PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, row_bias, sbh, sbt, sbn,
                    DPK_PART + bh * P * D, DPV_PART + bh * P * D, pid_n * BLOCK_N, P, b, hkv, T, S, G, Hkv,
-                   D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, True, CAUSAL, HAS_MASK, DOT_PREC)
+                   D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, True, CAUSAL, HAS_MASK, HAS_BIAS, DOT_PREC)
     else:
         _dkdv_tile(Q, DO, LSE, DELTA, K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh,
                    V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh, sks, svs, MASK + b.to(tl.int64) * S,
+                   row_bias + P.to(tl.int64) * sbn, sbh, sbt, sbn,
                    DK + bh * S * D, DV + bh * S * D, (pid_n - n_prefix_blocks) * BLOCK_N, S, b, hkv, T, S,
-                   G, Hkv, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, False, CAUSAL, HAS_MASK, DOT_PREC)
+                   G, Hkv, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, False, CAUSAL, HAS_MASK, HAS_BIAS,
+                   DOT_PREC)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_base, lo, hi, last_key,
-              offs_d, d_ok, qk_scale,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dQ (unscaled) of one query tile over keys [lo, hi) of one segment."""
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_base, bias_rows, stride_bn,
+              lo, hi, last_key, offs_d, d_ok, qk_scale,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Accumulate dQ (unscaled) of one query tile over keys [lo, hi) of one segment (bias as in _fwd_inner)."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
@@ -344,6 +372,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_bn, n_ok[None, :])
         visible = _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL, HAS_MASK)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT_PREC)
@@ -353,11 +383,12 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_
 
 
 @triton.jit(do_not_specialize=["T", "S", "P"])
-def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, DO, LSE, DELTA, DQ,
-                   skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp,
+def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DQ,
+                   skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp, sbb, sbh, sbt, sbn,
                    T, S, P, G, Hkv, D, qk_scale, sm_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     """Grid: (packed query tiles, B * Hkv). q, dO, dQ are contiguous [B, Hq, T, D]."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -377,10 +408,11 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     task = tl.load(TASK + b).to(tl.int64)
     last_key = t + (S - T)
+    bias_rows = BIAS + b.to(tl.int64) * sbb + (hkv * G + g).to(tl.int64) * sbh + t.to(tl.int64) * sbt
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, PK + task * spkt + hkv.to(tl.int64) * spkh,
-                   PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, 0, P, last_key,
-                   offs_d, d_ok, qk_scale, BLOCK_N, False, False, DOT_PREC)
+                   PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, bias_rows, sbn, 0, P, last_key,
+                   offs_d, d_ok, qk_scale, BLOCK_N, False, False, HAS_BIAS, DOT_PREC)
     own_end = S
     full = S
     if CAUSAL:
@@ -389,11 +421,13 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, DO, LSE, DELTA, DQ,
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     mask_base = MASK + b.to(tl.int64) * S
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, 0, tl.minimum(own_end, full),
-                   last_key, offs_d, d_ok, qk_scale, BLOCK_N, False, HAS_MASK, DOT_PREC)
+    own_bias_rows = bias_rows + P.to(tl.int64) * sbn
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn, 0,
+                   tl.minimum(own_end, full), last_key, offs_d, d_ok, qk_scale, BLOCK_N, False, HAS_MASK,
+                   HAS_BIAS, DOT_PREC)
     if CAUSAL:
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, full, own_end,
-                       last_key, offs_d, d_ok, qk_scale, BLOCK_N, True, HAS_MASK, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn, full,
+                       own_end, last_key, offs_d, d_ok, qk_scale, BLOCK_N, True, HAS_MASK, HAS_BIAS, DOT_PREC)
     tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -513,18 +547,41 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
+def _prepare_bias(bias, q, shape):
+    """Guard the bias; return (the tensor to pass, its four strides with 0 on size-1 dimensions).
+
+    Without a bias, q stands in for the pointer (never read) and the strides are 0.
+    """
+    if bias is None:
+        return q, [0, 0, 0, 0]
+    B, Hq, T, L = shape
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 4:
+        raise ValueError(f"bias must be a 4-d tensor [B or 1, Hq or 1, T or 1, P + S], got "
+                         f"{getattr(bias, 'shape', type(bias))}")
+    if bias.dtype not in _FLOAT:
+        raise ValueError(f"bias must have dtype in {_FLOAT}, got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"bias must be on {q.device}, got {bias.device}")
+    if bias.shape[3] != L or any(n not in (1, want) for n, want in zip(bias.shape[:3], shape)):
+        raise ValueError(f"bias must have shape [B={B} or 1, Hq={Hq} or 1, T={T} or 1, P + S={L}], got "
+                         f"{tuple(bias.shape)}")
+    return bias, [0 if n == 1 else st for n, st in zip(bias.shape, bias.stride())]
+
+
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, key_padding_mask=None,
-                         scale=None, out=None, num_splits=None):
+                         scale=None, bias=None, out=None, num_splits=None):
     """Forward. Returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32, base 2).
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T; prefix_k, prefix_v [n_tasks, Hkv, P, D]; task_ids [B]
     int64; key_padding_mask [B, S] bool (True = attend) or None; fp32, bf16 or fp16, all alike.
+    bias: [B or 1, Hq or 1, T or 1, P + S] of any float dtype, added to the scaled scores, or None.
     out: optional contiguous [B, Hq, T, D] buffer of q's dtype to write into.
     For T <= DECODE_MAX_T the key range is split over `num_splits` programs per query tile (default: a
     heuristic that fills the GPU; 1 disables it) and merged by log-sum-exp.
     """
     q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
         q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
+    bias_arg, bias_strides = _prepare_bias(bias, q, (B, Hq, T, P + S))
     scale = D ** -0.5 if scale is None else float(scale)
     if out is None:
         out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
@@ -558,11 +615,11 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
     else:
         o_part, lse_part = out, lse  # unused
     _fwd_kernel[(n_m, B * Hkv, num_splits)](
-        q, k, v, prefix_k, prefix_v, task_ids, mask if mask is not None else task_ids, out, lse,
-        o_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v),
+        q, k, v, prefix_k, prefix_v, task_ids, mask if mask is not None else task_ids, bias_arg, out, lse,
+        o_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v), *bias_strides,
         T, S, P, G, Hkv, D, scale * _LOG2E, split_len, num_splits,
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal), HAS_MASK=mask is not None,
-        SPLIT=split, DOT_PREC=_dot_precision(q.dtype),
+        HAS_BIAS=bias is not None, SPLIT=split, DOT_PREC=_dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     if split:
         n_rows = B * Hq * T
@@ -574,16 +631,18 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
 
 
 def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse, *, causal=True,
-                         key_padding_mask=None, scale=None, grads=None):
+                         key_padding_mask=None, scale=None, bias=None, grads=None):
     """Backward. Returns (dq, dk, dv, d_prefix_k, d_prefix_v) in the inputs' dtype and shapes.
 
-    d_out, out: [B, Hq, T, D]; lse: [B, Hq, T] fp32 from `prefix_attention_fwd`; other arguments as there.
+    d_out, out: [B, Hq, T, D]; lse: [B, Hq, T] fp32 from `prefix_attention_fwd`; other arguments (the
+    bias included, which gets no gradient) as there.
     grads: optional tuple of five contiguous buffers (dq, dk, dv, d_prefix_k, d_prefix_v) to write into.
     Deterministic: each row's d prefix goes to an fp32 partial ([B, Hkv, P, D] for K and for V, i.e.
     8 * B * Hkv * P * D bytes extra), reduced per task in a fixed order; no float atomics.
     """
     q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
         q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
+    bias_arg, bias_strides = _prepare_bias(bias, q, (B, Hq, T, P + S))
     n_tasks = prefix_k.shape[0]
     for name, t in (("d_out", d_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
@@ -613,17 +672,18 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse,
     dot_prec = _dot_precision(q.dtype)
     scalars = (T, S, P, G, Hkv, D, scale * _LOG2E, scale)
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal),
-                 HAS_MASK=mask is not None, DOT_PREC=dot_prec, num_warps=warps, num_stages=stages)
+                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT_PREC=dot_prec, num_warps=warps,
+                 num_stages=stages)
     mask_arg = mask if mask is not None else task_ids
     dpk_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
     dpv_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
     n_prefix_blocks = triton.cdiv(P, block_n)
     _bwd_dkdv_kernel[(n_prefix_blocks + triton.cdiv(S, block_n), B * Hkv)](
-        q, k, v, prefix_k, prefix_v, task_ids, mask_arg, d_out, lse, delta, dk, dv, dpk_part, dpv_part,
-        *_strides(k, v, prefix_k, prefix_v), *scalars, n_prefix_blocks, **flags)
+        q, k, v, prefix_k, prefix_v, task_ids, mask_arg, bias_arg, d_out, lse, delta, dk, dv, dpk_part,
+        dpv_part, *_strides(k, v, prefix_k, prefix_v), *bias_strides, *scalars, n_prefix_blocks, **flags)
     _bwd_dq_kernel[(triton.cdiv(G * T, block_m), B * Hkv)](
-        q, k, v, prefix_k, prefix_v, task_ids, mask_arg, d_out, lse, delta, dq,
-        *_strides(k, v, prefix_k, prefix_v), *scalars, **flags)
+        q, k, v, prefix_k, prefix_v, task_ids, mask_arg, bias_arg, d_out, lse, delta, dq,
+        *_strides(k, v, prefix_k, prefix_v), *bias_strides, *scalars, **flags)
 
     row_numel = Hkv * P * D
     if row_numel == 0 or n_tasks == 0:

@@ -13,8 +13,9 @@ keys/values before a site's own keys:
   keys.
 
 Families with a relative position bias (T5) pass `position_bias` for the keys they know. At such sites the
-backbone supplies the bias of bank-prefix keys (`SiteBackbone.prefix_position_bias`), and the attention runs
-in PyTorch (`biased_prefix_attention`), because the prefix-attention kernel takes no bias.
+backbone supplies the bias of bank-prefix keys (`SiteBackbone.prefix_position_bias`), and
+`fastprompt.ops.prefix_attention` takes [prefix bias ; position_bias] as its `bias`, so these sites run
+through the same kernel as the others.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
@@ -64,43 +64,28 @@ class SiteContext:
     key_padding_mask: dict[str, torch.Tensor | None] = field(default_factory=dict)  # site -> [B, S] bool
     backend: str | None = None
     sites: dict[nn.Module, tuple[str, int]] = field(init=False)
-    _bias: dict[tuple, torch.Tensor] = field(default_factory=dict, init=False)
+    _bias: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         self.sites = self.backbone.attention_sites()
 
-    def prefix_bias(self, site: str, n_queries: int, query_offset: int, n_prefix: int) -> torch.Tensor:
-        """The backbone's bank-prefix bias, computed once per forward and shape (every layer shares it)."""
-        key = (site, n_queries, query_offset, n_prefix)
-        if key not in self._bias:
-            self._bias[key] = self.backbone.prefix_position_bias(site, n_queries, query_offset, n_prefix)
-        return self._bias[key]
+    def keys_bias(self, site: str, position_bias: torch.Tensor, n_prefix: int) -> torch.Tensor:
+        """The bias over [bank prefix ; own keys]: [1 or B, H, T, n_prefix + S] from position_bias
+        [1 or B, H, T, S] (float, as the model computed it).
 
-
-def biased_prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, bias, *, causal: bool,
-                            key_padding_mask=None, scale: float | None = None) -> torch.Tensor:
-    """`fastprompt.ops.prefix_attention` with an additive bias on the scores, in PyTorch.
-
-    q [B, H, T, D]; k, v [B, H, S, D]; prefix_k, prefix_v [n_tasks, H, P, D]; task_ids [B] int64; bias
-    [1 or B, H, T, P + S] over [prefix ; own keys] (float); key_padding_mask [B, S] bool (True = attend).
-    Masking as in prefix_attention (causal aligned to the end, prefix always visible, a query that sees
-    nothing returns zeros). Computed in fp32; returns [B, H, T, D] in q's dtype.
-    """
-    B, _, T, _ = q.shape
-    S, P = k.shape[2], prefix_k.shape[2]
-    keys = torch.cat([prefix_k[task_ids], k], dim=2).float()
-    values = torch.cat([prefix_v[task_ids], v], dim=2).float()
-    own_visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
-    if causal:
-        query_pos = torch.arange(T, device=q.device)[:, None] + (S - T)
-        own_visible = own_visible & (torch.arange(S, device=q.device)[None, :] <= query_pos)
-    if key_padding_mask is not None:
-        own_visible = own_visible & key_padding_mask[:, None, None, :]
-    visible = torch.cat([own_visible.new_ones(B, 1, T, P), own_visible], dim=-1)
-    sees_something = visible.any(dim=-1, keepdim=True)
-    scores_bias = torch.where(visible | ~sees_something, bias.float(), float("-inf"))
-    out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=scores_bias, scale=scale)
-    return (out * sees_something).to(q.dtype)
+        Every layer of a stack passes the same position_bias tensor, so the concatenation is built once
+        per forward and site; one tensor, not one per layer, is then held for the backward.
+        """
+        if not n_prefix:
+            return position_bias
+        cached = self._bias.get(site)
+        if cached is None or cached[0] is not position_bias:
+            n_queries, n_keys = position_bias.shape[2:]
+            prefix_bias = self.backbone.prefix_position_bias(site, n_queries, n_keys - n_queries, n_prefix)
+            prefix_bias = prefix_bias.to(position_bias.dtype).expand(position_bias.shape[0], -1, -1, -1)
+            cached = position_bias, torch.cat([prefix_bias, position_bias], dim=-1)
+            self._bias[site] = cached
+        return cached[1]
 
 
 def site_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -121,7 +106,7 @@ def site_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    B, _, T, D = query.shape
+    B, _, _, D = query.shape
     if site in ctx.prefix_k:
         prefix_k = ctx.prefix_k[site][layer].to(query.dtype)
         prefix_v = ctx.prefix_v[site][layer].to(query.dtype)
@@ -130,18 +115,11 @@ def site_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         prefix_k = prefix_v = query.new_zeros(1, key.shape[1], 0, D)
         task_ids = torch.zeros(B, dtype=torch.long, device=query.device)
     mask = ctx.key_padding_mask.get(site)
-    causal = site == "decoder"
+    bias = None
     if site in ctx.backbone.biased_sites:
-        bias = position_bias
-        P = prefix_k.shape[2]
-        if P:
-            prefix_bias = ctx.prefix_bias(site, T, key.shape[2] - T, P).to(bias.dtype)
-            bias = torch.cat([prefix_bias.expand(bias.shape[0], -1, -1, -1), bias], dim=-1)
-        out = biased_prefix_attention(query, key, value, prefix_k, prefix_v, task_ids, bias, causal=causal,
-                                      key_padding_mask=mask, scale=scaling)
-    else:
-        out = prefix_attention(query, key, value, prefix_k, prefix_v, task_ids, causal=causal,
-                               key_padding_mask=mask, scale=scaling, backend=ctx.backend)
+        bias = ctx.keys_bias(site, position_bias, prefix_k.shape[2])
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, task_ids, causal=site == "decoder",
+                           key_padding_mask=mask, scale=scaling, bias=bias, backend=ctx.backend)
     return out.transpose(1, 2), None
 
 

@@ -20,9 +20,10 @@ def prefix_attention(
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    bias: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """softmax(q·[prefix_k[task] ; k]ᵀ·scale + mask)·[prefix_v[task] ; v], per batch row.
+    """softmax(q·[prefix_k[task] ; k]ᵀ·scale + bias + mask)·[prefix_v[task] ; v], per batch row.
 
     Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D] with S >= T when causal (S > T when decoding against a
     cache; any S when not causal, e.g. cross-attention);
@@ -30,32 +31,43 @@ def prefix_attention(
     key_padding_mask [B, S] bool, True = attend. Hq is a multiple of Hkv. Dtypes: fp32, bf16 or fp16,
     the same for q, k, v and the prefix; accumulation is fp32. Causal masking is aligned to the end
     (query i sees own keys j <= i + S - T); the prefix is always visible; nothing is ever NaN.
+    scale defaults to 1/sqrt(D) (T5 passes 1.0).
+    bias: optional additive bias on the scaled scores, e.g. a relative position bias: a finite float
+    tensor (any float dtype, read as fp32) of shape [B or 1, Hq or 1, T or 1, P + S], whose last axis
+    is the row's keys in the op's order (its task's P prefix keys, then its S own keys). Size-1
+    dimensions broadcast without a copy. Masks win: a masked key stays unseen whatever its bias. The
+    bias is a frozen input: no gradient flows to it (one that requires grad raises ValueError while grad
+    mode is on).
     Returns [B, Hq, T, D] in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v.
 
     Example::
 
         out = prefix_attention(q, k, v, bank_k, bank_v, task_ids=torch.tensor([0, 2, 2]))
+        # T5-style: unscaled scores plus a relative position bias rel [1, Hq, T, P + S]
+        out = prefix_attention(q, k, v, bank_k, bank_v, task_ids, causal=False, scale=1.0, bias=rel)
     """
-    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
+    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal, bias)
     if resolve_backend(backend, q) == "triton":
         from fastprompt.ops._prefix_attention_triton import prefix_attention_triton
 
         return prefix_attention_triton(q, k, v, prefix_k, prefix_v, task_ids, causal=causal,
-                                       key_padding_mask=key_padding_mask, scale=scale)
+                                       key_padding_mask=key_padding_mask, scale=scale, bias=bias)
     return reference.prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, causal=causal,
-                                      key_padding_mask=key_padding_mask, scale=scale)
+                                      key_padding_mask=key_padding_mask, scale=scale, bias=bias)
 
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
-                                causal: bool = True) -> None:
+                                causal: bool = True, bias: torch.Tensor | None = None) -> None:
     check_rank("q", q, 4, "[B, Hq, T, D]")
     check_rank("k", k, 4, "[B, Hkv, S, D]")
     check_rank("v", v, 4, "[B, Hkv, S, D]")
     check_rank("prefix_k", prefix_k, 4, "[n_tasks, Hkv, P, D]")
     check_rank("prefix_v", prefix_v, 4, "[n_tasks, Hkv, P, D]")
     check_rank("task_ids", task_ids, 1, "[B]")
+    if bias is not None:
+        check_rank("bias", bias, 4, "[B or 1, Hq or 1, T or 1, P + S]")
     check_same_device(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, task_ids=task_ids,
-                      key_padding_mask=key_padding_mask)
+                      key_padding_mask=key_padding_mask, bias=bias)
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k and v must have shape [B={B}, Hkv, S, D={D}], got {tuple(k.shape)} and "
@@ -81,3 +93,16 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_paddi
         if key_padding_mask.shape != (B, S):
             raise ValueError(f"key_padding_mask must have shape [B={B}, S={S}], got "
                              f"{tuple(key_padding_mask.shape)}")
+    if bias is not None:
+        _check_bias(bias, B, Hq, T, prefix_k.shape[2] + S)
+
+
+def _check_bias(bias: torch.Tensor, B: int, Hq: int, T: int, L: int) -> None:
+    check_float("bias", bias)
+    expected = (B, Hq, T, L)
+    if bias.shape[3] != L or any(n not in (1, want) for n, want in zip(bias.shape[:3], expected)):
+        raise ValueError(f"bias must have shape [B={B} or 1, Hq={Hq} or 1, T={T} or 1, P + S={L}] (its last "
+                         f"axis: the task's prefix keys, then the row's own keys), got {tuple(bias.shape)}")
+    if bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("bias must not require grad: prefix_attention takes it as a frozen input and returns "
+                         "no gradient for it; pass bias.detach() (or compute it under torch.no_grad())")

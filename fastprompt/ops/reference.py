@@ -20,6 +20,7 @@ def prefix_attention(
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention in which each batch row first sees its task's prefix, then its own keys.
 
@@ -27,9 +28,11 @@ def prefix_attention(
     a cache);
     prefix_k, prefix_v: [n_tasks, Hkv, P, D] (P may be 0); task_ids: [B] int64 in [0, n_tasks);
     key_padding_mask: [B, S] bool, True = attend. Hq must be a multiple of Hkv (grouped-query attention).
+    bias: optional finite float [B or 1, Hq or 1, T or 1, P + S] over [prefix ; own keys], added to the
+    scaled scores (broadcast over size-1 dimensions).
     Causal masking is aligned to the end: query i sees own keys j <= i + S - T. The prefix is always
-    visible. A query that sees no key at all (P = 0 and every own key masked) returns zeros, never NaN.
-    Returns [B, Hq, T, D] in q's dtype.
+    visible; masked keys stay masked whatever their bias. A query that sees no key at all (P = 0 and every
+    own key masked) returns zeros, never NaN. Returns [B, Hq, T, D] in q's dtype.
     """
     B, Hq, T, D = q.shape
     S, Hkv, P = k.shape[2], k.shape[1], prefix_k.shape[2]
@@ -47,8 +50,11 @@ def prefix_attention(
     # A query that sees nothing would softmax over an empty set (NaN): let it see everything, then
     # zero its output, which keeps its gradients finite (zero) too.
     sees_something = visible.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=visible | ~sees_something,
-                                         scale=scale, enable_gqa=Hq != Hkv)
+    attn_mask = visible | ~sees_something
+    if bias is not None:
+        attn_mask = torch.where(attn_mask, bias.float(), float("-inf"))
+    out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=attn_mask, scale=scale,
+                                         enable_gqa=Hq != Hkv)
     return (out * sees_something).to(q.dtype)
 
 

@@ -155,11 +155,12 @@ def test_prefix_sites_mixed_batch_rows_equal_rows_alone():
             assert_close(f"row {row}", mixed[one], alone, 1e-5)
 
 
-def test_prefix_sites_through_the_triton_interpreter_equal_torch():
-    sites = ["encoder", "cross"]
+@pytest.mark.parametrize("family, sites", [("bart", ["encoder", "cross"]), ("t5", ["encoder", "decoder", "cross"])])
+def test_prefix_sites_through_the_triton_interpreter_equal_torch(family, sites):
+    """T5's self-attentions take the kernel's bias input: [prefix bias ; relative position bias]."""
     outputs = {}
     for backend in ("torch", "triton"):
-        model = _model("bart", sites, layers=1)
+        model = _model(family, sites, layers=1)
         model.backend = backend
         ids, mask = batch(length=5)
         labels, decoder_mask = targets(length=7)

@@ -60,19 +60,32 @@ def _padding_mask(B, S, kind, *, seed=1):
     return mask.to(DEVICE)
 
 
-def _run(tensors, task_ids, d_out, *, backend, causal, mask):
-    out = prefix_attention(*tensors, task_ids, causal=causal, key_padding_mask=mask, backend=backend)
+def _bias(shape, dtype, *, seed=2, transposed=False):
+    """A random bias of `shape` [B|1, Hq|1, T|1, P+S], values up to a few units (comparable to the scores).
+
+    transposed: laid out as T5's compute_bias leaves it, a permuted [., T, L, H] view (last dim strided).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if transposed:
+        b, h, t, n = shape
+        return (2 * torch.randn(b, t, n, h, generator=gen)).to(device=DEVICE, dtype=dtype).permute(0, 3, 1, 2)
+    return (2 * torch.randn(*shape, generator=gen)).to(device=DEVICE, dtype=dtype)
+
+
+def _run(tensors, task_ids, d_out, *, backend, causal, mask, bias=None):
+    out = prefix_attention(*tensors, task_ids, causal=causal, key_padding_mask=mask, bias=bias, backend=backend)
     grads = torch.autograd.grad(out, tensors, d_out)
     return (out, *grads)
 
 
-def _check_against_reference(dims, dtype, *, causal, mask_kind=None, mask=None, n_tasks=3):
+def _check_against_reference(dims, dtype, *, causal, mask_kind=None, mask=None, n_tasks=3, bias=None):
     tensors, task_ids, d_out = _make_inputs(*dims, dtype, n_tasks=n_tasks)
     if mask is None:
         mask = _padding_mask(dims[0], dims[4], mask_kind)
-    got = _run(tensors, task_ids, d_out, backend="triton", causal=causal, mask=mask)
+    got = _run(tensors, task_ids, d_out, backend="triton", causal=causal, mask=mask, bias=bias)
     ref_inputs = tuple(t.detach().float().requires_grad_() for t in tensors)
-    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask)
+    ref_bias = None if bias is None else bias.float()
+    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask, bias=ref_bias)
     for name, a, e in zip(NAMES, got, want):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
         assert_close(name, a, e, RTOL[dtype])
@@ -165,24 +178,25 @@ def test_backward_is_deterministic():
 # ----------------------------------------------------------------------------------------------------
 # Launchers directly: NaN-filled outputs, so an element never written fails
 # ----------------------------------------------------------------------------------------------------
-def _launcher_check(dims, dtype, *, causal, mask, num_splits=None, backward=True):
+def _launcher_check(dims, dtype, *, causal, mask, num_splits=None, backward=True, bias=None):
     from fastprompt.kernels.prefix_attention import prefix_attention_bwd, prefix_attention_fwd
 
     B, Hq, Hkv, T, S, P, D = dims
     tensors, task_ids, d_out = _make_inputs(*dims, dtype)
     tensors = tuple(t.detach() for t in tensors)
     out = nan_like((B, Hq, T, D), dtype)
-    got_out, lse = prefix_attention_fwd(*tensors, task_ids, causal=causal, key_padding_mask=mask,
+    got_out, lse = prefix_attention_fwd(*tensors, task_ids, causal=causal, key_padding_mask=mask, bias=bias,
                                         out=out, num_splits=num_splits)
     assert got_out.data_ptr() == out.data_ptr()
     ref_inputs = tuple(t.float().requires_grad_() for t in tensors)
-    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask)
+    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask,
+                bias=None if bias is None else bias.float())
     assert_close("out", got_out, want[0], RTOL[dtype])
     if not backward:
         return
     grads = tuple(nan_like(t.shape, dtype) for t in tensors)
     got = prefix_attention_bwd(d_out, *tensors, task_ids, got_out, lse, causal=causal,
-                               key_padding_mask=mask, grads=grads)
+                               key_padding_mask=mask, bias=bias, grads=grads)
     for name, a, buf, e in zip(NAMES[1:], got, grads, want[1:]):
         assert a.data_ptr() == buf.data_ptr()
         assert_close(name, a, e, RTOL[dtype])
@@ -244,6 +258,127 @@ def test_decode_through_public_op_with_gradients(dims):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Additive bias (T5's relative position bias over [prefix ; own keys])
+# ----------------------------------------------------------------------------------------------------
+# (dims, causal, mask kind, bias shape as (B?, Hq?, T?) flags: True = full size, False = broadcast 1)
+BIAS_CASES = [
+    pytest.param((3, 4, 2, 21, 21, 5, 32), True, "left", (False, True, True), True, id="causal-left-1HqT-t5layout"),
+    pytest.param((3, 4, 2, 21, 21, 5, 32), False, "right", (True, True, True), False, id="full-right-BHqT"),
+    pytest.param((2, 3, 1, 19, 26, 0, 40), True, "right", (False, False, True), False, id="P0-causal-S>T-11T"),
+    pytest.param((2, 2, 2, 13, 9, 70, 32), False, None, (True, False, False), False, id="cross-P70-B11"),
+]
+
+
+def _bias_shape(dims, full):
+    B, Hq, _, T, S, P, _ = dims
+    return tuple(n if f else 1 for n, f in zip((B, Hq, T), full)) + (P + S,)
+
+
+@pytest.mark.parametrize("dims, causal, mask_kind, full, transposed", BIAS_CASES)
+def test_bias_matches_reference_fp32(dims, causal, mask_kind, full, transposed):
+    bias = _bias(_bias_shape(dims, full), torch.float32, transposed=transposed)
+    _check_against_reference(dims, torch.float32, causal=causal, mask_kind=mask_kind, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_bias_matches_reference_half(dtype):
+    dims = (2, 4, 2, 17, 17, 7, 32)
+    _check_against_reference(dims, dtype, causal=True, mask_kind="right",
+                             bias=_bias(_bias_shape(dims, (False, True, True)), dtype))
+
+
+def test_bias_launchers_write_every_element():
+    dims = (2, 4, 2, 21, 27, 11, 48)
+    _launcher_check(dims, torch.float32, causal=True, mask=_padding_mask(2, 27, "left"),
+                    bias=_bias(_bias_shape(dims, (True, True, True)), torch.bfloat16))
+
+
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "nosplit"])
+def test_bias_decode_forward(num_splits):
+    dims = DECODE_SHAPES[0].values[0]
+    _launcher_check(dims, torch.float32, causal=True, mask=_cache_mask(dims[0], dims[4]), num_splits=num_splits,
+                    backward=False, bias=_bias(_bias_shape(dims, (True, True, True)), torch.float32))
+
+
+def test_bias_decode_through_public_op_with_gradients():
+    dims = DECODE_SHAPES[1].values[0]
+    _check_against_reference(dims, torch.float32, causal=True, mask=_cache_mask(dims[0], dims[4]),
+                             bias=_bias(_bias_shape(dims, (False, True, False)), torch.float32))
+
+
+@pytest.mark.parametrize("P", [0, 5], ids=["P0", "P5"])
+def test_bias_does_not_unmask_keys(P):
+    """Masks win over the bias: the bias of a masked key changes nothing; a row whose own keys are all
+    masked attends to its prefix (P > 0) or returns zeros (P = 0), never NaN."""
+    dims = (3, 2, 2, 9, 9, P, 32)
+    mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    mask[2, :4] = False
+    bias = _bias((3, 2, 9, P + 9), torch.float32)
+    got = _check_against_reference(dims, torch.float32, causal=True, mask=mask, bias=bias)
+    assert all(torch.isfinite(g).all() for g in got)
+    causal_visible = torch.ones(9, 9, dtype=torch.bool, device=DEVICE).tril()
+    own_visible = causal_visible[None, None] & mask[:, None, None, :]
+    hidden = torch.cat([own_visible.new_zeros(3, 1, 9, P), ~own_visible], dim=-1).expand_as(bias)
+    other_bias = torch.where(hidden, bias + 50.0, bias)
+    tensors, task_ids, d_out = _make_inputs(*dims, torch.float32)
+    again = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=mask, bias=other_bias)
+    for name, a, e in zip(NAMES, again, got):
+        assert_close(f"{name} with other bias on masked keys", a, e, RTOL[torch.float32])
+    if P == 0:
+        assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_reference_bias_equals_hand_softmax(causal):
+    """The reference with a bias against softmax(q·kᵀ·scale + bias, masked) written out per head."""
+    B, Hq, Hkv, T, S, P, D = 2, 4, 2, 5, 8, 3, 16
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32)
+    q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
+    mask = _padding_mask(B, S, "left")
+    bias = _bias((1, Hq, T, P + S), torch.float32)
+    scale = 0.7
+    want = torch.empty(B, Hq, T, D, device=DEVICE)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // (Hq // Hkv)
+            keys = torch.cat([pk[task_ids[b], hk], k[b, hk]])
+            values = torch.cat([pv[task_ids[b], hk], v[b, hk]])
+            scores = q[b, h] @ keys.T * scale + bias[0, h]
+            for i in range(T):
+                for j in range(S):
+                    if not mask[b, j] or (causal and j > i + S - T):
+                        scores[i, P + j] = float("-inf")
+            want[b, h] = scores.softmax(-1) @ values
+    got = reference.prefix_attention(q, k, v, pk, pv, task_ids, causal=causal, key_padding_mask=mask,
+                                     scale=scale, bias=bias)
+    assert_close("reference with bias vs hand softmax", got, want, RTOL[torch.float32])
+
+
+def test_bias_guards_name_the_argument():
+    from fastprompt.kernels.prefix_attention import prefix_attention_fwd
+
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32)
+    for backend in ("torch", "triton"):
+        for bad in (torch.randn(2, 4, 5, 6), torch.randn(2, 2, 5, 9), torch.randn(3, 4, 5, 9), torch.randn(4, 5, 9)):
+            with pytest.raises(ValueError, match="bias"):
+                prefix_attention(q, k, v, pk, pv, task_ids, bias=bad.to(DEVICE), backend=backend)
+        with pytest.raises(ValueError, match="bias"):
+            prefix_attention(q, k, v, pk, pv, task_ids, bias=torch.ones(2, 4, 5, 9, dtype=torch.int64,
+                                                                         device=DEVICE), backend=backend)
+        trainable = torch.randn(1, 4, 5, 9, device=DEVICE, requires_grad=True)
+        with pytest.raises(ValueError, match="bias must not require grad"):
+            prefix_attention(q, k, v, pk, pv, task_ids, bias=trainable, backend=backend)
+        with torch.no_grad():  # no gradient is asked for: a bias that requires grad is only read
+            got = prefix_attention(q, k, v, pk, pv, task_ids, bias=trainable, backend=backend)
+            want = reference.prefix_attention(q, k, v, pk, pv, task_ids, bias=trainable.detach())
+        assert_close(f"{backend} under no_grad", got, want, RTOL[torch.float32])
+    with pytest.raises(ValueError, match="bias"):
+        prefix_attention_fwd(q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), task_ids,
+                             bias=torch.randn(2, 4, 5, 8, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Guards and the reference itself
 # ----------------------------------------------------------------------------------------------------
 def test_launcher_guards_name_the_argument():
@@ -295,6 +430,17 @@ def test_large_shapes_gpu(dims, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dims", [_shape(64, 32, 8, 1, 4099, 100, 128), _shape(5, 8, 8, 7, 8191, 20, 64)])
-def test_large_decode_gpu(dims):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_large_decode_gpu(dims, with_bias):
+    bias = _bias(_bias_shape(dims, (False, True, True)), torch.bfloat16) if with_bias else None
     _launcher_check(dims, torch.bfloat16, causal=True, mask=_cache_mask(min(dims[0], 4), dims[4]).repeat(
-        (dims[0] + 3) // 4, 1)[:dims[0]], backward=False)
+        (dims[0] + 3) // 4, 1)[:dims[0]], backward=False, bias=bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [_shape(2, 8, 2, 1031, 1031, 100, 128), _shape(3, 6, 6, 777, 900, 20, 80)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_large_shapes_with_bias_gpu(dims, dtype, causal):
+    _check_against_reference(dims, dtype, causal=causal, mask_kind="left",
+                             bias=_bias(_bias_shape(dims, (False, True, True)), dtype, transposed=True))
