@@ -110,7 +110,7 @@ class PromptModel(nn.Module):
         self.backend = backend
         self.active_adapter: str | None = None
         # Instance patches of the frozen backbone (backbones/patches.py), undone by `unpatch()`.
-        self._frozen_ops = patches.patch_frozen_ops(self.backbone) if fused_ops else None
+        self._frozen_ops = patches.patch_frozen_ops(self.backbone, backend) if fused_ops else None
         self._checkpointing = None
         if gradient_checkpointing:
             self.gradient_checkpointing_enable()

@@ -81,6 +81,25 @@ def test_patches_undo_and_survive_deepcopy(family):
     assert not model.is_gradient_checkpointing
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_patched_ops_follow_the_models_backend(family, monkeypatch):
+    """backend="torch" keeps the patched norms and activations off the kernels too (not only attention and
+    the prompt ops); backend="triton" sends them there (the interpreter, on CPU)."""
+    from fastprompt.ops import _norms_triton
+
+    calls = []
+    for name in ("norm_fwd", "act_fwd"):
+        real = getattr(_norms_triton.TRITON, name)
+        monkeypatch.setattr(_norms_triton.TRITON, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    ids, mask, labels = batch()
+    for backend, expected in (("torch", set()), ("triton", {"norm_fwd", "act_fwd"})):
+        calls.clear()
+        model = fastprompt.get_peft_model(tiny_model(family), CONFIGS["prompt_tuning"](), backend=backend)
+        model(ids, attention_mask=mask, labels=labels)
+        assert set(calls) == expected, backend
+
+
 def test_use_reentrant_is_refused():
     model = fastprompt.get_peft_model(tiny_model("llama"), CONFIGS["prompt_tuning"]())
     with pytest.raises(ValueError, match="use_reentrant"):

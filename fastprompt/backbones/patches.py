@@ -62,19 +62,19 @@ def patch_forwards(replacements: list[tuple[nn.Module, Callable]]) -> PatchHandl
 
 
 # frozen norms and activations ------------------------------------------------------------------------
-def rms_norm_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def rms_norm_forward(module: nn.Module, hidden_states: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """LlamaRMSNorm-like module (weight [d], variance_epsilon) → ops.rms_norm."""
-    return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
+    return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon, backend=backend)
 
 
-def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """nn.LayerNorm over the last dimension → ops.layer_norm."""
-    return ops.layer_norm(x, module.weight, module.bias, module.eps)
+    return ops.layer_norm(x, module.weight, module.bias, module.eps, backend=backend)
 
 
-def swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Llama's MLP: down(silu(gate(x)) * up(x)) with ops.swiglu in the middle."""
-    return mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+    return mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x), backend=backend))
 
 
 def gelu_forward(approximate: str) -> Callable:
@@ -82,17 +82,19 @@ def gelu_forward(approximate: str) -> Callable:
     return functools.partial(_gelu, approximate=approximate)
 
 
-def _gelu(module: nn.Module, x: torch.Tensor, *, approximate: str) -> torch.Tensor:
-    return ops.gelu(x, approximate)
+def _gelu(module: nn.Module, x: torch.Tensor, *, approximate: str, backend: str | None = None) -> torch.Tensor:
+    return ops.gelu(x, approximate, backend=backend)
 
 
-def patch_frozen_ops(backbone) -> PatchHandle:
-    """Route the backbone's norms and activations through fastprompt.ops (see the module docstring).
+def patch_frozen_ops(backbone, backend: str | None = None) -> PatchHandle:
+    """Route the backbone's norms and activations through fastprompt.ops (see the module docstring), with
+    `backend` ("triton", "torch" or None: per call, by device) as the model's other ops.
 
     Only modules the backbone adapter recognises are patched (`backbone.frozen_op_replacements()`); a
     family without replacements gets an empty handle.
     """
-    return patch_forwards(backbone.frozen_op_replacements())
+    return patch_forwards([(module, functools.partial(fn, backend=backend))
+                           for module, fn in backbone.frozen_op_replacements()])
 
 
 # activation checkpointing -----------------------------------------------------------------------------
