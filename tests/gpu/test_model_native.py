@@ -2,8 +2,8 @@
 against PEFT (loss and every prompt gradient), on tiny Llama and GPT-2 in fp32 and bf16.
 
 Each model is built on its own copy of the backbone (fastprompt patches the backbone's norm modules, which
-would otherwise leak its kernels into PEFT's forward). "torch" runs fastprompt with backend="torch" and
-FASTPROMPT_BACKEND=torch, so the patched norms and activations take the PyTorch path too.
+would otherwise leak its kernels into PEFT's forward). "torch" runs fastprompt with backend="torch", which
+the patched norms and activations follow too.
 
 Tolerances. fp32: those of tests/test_peft_equivalence.py (loss 1e-5, gradients 1e-4), for Triton vs PEFT
 and Triton vs torch. bf16: two bf16 runs of a whole backbone differ from each other by the rounding of each
@@ -76,12 +76,8 @@ def _step(model, params_owner, path=None):
     return loss.detach().float(), grads
 
 
-def _fastprompt_step(family, method, path, state, dtype, backend, monkeypatch):
-    with monkeypatch.context() as patch:
-        if backend == "torch":
-            patch.setenv("FASTPROMPT_BACKEND", "torch")
-        model, source = _ours(family, method, state, dtype, backend)
-        return _step(model, source, path)
+def _fastprompt_step(family, method, path, state, dtype, backend):
+    return _step(*_ours(family, method, state, dtype, backend), path)
 
 
 def _rel(actual, expected) -> float:
@@ -90,10 +86,10 @@ def _rel(actual, expected) -> float:
 
 @pytest.mark.parametrize("method, path", CASES, ids=[f"{m}-{p}" for m, p in CASES])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_training_step_fp32(family, method, path, monkeypatch):
+def test_training_step_fp32(family, method, path):
     state = _prompt_state(method, torch.float32)
     peft_loss, peft_grads = _step(*_peft(family, method, state, torch.float32))
-    runs = {backend: _fastprompt_step(family, method, path, state, torch.float32, backend, monkeypatch)
+    runs = {backend: _fastprompt_step(family, method, path, state, torch.float32, backend)
             for backend in ("triton", "torch")}
     for backend, (loss, grads) in runs.items():
         assert sorted(grads) == sorted(peft_grads), backend
@@ -108,7 +104,7 @@ def test_training_step_fp32(family, method, path, monkeypatch):
 
 @pytest.mark.parametrize("method, path", CASES, ids=[f"{m}-{p}" for m, p in CASES])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_training_step_bf16(family, method, path, monkeypatch):
+def test_training_step_bf16(family, method, path):
     dtype = torch.bfloat16
     state = _prompt_state(method, dtype)
     # The fp32 reference computes on the bf16 model's weights, upcast (the rounding is not an error).
@@ -118,7 +114,7 @@ def test_training_step_bf16(family, method, path, monkeypatch):
     loss_tol = max(RTOL[dtype], 1.25 * _rel(peft_loss, ref_loss) + 1e-3)
     grad_tol = max(RTOL[dtype], 1.25 * max(_rel(peft_grads[n], g) for n, g in ref_grads.items()) + 1e-3)
     for backend in ("triton", "torch"):
-        loss, grads = _fastprompt_step(family, method, path, state, dtype, backend, monkeypatch)
+        loss, grads = _fastprompt_step(family, method, path, state, dtype, backend)
         assert sorted(grads) == sorted(ref_grads), backend
         assert_close(f"{backend} bf16 loss vs fp32", loss, ref_loss, loss_tol)
         for name, grad in ref_grads.items():
