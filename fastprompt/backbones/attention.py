@@ -22,11 +22,23 @@ ATTENTION_NAME = "fastprompt"
 
 @dataclass
 class KVCache:
-    """Preallocated per-layer keys/values of the rows' own tokens: [B, Hkv, max_len, D] each."""
+    """Preallocated per-layer keys/values of the rows' own tokens: [B, Hkv, max_len, D] each.
+
+    Two ways to write a forward's T new keys/values (`write`):
+    - `write_at` None (generation, prefill, training): at [length, length + T), then attention reads
+      [0, length + T). `length` is a Python int, so the read's shape follows it.
+    - `write_at` a 0-dim int64 tensor on the cache's device (decode steps that a CUDA graph can replay):
+      T must be 1; the key goes to column `write_at` (an `index_copy_`, whose index is read on the device)
+      and attention reads the cache tensors whole, [0, max_len). Shapes and addresses then do not depend on
+      where the write lands, and nothing is read back on the host; the caller's key_padding_mask, not the
+      read range, must hide every column that is not the row's (the causal test, aligned to the window's
+      end, hides nothing with T = 1).
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    length: int = 0  # positions already written
+    length: int = 0  # positions already written (write_at None)
+    write_at: torch.Tensor | None = None  # 0-dim int64 device tensor: the column a decode step writes
 
     @classmethod
     def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -34,6 +46,23 @@ class KVCache:
         shape = (batch, n_kv_heads, max_len, head_dim)
         return cls([torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)],
                    [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `layer`'s new key/value [B, Hkv, T, D] and return the keys/values attention reads,
+        [B, Hkv, S, D] (S = length + T, or max_len with write_at)."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.write_at is None:
+            start, stop = self.length, self.length + key.shape[2]
+            keys[:, :, start:stop] = key
+            values[:, :, start:stop] = value
+            return keys[:, :, :stop], values[:, :, :stop]
+        if key.shape[2] != 1:
+            raise ValueError(f"KVCache.write_at writes one position per row (decode); got {key.shape[2]} new "
+                             f"positions: use `length` for prefill")
+        index = self.write_at.view(1)
+        keys.index_copy_(2, index, key.to(keys.dtype))
+        values.index_copy_(2, index, value.to(values.dtype))
+        return keys, values
 
 
 class Captures:
@@ -92,10 +121,7 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                                scale=scaling, backend=ctx.backend)
     elif ctx.mode == "prefix":
         if ctx.cache is not None:
-            start, stop = ctx.cache.length, ctx.cache.length + key.shape[2]
-            ctx.cache.keys[layer][:, :, start:stop] = key
-            ctx.cache.values[layer][:, :, start:stop] = value
-            key, value = ctx.cache.keys[layer][:, :, :stop], ctx.cache.values[layer][:, :, :stop]
+            key, value = ctx.cache.write(layer, key, value)
         out = prefix_attention(query, key, value, ctx.prefix_k[layer].to(query.dtype),
                                ctx.prefix_v[layer].to(query.dtype), ctx.task_ids,
                                causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,

@@ -8,17 +8,25 @@ Design (what is where, and why it is exact):
 - **Cache with a common write offset.** The rows' own keys/values live in a preallocated cache
   `[max_slots, Hkv, cache_len, D]` per layer. All active rows end at one common offset `L`: row `i` holds
   its `length_i` tokens at `[L - length_i, L)`, and a `key_padding_mask` built from the lengths hides the
-  rest. A decode step therefore writes every row at the same offset `L`, which is exactly the existing
-  "prefix" mode of fastprompt's attention (`backbones/attention.py`, unchanged). Where a key sits in the
-  cache does not matter to attention (rotary positions are applied before caching; the model's position
-  ids are each row's own, `P + length_i`), only the mask does.
+  rest. A decode step therefore writes every row at the same offset `L`. Where a key sits in the cache
+  does not matter to attention (rotary positions are applied before caching; the model's position ids are
+  each row's own, `P + length_i`), only the mask does.
+- **A decode step a CUDA graph can replay.** `_decode_step` has no shape, address or host read that
+  depends on `L`: the offset is a device tensor (`KVCache.write_at`, an `index_copy_` into the cache),
+  attention reads a fixed key window `[0, R)` of the cache, and the mask `L - length_i <= j <= L` is
+  built on the device. Two bucketed sizes are its only Python ints: the batch `nb` (active rows padded to
+  a power of two, or `max_slots`) and the window `R` (`L + 1` rounded up to a power of two, at least
+  `MIN_KEY_WINDOW`, at most `cache_len`). A pad row reads bank entry 0 with length 0 and writes into a
+  free slot, which no live row reads. Eager decode runs the same step; on CUDA `_DecodeGraphs` captures
+  it once per `(nb, R)` and replays it.
 - **Prefill.** A new request runs alone through the backbone, writing its prompt into its slot at
   `[L - T, L)` through a view of the cache (so its attention sees exactly its own T keys, as it would
   alone), samples its first token, and joins the batch at the next decode step. If `T > L`, or the common
   offset reaches the end of the cache, the whole block is moved ("rebased") so the longest row ends at
   the new offset: one contiguous copy per layer, amortised by allocating `cache_len = 2 * max_len`.
-- **Slots.** Active rows are kept packed in slots `0..n-1` (a decode step reads a view `[:n]` of the
-  cache): a row that finishes frees its slot at once, the last row moving into it.
+- **Slots.** Active rows are kept packed in slots `0..n-1` (a decode step reads a view `[:nb]` of the
+  cache, so slots `n..nb-1` hold the pad rows): a row that finishes frees its slot at once, the last row
+  moving into it.
 - **Sampling.** Per row: greedy rows share one argmax, sampled rows draw from their own seeded
   `torch.Generator` with `fastprompt.generation.sample_next`, so a request's tokens do not depend on what
   shares its batch, and equal `PromptModel.generate` for the same adapter, prompt and seed.
@@ -48,6 +56,8 @@ from fastprompt.serve.metrics import Metrics
 from fastprompt.serve.sampling import InvalidRequest, SamplingParams, TextTracker, sample_rows
 
 logger = logging.getLogger("fastprompt.serve")
+
+MIN_KEY_WINDOW = 16  # the smallest key window a decode step reads (fewer, larger buckets at short lengths)
 
 
 class QueueFull(RuntimeError):
@@ -112,7 +122,8 @@ class Engine:
 
     model: a Hugging Face causal LM (or a PromptModel, whose base model is used); tokenizer: optional
     (needed for stop strings and text); max_slots: rows decoded together; max_len: prompt + generated
-    tokens per request; max_queue: waiting requests before `submit` raises QueueFull.
+    tokens per request; max_queue: waiting requests before `submit` raises QueueFull; cuda_graphs: on a CUDA
+    device, run decode steps as CUDA graphs captured per (batch bucket, key window) (`_DecodeGraphs`).
     """
 
     def __init__(self, model, tokenizer=None, *, max_slots: int = 8, max_len: int = 512, max_queue: int = 64,
@@ -154,7 +165,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._store_version = self.store.version
-        self._graphs = _DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
+        self.batch_buckets = batch_buckets(max_slots)
+        self._graphs = (_DecodeGraphs(self._decode_step, lambda: self.store.version)
+                        if cuda_graphs and self.device.type == "cuda" else None)
 
     # adapters --------------------------------------------------------------------------------
     def load_adapter(self, name: str, adapter_dir, timeout: float | None = 300):
@@ -273,6 +286,11 @@ class Engine:
     def num_running(self) -> int:
         return len(self.rows)
 
+    @property
+    def num_decode_graphs(self) -> int:
+        """CUDA graphs captured now (0 off CUDA or with cuda_graphs=False)."""
+        return 0 if self._graphs is None else len(self._graphs.graphs)
+
     # the loop ---------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
@@ -389,25 +407,18 @@ class Engine:
         n = len(self.rows)
         if self.L >= self.cache_len:
             self._rebase(max(r.length for r in self.rows))
-        P, L = self.store.num_virtual_tokens, self.L
-        lengths = torch.tensor([r.length for r in self.rows], device=self.device)
-        input_ids = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long, device=self.device)
-        positions = lengths[:, None] + P
-        task_ids = torch.tensor([r.entry for r in self.rows], dtype=torch.long, device=self.device)
-        logits = None
-        if self._graphs is not None:
-            logits = self._graphs.run(input_ids, positions, task_ids, lengths)
-        if logits is None:
-            mask = torch.arange(L + 1, device=self.device)[None] >= (L - lengths)[:, None]
-            cache = KVCache([k[:n] for k in self.keys], [v[:n] for v in self.values], length=L)
-            ctx = AttentionContext("prefix", self.store.bank_k, self.store.bank_v, task_ids, key_padding_mask=mask,
-                                   cache=cache, backend=self.backend)
-            hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=positions, ctx=ctx)
-            logits = self.backbone.lm_head(hidden[:, -1])
+        nb = next(b for b in self.batch_buckets if b >= n)
+        window = key_window(self.L, self.cache_len)
+        pad = [0] * (nb - n)
+        inputs = torch.tensor([r.last_token for r in self.rows] + pad + [r.length for r in self.rows] + pad
+                              + [r.entry for r in self.rows] + pad + [self.L], dtype=torch.long).to(self.device)
+        logits = self._graphs.run(nb, window, inputs) if self._graphs is not None else None
+        if logits is None:  # no graphs, or a model whose step cannot be captured
+            logits = self._decode_step(nb, window, inputs)
         self.L += 1
         for row in self.rows:
             row.length += 1
-        tokens = sample_rows(logits, [r.request.params for r in self.rows], [r.generator for r in self.rows])
+        tokens = sample_rows(logits[:n], [r.request.params for r in self.rows], [r.generator for r in self.rows])
         self.metrics.tokens(n)
         finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens)) if self._emit(row, token)]
         for i in reversed(finished):
@@ -415,6 +426,27 @@ class Engine:
         with self.metrics.lock:
             self.metrics.steps += 1
         self.metrics.observe(self.metrics.step_time, time.monotonic() - start_time)
+
+    def _decode_step(self, nb: int, window: int, inputs: torch.Tensor) -> torch.Tensor:
+        """One decode step of slots [0, nb): logits [nb, V] in the model's dtype.
+
+        inputs: int64 [3 * nb + 1] on the model's device: each row's last token, its length (tokens in the
+        cache), its bank entry, then the common offset L. The step writes every row's key/value at column
+        L and reads the window [0, window) of the cache (window > L). No shape, address or host read
+        depends on L or on the rows, only on nb and window, so a CUDA graph captured once per (nb, window)
+        replays it for every L with L < window, whatever the rows.
+        """
+        P = self.store.num_virtual_tokens
+        input_ids, lengths, task_ids = inputs[:nb, None], inputs[nb:2 * nb], inputs[2 * nb:3 * nb]
+        offset = inputs[3 * nb]
+        columns = torch.arange(window, device=inputs.device)[None]
+        mask = (columns >= (offset - lengths)[:, None]) & (columns <= offset)
+        cache = KVCache([k[:nb, :, :window] for k in self.keys], [v[:nb, :, :window] for v in self.values],
+                        write_at=offset)
+        ctx = AttentionContext("prefix", self.store.bank_k, self.store.bank_v, task_ids, key_padding_mask=mask,
+                               cache=cache, backend=self.backend)
+        hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=lengths[:, None] + P, ctx=ctx)
+        return self.backbone.lm_head(hidden[:, -1])
 
     # rows and slots ---------------------------------------------------------------------------
     def _emit(self, row: _Row, token: int) -> bool:
@@ -485,8 +517,6 @@ class Engine:
                 block = buf[:n, :, self.L - m:self.L].clone()
                 buf[:n, :, new_L - m:new_L] = block
         self.L = new_L
-        if self._graphs is not None:
-            self._graphs.invalidate()
 
     def _abort_all(self, message: str, running_only: bool = False) -> None:
         for row in self.rows:
@@ -501,22 +531,86 @@ class Engine:
             self._finish(request, "abort", message)
 
 
-class _DecodeGraphs:
-    """CUDA-graph capture of the decode step, for CUDA devices only (not exercised on CPU).
+def batch_buckets(max_slots: int) -> list[int]:
+    """The batch sizes a decode step runs at: powers of two below max_slots, then max_slots."""
+    sizes = [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
+    return sizes + [max_slots]
 
-    fastprompt's "prefix" attention writes the cache at a Python-int offset and reads a growing key
-    range, both baked into a captured graph. A graph is therefore keyed on (batch size, offset L, bank
-    version) and valid for one step only unless the attention learns device-side write offsets; until
-    then `run` returns None (eager decode) and capture is off. The class keeps the engine's call site
-    and invalidation points in place for that change (see the report to the lead).
+
+def key_window(offset: int, cache_len: int) -> int:
+    """The key window [0, R) a decode step writing column `offset` reads: offset + 1 rounded up to a power
+    of two, at least MIN_KEY_WINDOW, at most cache_len (offset < cache_len)."""
+    return min(cache_len, max(MIN_KEY_WINDOW, 1 << offset.bit_length()))
+
+
+class _DecodeGraphs:
+    """CUDA graphs of `Engine._decode_step`, captured lazily, one per (batch bucket nb, key window R).
+
+    Capture: on one side stream of the engine's device, the step runs once (Triton compiles its kernels,
+    cuBLAS sets up its workspace), then is captured into a CUDAGraph that reads a static inputs tensor
+    and leaves its logits in a static output. All graphs share one memory pool and the capture stream:
+    they replay one at a time, on the engine's thread, and each keeps its inputs and output alive, so
+    what one graph shares with another is only memory both use as temporaries. Replay: copy the step's
+    inputs into the static tensor, replay, return the static logits (valid until the next replay;
+    sampling reads them at once, outside the graph).
+
+    What a graph bakes in: the cache tensors (allocated once by the engine: `_rebase` and `_free` move
+    rows within them and change nothing) and the adapter bank, which `AdapterStore` rebuilds on every
+    load and unload: a change of `version()` drops every graph, and their pool, before the next replay.
+    Bounded: at most len(batch_buckets) * len(key windows) graphs, e.g. 6 * 7 = 42 for 32 slots and a
+    1024-position cache.
+
+    Capture runs in "thread_local" mode, so CUDA work on other threads of the process cannot abort it.
+    A model whose step cannot be captured (one that reads a device value on the host, e.g. a rotary
+    embedding rescaled by the longest position) fails its first capture: graphs are then turned off for
+    good, with a warning, and `run` returns None (the engine decodes eagerly).
     """
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.enabled = False
+    def __init__(self, step: Callable[[int, int, torch.Tensor], torch.Tensor], version: Callable[[], int]):
+        self.step = step
+        self.version = version
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+        self.stream: torch.cuda.Stream | None = None
+        self.captured_version: int | None = None
+        self.disabled = False
 
-    def invalidate(self) -> None:
-        pass
+    def run(self, nb: int, window: int, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Logits [nb, V] of `step(nb, window, inputs)` (inputs: int64 [3 * nb + 1] on the CUDA device),
+        replaying the (nb, window) graph, captured first if there is none; None once capture failed."""
+        if self.disabled:
+            return None
+        if self.version() != self.captured_version:
+            self.graphs.clear()
+            self.pool = torch.cuda.graph_pool_handle()
+            self.captured_version = self.version()
+        entry = self.graphs.get((nb, window))
+        if entry is None:
+            try:
+                with torch.cuda.device(inputs.device):
+                    entry = self._capture(nb, window, inputs)
+            except Exception as error:  # the step is not capturable: serve eagerly rather than fail every step
+                logger.warning("CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly from "
+                               "now on (pass cuda_graphs=False to skip the attempt)", type(error).__name__, error)
+                self.disabled = True
+                self.graphs.clear()
+                return None
+            self.graphs[(nb, window)] = entry
+        graph, static_inputs, logits = entry
+        static_inputs.copy_(inputs)
+        graph.replay()
+        return logits
 
-    def run(self, input_ids, positions, task_ids, lengths):
-        return None
+    def _capture(self, nb: int, window: int, inputs: torch.Tensor):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(inputs.device)
+        static_inputs = inputs.clone()
+        # The warm-up writes the same keys/values into the same cache columns as the replay that follows.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.step(nb, window, static_inputs)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            logits = self.step(nb, window, static_inputs)
+        return graph, static_inputs, logits

@@ -1,15 +1,24 @@
 """The serving engine: mixed batches equal single runs and PromptModel.generate, slots are reused, adapters
-load and unload live, sampling is per request."""
+load and unload live, sampling is per request; the bucketed, graph-safe decode step equals the plain one and
+has no host read or offset-dependent shape."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastprompt.backbones import AttentionContext, KVCache
 from fastprompt.serve import Engine, InvalidRequest, QueueFull, Request, SamplingParams
+from fastprompt.serve.engine import batch_buckets, key_window
+from tests.helpers import RTOL, assert_close
 from tests.serve.conftest import random_prompt, reference_tokens
+
+prefix_attention_module = importlib.import_module("fastprompt.ops.prefix_attention")  # the package exports
+# a function of the same name
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -202,3 +211,105 @@ def test_per_request_timeout(served):
     engine.step()
     assert slow.finish_reason == "timeout" and waiting.finish_reason == "timeout"
     assert engine.num_running == 0 and engine.queue_depth == 0
+
+
+def test_batch_buckets_and_key_windows():
+    assert batch_buckets(1) == [1] and batch_buckets(4) == [1, 2, 4] and batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(33) == [1, 2, 4, 8, 16, 32, 33]
+    assert [key_window(L, 80) for L in (0, 15, 16, 31, 32, 63, 64, 79)] == [16, 16, 32, 32, 64, 64, 80, 80]
+    assert key_window(5, 9) == 9  # never past the cache
+
+
+def plain_decode_logits(engine) -> torch.Tensor:
+    """The decode step without buckets, as the engine ran it before: the n active rows, keys [0, L + 1),
+    the cache written at the Python-int offset L (into a copy, leaving the engine's cache alone)."""
+    n, L, P = len(engine.rows), engine.L, engine.store.num_virtual_tokens
+    lengths = torch.tensor([r.length for r in engine.rows])
+    task_ids = torch.tensor([r.entry for r in engine.rows])
+    mask = torch.arange(L + 1)[None] >= (L - lengths)[:, None]
+    cache = KVCache([k[:n].clone() for k in engine.keys], [v[:n].clone() for v in engine.values], length=L)
+    ctx = AttentionContext("prefix", engine.store.bank_k, engine.store.bank_v, task_ids, key_padding_mask=mask,
+                           cache=cache, backend=engine.backend)
+    input_ids = torch.tensor([[r.last_token] for r in engine.rows])
+    hidden = engine.backbone.hidden_states(input_ids=input_ids, position_ids=lengths[:, None] + P, ctx=ctx)
+    return engine.backbone.lm_head(hidden[:, -1])
+
+
+def test_bucketed_decode_step_equals_plain_decode(served):
+    """Every decode step of a long mixed run (3 of 4 slots padded to 4, key windows 16, 32 and the whole
+    40-position cache, rebases at its end) gives the logits of the plain step on the active rows."""
+    engine = make_engine(served, cache_len=40)
+    step, seen = engine._decode_step, []
+
+    def checked_step(nb, window, inputs):
+        expected = plain_decode_logits(engine)
+        logits = step(nb, window, inputs)
+        n = len(engine.rows)
+        assert logits.shape[0] == nb >= n and window > engine.L
+        assert_close(f"logits n={n} nb={nb} window={window} L={engine.L}", logits[:n], expected,
+                     RTOL[torch.float32])
+        seen.append((n, nb, window, engine.L))
+        return logits
+
+    engine._decode_step = checked_step
+    requests = engine.generate(mixed_requests(seed=13, count=15, max_tokens=(8, 25)))
+    assert all(r.finish_reason == "length" for r in requests)
+    assert any(nb > n for n, nb, _, _ in seen), seen
+    assert {window for *_, window, _ in seen} == {16, 32, 40}, seen
+    assert any(L1 < L0 for (*_, L0), (*_, L1) in zip(seen, seen[1:]) if L1 > 0), "no rebase happened"
+
+
+class StepTrace(TorchDispatchMode):
+    """Records each aten op of a forward with its output shapes (and the address an index_copy_ writes
+    to); fails on a read of a tensor's value on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("the decode step read a tensor value on the host (.item(), int(), bool())")
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                       if isinstance(t, torch.Tensor))
+        address = args[0].data_ptr() if func is torch.ops.aten.index_copy_.default else None
+        self.ops.append((str(func), shapes, address))
+        return out
+
+
+def test_decode_step_has_no_host_read_and_fixed_shapes_within_a_bucket(served, monkeypatch):
+    """What a CUDA graph needs: within one (batch bucket, key window) every step runs the same ops on
+    the same shapes and writes the cache at the same addresses, whatever L and the rows are, and never
+    reads a value back on the host. (The op's task-id range check reads ids on the host only for CPU
+    tensors, skipped on CUDA; it is skipped here so the trace shows what a CUDA step does.)"""
+    monkeypatch.setattr(prefix_attention_module, "check_index", lambda *args: None)
+    # batch buckets 1, 2, 4, 5; rows join one a step, so bucket 4 runs 3 and 4 rows
+    engine = make_engine(served, names=("a", "mpt"), max_slots=5, max_prefills_per_step=1)
+    step, traces = engine._decode_step, {}
+
+    def traced_step(nb, window, inputs):
+        trace = StepTrace()
+        with trace:
+            logits = step(nb, window, inputs)
+        traces.setdefault((nb, window), []).append((engine.L, len(engine.rows), trace.ops))
+        return logits
+
+    engine._decode_step = traced_step
+    engine.generate(mixed_requests(seed=17, count=7, names=("a", "mpt"), max_tokens=(6, 20)))
+    for key, runs in traces.items():
+        first = runs[0][2]
+        assert first and all(ops == first for _, _, ops in runs), key
+    varied = [runs for runs in traces.values() if len({L for L, _, _ in runs}) >= 3]
+    assert varied and any(len({n for _, n, _ in runs}) >= 2 for runs in traces.values()), traces.keys()
+
+
+def test_kv_cache_write_at_takes_one_position():
+    keys = [torch.randn(2, 1, 8, 4)]
+    cache = KVCache(keys, [torch.randn(2, 1, 8, 4)], write_at=torch.tensor(3))
+    new_k, new_v = torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
+    read_k, read_v = cache.write(0, new_k, new_v)
+    assert read_k.shape == (2, 1, 8, 4) and torch.equal(read_k[:, :, 3:4], new_k)
+    assert torch.equal(read_v[:, :, 3:4], new_v)
+    with pytest.raises(ValueError, match="one position"):
+        cache.write(0, torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))
