@@ -473,25 +473,32 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _fwd_config(d_pad: int, dtype: torch.dtype, decode: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+def _fwd_config(d_pad: int, dtype: torch.dtype, decode: bool, has_bias: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
+
+    Chosen from sm_90 ahead-of-time compiles (`python -m fastprompt.kernels.aot_compile`), not timings: the
+    largest tiles that ptxas fits in 255 registers without spilling. fp32 uses IEEE FMA dots (no tensor
+    cores), which need small tiles; a bias tile of int64 pointers costs about 64 registers at 128 x 64.
+    """
     if _interpret():  # every program runs in Python: few, large tiles
         return (16, 32, 4, 1) if decode else (64, 64, 4, 1)
     if decode:
         return 16, (32 if dtype == torch.float32 else 64), 4, 3
     if dtype == torch.float32:
-        return 64, 32, 4, 2
+        return 32, 32, 4, 2
     if d_pad <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 2
+        return 128, 64, 8, 3
+    return (128, 32, 8, 3) if has_bias else (128, 64, 8, 2)
 
 
 def _bwd_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels."""
     if _interpret():
         return 64, 64, 4, 1
-    if dtype == torch.float32 or d_pad > 64:  # fp32 dK/dV accumulators of a 64 x 128 tile: 8 warps
-        return 32, 64, (8 if d_pad > 64 else 4), 2
+    if dtype == torch.float32:  # IEEE FMA dots: at 32 x 64 the dK/dV kernel spills kilobytes on sm_90
+        return 16, 32, 4, 2
+    if d_pad > 64:
+        return 32, 64, 8, 2
     return 64, 64, 4, 2
 
 
@@ -594,7 +601,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
     G = Hq // Hkv
     d_pad = max(16, triton.next_power_of_2(D))
     decode = T <= DECODE_MAX_T
-    block_m, block_n, warps, stages = _fwd_config(d_pad, q.dtype, decode)
+    block_m, block_n, warps, stages = _fwd_config(d_pad, q.dtype, decode, bias is not None)
     n_m = triton.cdiv(G * T, block_m)
     L = P + S
     if num_splits is None:

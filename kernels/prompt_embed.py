@@ -290,17 +290,18 @@ def virtual_sources(task_ids: torch.Tensor, n_tasks: int, n_virtual: int, length
     """
     device = task_ids.device
     B, P = task_ids.shape[0], n_virtual
-    tasks = task_ids.to(torch.int64)[:, None]
+    # unsqueeze/take rather than indexing: tensor indexing cannot run on the fake CUDA tensors of aot_compile
+    tasks = task_ids.to(torch.int64).unsqueeze(1)
     if positions is None:                                            # the prompt at positions 0..P-1
         virt = torch.arange(P, device=device)
-        dest = tasks * P + virt[None, :]
-        src = torch.arange(B, device=device)[:, None] * length + virt[None, :]
+        dest = tasks * P + virt
+        src = torch.arange(B, device=device).unsqueeze(1) * length + virt
     else:
         p = positions.to(torch.int64)
         dest = torch.where(p < 0, tasks * P + (-p - 1), n_tasks * P)  # tokens sort after every slot
         src = torch.arange(B * length, device=device).view(B, length)
     dest, order = torch.sort(dest.reshape(-1), stable=True)
-    src = src.reshape(-1)[order].contiguous()
+    src = torch.take(src, order)
     offsets = torch.searchsorted(dest, torch.arange(n_tasks * P + 1, device=device))
     return src, offsets.to(torch.int64).contiguous()
 
