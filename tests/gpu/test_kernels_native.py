@@ -17,13 +17,13 @@ import torch
 from fastprompt import ops
 from fastprompt.kernels import linear_cross_entropy as LCE
 from fastprompt.kernels import norms as NORMS
-from fastprompt.kernels import prompt_embed as PE
 from fastprompt.ops import reference
 from tests.helpers import DEVICE, RTOL, assert_close, nan_like
 from tests.ops.test_linear_cross_entropy import _case as lce_case
 from tests.ops.test_linear_cross_entropy import _reference as lce_reference
 from tests.ops.test_prefix_attention import _launcher_check, _padding_mask, _shape
 from tests.ops.test_prompt_embed import _template
+from tests.ops.test_prompt_embed import check_launchers as check_prompt_embed_launchers
 
 pytestmark = pytest.mark.gpu
 
@@ -82,40 +82,8 @@ def test_prefix_attention_decode(dims, dtype, num_splits):
 @pytest.mark.parametrize("P", [20, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prompt_embed_launchers(dtype, P, layout):
-    B, T, d, vocab, n_tasks, rank = 6, 509, 4096, 32000, 5, 3
-    gen = torch.Generator().manual_seed(P)
-    input_ids = torch.randint(0, vocab, (B, T), generator=gen).to(DEVICE)
-    weight = torch.randn(vocab, d, generator=gen).to(DEVICE, dtype)
-    task_ids = torch.tensor([0, 3, 3, 1, 0, 3], device=DEVICE)         # tasks 2 and 4 unused
-    prompts = torch.randn(n_tasks, P, d, generator=gen).to(DEVICE, dtype)
-    shared = torch.randn(P, d, generator=gen).to(DEVICE, dtype)
-    task_cols = torch.randn(n_tasks, P, rank, generator=gen).to(DEVICE, dtype)
-    task_rows = torch.randn(n_tasks, rank, d, generator=gen).to(DEVICE, dtype)
-    positions = _template(B, T, P) if layout == "template" else None
-    L, rtol = T + P, RTOL[dtype]
-
-    out = PE.prompt_embed_fwd(input_ids, weight, prompts, task_ids, positions, out=nan_like((B, L, d), dtype))
-    ref = reference.prompt_embed(input_ids, weight.float(), prompts.float(), task_ids, positions=positions)
-    assert_close("prompt_embed out", out, ref, rtol)
-    out = PE.mpt_prompt_embed_fwd(input_ids, weight, shared, task_cols, task_rows, task_ids, positions,
-                                  out=nan_like((B, L, d), dtype))
-    ref = reference.mpt_prompt_embed(input_ids, weight.float(), shared.float(), task_cols.float(),
-                                     task_rows.float(), task_ids, positions=positions)
-    assert_close("mpt_prompt_embed out", out, ref, rtol)
-
-    grad_out = torch.randn(B, L, d, generator=gen).to(DEVICE, dtype)
-    grad = PE.prompt_grad(grad_out, task_ids, n_tasks, P, positions, out=nan_like((n_tasks, P, d), dtype),
-                          dtype=dtype)
-    leaf = prompts.detach().float().requires_grad_(True)
-    reference.prompt_embed(input_ids, weight.float(), leaf, task_ids, positions=positions).backward(
-        grad_out.float())
-    assert_close("prompt grad", grad, leaf.grad, rtol)
-    assert torch.all(grad[[2, 4]] == 0), "tasks no row uses must get zero gradient"
-
-    ids = torch.tensor([4, 1, 4], device=DEVICE)
-    out = PE.mpt_prompts_fwd(shared, task_cols, task_rows, ids, out=nan_like((3, P, d), dtype))
-    assert_close("mpt_prompts out", out, reference.mpt_prompts(shared.float(), task_cols.float(),
-                                                               task_rows.float(), ids), rtol)
+    check_prompt_embed_launchers(B=6, T=509, P=P, d=4096, vocab=32000, n_tasks=5, rank=3,
+                                 row_tasks=[0, 3, 3, 1, 0, 3], dtype=dtype, layouts=(layout,), seed=P)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])

@@ -170,17 +170,22 @@ def test_int32_indices_and_no_virtual_tokens():
     assert torch.equal(prompts.grad, torch.zeros_like(prompts))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_launchers_write_every_element(dtype):
-    """Outputs pre-filled with NaN: every element must be written, a task no row uses gets zeros."""
-    B, T, P, d, n_tasks, rank = 3, 13, 7, 40, 4, 3
-    input_ids, weight, task_ids, gen = _tokens(B, T, d, n_tasks, [2, 0, 2], dtype)
+def check_launchers(B, T, P, d, vocab, n_tasks, rank, row_tasks, dtype, layouts=("prefix", "template"), seed=0):
+    """Every launcher (prompt tuning, MPT, MPT prompts alone, the prompt gradient) against the reference, into
+    NaN-filled outputs: every element must be written, a task no row uses gets a zero gradient. Shared with
+    the native GPU test at model sizes (tests/gpu)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (B, T), generator=gen).to(DEVICE)
+    weight = torch.randn(vocab, d, generator=gen).to(DEVICE, dtype)
+    task_ids = torch.tensor(row_tasks, dtype=torch.int64, device=DEVICE)
+    unused = sorted(set(range(n_tasks)) - set(row_tasks))
     prompts = torch.randn(n_tasks, P, d, generator=gen).to(DEVICE, dtype)
     shared = torch.randn(P, d, generator=gen).to(DEVICE, dtype)
     task_cols = torch.randn(n_tasks, P, rank, generator=gen).to(DEVICE, dtype)
     task_rows = torch.randn(n_tasks, rank, d, generator=gen).to(DEVICE, dtype)
     rtol = RTOL[dtype]
-    for positions in (None, _template(B, T, P)):
+    for layout in layouts:
+        positions = _template(B, T, P) if layout == "template" else None
         L = T + P
         out = K.prompt_embed_fwd(input_ids, weight, prompts, task_ids, positions, out=nan_like((B, L, d), dtype))
         ref = reference.prompt_embed(input_ids, weight.float(), prompts.float(), task_ids, positions=positions)
@@ -198,12 +203,17 @@ def test_launchers_write_every_element(dtype):
         reference.prompt_embed(input_ids, weight.float(), leaf, task_ids, positions=positions).backward(
             grad_out.float())
         assert_close("prompt grad", grad, leaf.grad, rtol)
-        assert torch.all(grad[1] == 0) and torch.all(grad[3] == 0), "unused tasks must get zero gradient"
+        assert torch.all(grad[unused] == 0), "tasks no row uses must get zero gradient"
 
-    ids = torch.tensor([1, 3], device=DEVICE)
-    out = K.mpt_prompts_fwd(shared, task_cols, task_rows, ids, out=nan_like((2, P, d), dtype))
+    ids = torch.tensor([row_tasks[-1], row_tasks[0], row_tasks[-1]], device=DEVICE)
+    out = K.mpt_prompts_fwd(shared, task_cols, task_rows, ids, out=nan_like((3, P, d), dtype))
     ref = reference.mpt_prompts(shared.float(), task_cols.float(), task_rows.float(), ids)
     assert_close("mpt_prompts out", out, ref, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_launchers_write_every_element(dtype):
+    check_launchers(B=3, T=13, P=7, d=40, vocab=VOCAB, n_tasks=4, rank=3, row_tasks=[2, 0, 2], dtype=dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
