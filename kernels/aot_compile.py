@@ -5,13 +5,14 @@ tl.dot tile sizes, shared-memory limits, register pressure, layouts. This module
 device: it runs the real launchers (`prefix_attention_fwd`, `lce_bwd`, ...) on fake CUDA tensors
 (torch's FakeTensorMode: shapes, dtypes and strides, no storage), intercepts each kernel launch, and
 compiles exactly what the launch would have compiled (same arguments, so the same specialisation, block
-sizes, num_warps and num_stages from the launchers' own config functions) for the chosen target with the
-ptxas that ships with Triton. Each compiled launch reports its shared memory, registers and spills.
+sizes, num_warps and num_stages from the launchers' own config functions, which see the target's compute
+capability) for the chosen target with the ptxas that ships with Triton. Each compiled launch reports its
+shared memory, registers and spills.
 
 It must run in a process where TRITON_INTERPRET is unset when Triton is first imported (under the
 interpreter `@triton.jit` builds interpreter objects, which cannot be compiled):
 
-    python -m fastprompt.kernels.aot_compile --arch 90 80 [--sweep] [--json]
+    python -m fastprompt.kernels.aot_compile --arch 90 80 [--sweep] [--json] [--only "bf16 D=64"]
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def record(case: str, call: Callable[[], object], arch: int) -> list[Launch]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     with mock.patch.object(JITFunction, "run", run), \
             mock.patch.object(PA, "_sm_count", lambda index: ARCHS[arch]["sm_count"]), \
+            mock.patch.object(PA, "_arch", lambda index: arch), \
             mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}), FakeTensorMode(allow_non_fake_inputs=True):
         call()
     return launches
@@ -162,15 +164,18 @@ def _norms(dtype, d):
     return call
 
 
-def cases(sweep: bool) -> list[tuple[str, Callable[[], object]]]:
-    """(name, launcher call) pairs. Quick: bf16 (fp16 compiles to the same tiles) at the largest head dim,
-    causal with padding, with and without a bias. Sweep: every dtype, head dim and feature combination."""
+def cases(sweep: bool, only: str = "") -> list[tuple[str, Callable[[], object]]]:
+    """(name, launcher call) pairs whose name contains `only`. Quick: bf16 (fp16 compiles to the same
+    tiles) at the largest head dim, causal with padding, with and without a bias. Sweep: every dtype, head
+    dim and feature combination."""
     if sweep:
-        return [c for dname, dtype in DTYPES.items() for c in _cases_for(
+        every = [c for dname, dtype in DTYPES.items() for c in _cases_for(
             dname, dtype, HEAD_DIMS, [(c, m, b) for c in (True, False) for m in (True, False) for b in (True, False)],
             lce_dims=(64, 4096), lce_bias=(True, False), embed_dims=(768, 4096, 5120), norm_dims=(768, 4096, 8192))]
-    return _cases_for("bf16", torch.bfloat16, (128,), [(True, True, False), (True, True, True)],
-                      lce_dims=(4096,), lce_bias=(True,), embed_dims=(4096,), norm_dims=(8192,))
+    else:
+        every = _cases_for("bf16", torch.bfloat16, (128,), [(True, True, False), (True, True, True)],
+                           lce_dims=(4096,), lce_bias=(True,), embed_dims=(4096,), norm_dims=(8192,))
+    return [(name, call) for name, call in every if only in name]
 
 
 def _cases_for(dname, dtype, dims, flags, lce_dims, lce_bias, embed_dims, norm_dims):
@@ -265,16 +270,16 @@ def _compile_nth(i: int) -> dict:
     return compile_launch(*_TODO[i])
 
 
-def run(archs: list[int], sweep: bool, workers: int) -> list[dict]:
-    """Record every case's launches, dedupe identical binaries per arch, compile them (in `workers`
-    forked processes), and return one row per distinct binary."""
+def run(archs: list[int], sweep: bool, workers: int, only: str = "") -> list[dict]:
+    """Record the launches of every case whose name contains `only`, dedupe identical binaries per arch,
+    compile them (in `workers` forked processes), and return one row per distinct binary."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not isinstance(PA._fwd_kernel, JITFunction):
         raise ValueError("TRITON_INTERPRET must be unset (or 0) when Triton is imported, got "
                          f"{os.environ.get('TRITON_INTERPRET')!r}")
     _TODO.clear()
     seen = set()
     for arch in archs:
-        for name, call in cases(sweep):
+        for name, call in cases(sweep, only):
             for launch in record(name, call, arch):
                 key = (arch, launch_key(launch, arch))
                 if key not in seen:
@@ -302,13 +307,16 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(ARCHS))
     parser.add_argument("--sweep", action="store_true", help="every head dim and feature combination")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--only", default="", help="compile only the cases whose name contains this text")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     args = parser.parse_args(argv)
     missing = ptxas_missing()
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    rows = run(args.arch, args.sweep, args.workers)
+    rows = run(args.arch, args.sweep, args.workers, args.only)
+    if not rows:
+        parser.error(f"--only {args.only!r} matches no case; names look like {cases(args.sweep)[0][0]!r}")
     print(json.dumps(rows) if args.json else format_table(rows))
     return int(any(problems(r) for r in rows))
 

@@ -68,9 +68,20 @@ def _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL: tl.constexpr, HAS_M
 
 
 @triton.jit
-def _load_bias(ptrs, ok):
-    """The bias at ptrs in fp32, in base-2 score units (0 where not ok)."""
-    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * _LOG2E_JIT
+def _bias_index(x, BIAS_I64: tl.constexpr):
+    """x (int32) as a bias offset: int64 only when the launcher found that the offsets within one batch
+    row of the bias may pass 2**31. int32 offsets halve the registers of the [BLOCK_M, BLOCK_N] offset
+    tile, which is what made the bias paths spill."""
+    if BIAS_I64:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
+@triton.jit
+def _load_bias(base, offsets, ok):
+    """The bias at base + offsets in fp32, in base-2 score units (0 where not ok)."""
+    return tl.load(base + offsets, mask=ok, other=0.0).to(tl.float32) * _LOG2E_JIT
 
 
 @triton.jit
@@ -94,13 +105,14 @@ def _packed_rows(pid_m, T, G, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, bias_rows, stride_bn,
-               lo, hi, last_key, offs_d, d_ok, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, bias_base, bias_rows,
+               stride_bn, lo, hi, last_key, offs_d, d_ok, qk_scale,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over keys [lo, hi) of one segment (the prefix or the row's own keys).
 
-    bias_rows: [BLOCK_M] pointers to each query row's bias at this segment's key 0."""
+    bias_base: the batch row's bias at this segment's key 0 (a scalar pointer); bias_rows: [BLOCK_M]
+    offsets of each query row from it (int32, or int64 when BIAS_I64)."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
@@ -108,7 +120,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
         if HAS_BIAS:
-            s += _load_bias(bias_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_bn, n_ok[None, :])
+            s += _load_bias(bias_base, bias_rows[:, None] + _bias_index(offs_n, BIAS_I64)[None, :] * stride_bn,
+                            n_ok[None, :])
         visible = _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL, HAS_MASK)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -130,8 +143,8 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, LSE, O_PART, LSE_PART,
                 spkt, spkh, spkp, spvt, spvh, spvp, sbb, sbh, sbt, sbn,
                 T, S, P, G, Hkv, D, qk_scale, split_len, n_splits,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_I64: tl.constexpr,
+                SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -147,7 +160,8 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, LSE, O_PART, LSE_PART,
         + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     task = tl.load(TASK + b).to(tl.int64)
-    bias_rows = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + t.to(tl.int64) * sbt
+    bias_b = BIAS + b.to(tl.int64) * sbb
+    bias_rows = _bias_index(h, BIAS_I64) * sbh + _bias_index(t, BIAS_I64) * sbt
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a row that sees nothing stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -161,9 +175,9 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, LSE, O_PART, LSE_PART,
     pk_base = PK + task * spkt + hkv.to(tl.int64) * spkh
     pv_base = PV + task * spvt + hkv.to(tl.int64) * spvh
     last_key = t + (S - T)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pk_base, pv_base, spkp, spvp, MASK, bias_rows, sbn, lo,
-                               tl.minimum(hi, P), last_key, offs_d, d_ok, qk_scale,
-                               BLOCK_N, False, False, HAS_BIAS, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pk_base, pv_base, spkp, spvp, MASK, bias_b, bias_rows, sbn,
+                               lo, tl.minimum(hi, P), last_key, offs_d, d_ok, qk_scale,
+                               BLOCK_N, False, False, HAS_BIAS, BIAS_I64, DOT_PREC)
 
     # 2) the row's own keys: [o_lo, full) is visible to every row of the tile (no causal test), then
     #    [full, o_hi) with the causal test.
@@ -177,14 +191,14 @@ def _fwd_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, LSE, O_PART, LSE_PART,
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     mask_base = MASK + b.to(tl.int64) * S
-    own_bias_rows = bias_rows + P.to(tl.int64) * sbn
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn,
+    own_bias = bias_b + P.to(tl.int64) * sbn
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, own_bias, bias_rows, sbn,
                                o_lo, tl.minimum(o_hi, full), last_key, offs_d, d_ok, qk_scale,
-                               BLOCK_N, False, HAS_MASK, HAS_BIAS, DOT_PREC)
+                               BLOCK_N, False, HAS_MASK, HAS_BIAS, BIAS_I64, DOT_PREC)
     if CAUSAL:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn,
-                                   tl.maximum(o_lo, full), o_hi, last_key, offs_d, d_ok, qk_scale,
-                                   BLOCK_N, True, HAS_MASK, HAS_BIAS, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, mask_base, own_bias, bias_rows,
+                                   sbn, tl.maximum(o_lo, full), o_hi, last_key, offs_d, d_ok, qk_scale,
+                                   BLOCK_N, True, HAS_MASK, HAS_BIAS, BIAS_I64, DOT_PREC)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -252,7 +266,8 @@ def _delta_kernel(O, DO, DELTA, n_rows, D, BLOCK_R: tl.constexpr, D_PAD: tl.cons
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_base, bias_base, stride_bt,
                 stride_bn, lo, hi, S, T, D, offs_d, d_ok, qk_scale,
-                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_I64: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query positions [lo, hi) of one query head.
 
     q, dO are contiguous [.., T, D] here (row stride D); lse and delta are [.., T]; bias_base points at
@@ -271,8 +286,8 @@ def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_b
         s_t = _dot(k, tl.trans(q), DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         visible = key_ok[:, None] & m_ok[None, :]
         if HAS_BIAS:
-            s_t += _load_bias(bias_base + offs_n[:, None].to(tl.int64) * stride_bn
-                              + offs_m[None, :].to(tl.int64) * stride_bt, visible)
+            s_t += _load_bias(bias_base, _bias_index(offs_n, BIAS_I64)[:, None] * stride_bn
+                              + _bias_index(offs_m, BIAS_I64)[None, :] * stride_bt, visible)
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + (S - T))
         p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
@@ -288,7 +303,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, k_base, v_base, stride_kn, stride_vn, mask_bas
                dk_base, dv_base, n0, n_end, b, hkv, T, S, G, Hkv, D, qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of keys [n0, n0 + BLOCK_N) of one segment, summed over the G query heads of the group.
 
     bias_base points at row b's bias at the segment's key 0 (head 0)."""
@@ -321,10 +336,10 @@ def _dkdv_tile(Q, DO, LSE, DELTA, k_base, v_base, stride_kn, stride_vn, mask_bas
             if CAUSAL:
                 dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, Q + row0 * D, DO + row0 * D, LSE + row0,
                                      DELTA + row0, head_bias, sbt, sbn, t_start, t_full, S, T, D, offs_d, d_ok,
-                                     qk_scale, BLOCK_M, True, HAS_BIAS, DOT_PREC)
+                                     qk_scale, BLOCK_M, True, HAS_BIAS, BIAS_I64, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, Q + row0 * D, DO + row0 * D, LSE + row0,
                              DELTA + row0, head_bias, sbt, sbn, t_full, T, S, T, D, offs_d, d_ok, qk_scale,
-                             BLOCK_M, False, HAS_BIAS, DOT_PREC)
+                             BLOCK_M, False, HAS_BIAS, BIAS_I64, DOT_PREC)
     out_ptrs = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(dk_base + out_ptrs, (dk * sm_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
     tl.store(dv_base + out_ptrs, dv.to(dv_base.dtype.element_ty), mask=kv_mask)
@@ -336,7 +351,7 @@ def _bwd_dkdv_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DK, DV, 
                      T, S, P, G, Hkv, D, qk_scale, sm_scale, n_prefix_blocks,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid: (prefix key tiles + own key tiles, B * Hkv). Prefix tiles write this row's fp32 partial."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -349,21 +364,22 @@ def _bwd_dkdv_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DK, DV, 
         _dkdv_tile(Q, DO, LSE, DELTA, PK + task * spkt + hkv.to(tl.int64) * spkh,
                    PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, row_bias, sbh, sbt, sbn,
                    DPK_PART + bh * P * D, DPV_PART + bh * P * D, pid_n * BLOCK_N, P, b, hkv, T, S, G, Hkv,
-                   D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, True, CAUSAL, HAS_MASK, HAS_BIAS, DOT_PREC)
+                   D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, True, CAUSAL, HAS_MASK, HAS_BIAS, BIAS_I64,
+                   DOT_PREC)
     else:
         _dkdv_tile(Q, DO, LSE, DELTA, K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh,
                    V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh, sks, svs, MASK + b.to(tl.int64) * S,
                    row_bias + P.to(tl.int64) * sbn, sbh, sbt, sbn,
                    DK + bh * S * D, DV + bh * S * D, (pid_n - n_prefix_blocks) * BLOCK_N, S, b, hkv, T, S,
                    G, Hkv, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, False, CAUSAL, HAS_MASK, HAS_BIAS,
-                   DOT_PREC)
+                   BIAS_I64, DOT_PREC)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_base, bias_rows, stride_bn,
-              lo, hi, last_key, offs_d, d_ok, qk_scale,
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_base, bias_base, bias_rows,
+              stride_bn, lo, hi, last_key, offs_d, d_ok, qk_scale,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dQ (unscaled) of one query tile over keys [lo, hi) of one segment (bias as in _fwd_inner)."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -373,7 +389,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
         if HAS_BIAS:
-            s += _load_bias(bias_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_bn, n_ok[None, :])
+            s += _load_bias(bias_base, bias_rows[:, None] + _bias_index(offs_n, BIAS_I64)[None, :] * stride_bn,
+                            n_ok[None, :])
         visible = _visible_keys(offs_n, n_ok, last_key, mask_base, CAUSAL, HAS_MASK)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT_PREC)
@@ -388,7 +405,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DQ,
                    T, S, P, G, Hkv, D, qk_scale, sm_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid: (packed query tiles, B * Hkv). q, dO, dQ are contiguous [B, Hq, T, D]."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -408,11 +425,12 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     task = tl.load(TASK + b).to(tl.int64)
     last_key = t + (S - T)
-    bias_rows = BIAS + b.to(tl.int64) * sbb + (hkv * G + g).to(tl.int64) * sbh + t.to(tl.int64) * sbt
+    bias_b = BIAS + b.to(tl.int64) * sbb
+    bias_rows = _bias_index(hkv * G + g, BIAS_I64) * sbh + _bias_index(t, BIAS_I64) * sbt
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, PK + task * spkt + hkv.to(tl.int64) * spkh,
-                   PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, bias_rows, sbn, 0, P, last_key,
-                   offs_d, d_ok, qk_scale, BLOCK_N, False, False, HAS_BIAS, DOT_PREC)
+                   PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, bias_b, bias_rows, sbn, 0, P,
+                   last_key, offs_d, d_ok, qk_scale, BLOCK_N, False, False, HAS_BIAS, BIAS_I64, DOT_PREC)
     own_end = S
     full = S
     if CAUSAL:
@@ -421,13 +439,14 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DQ,
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     mask_base = MASK + b.to(tl.int64) * S
-    own_bias_rows = bias_rows + P.to(tl.int64) * sbn
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn, 0,
+    own_bias = bias_b + P.to(tl.int64) * sbn
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, own_bias, bias_rows, sbn, 0,
                    tl.minimum(own_end, full), last_key, offs_d, d_ok, qk_scale, BLOCK_N, False, HAS_MASK,
-                   HAS_BIAS, DOT_PREC)
+                   HAS_BIAS, BIAS_I64, DOT_PREC)
     if CAUSAL:
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, own_bias_rows, sbn, full,
-                       own_end, last_key, offs_d, d_ok, qk_scale, BLOCK_N, True, HAS_MASK, HAS_BIAS, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, mask_base, own_bias, bias_rows, sbn,
+                       full, own_end, last_key, offs_d, d_ok, qk_scale, BLOCK_N, True, HAS_MASK, HAS_BIAS,
+                       BIAS_I64, DOT_PREC)
     tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -473,12 +492,25 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _fwd_config(d_pad: int, dtype: torch.dtype, decode: bool, has_bias: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward.
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> int:
+    """The compute capability of CUDA device `index` as one number (9.0 -> 90); the tile configs key on it."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
-    Chosen from sm_90 ahead-of-time compiles (`python -m fastprompt.kernels.aot_compile`), not timings: the
-    largest tiles that ptxas fits in 255 registers without spilling. fp32 uses IEEE FMA dots (no tensor
-    cores), which need small tiles; a bias tile of int64 pointers costs about 64 registers at 128 x 64.
+
+def _device_arch(device: torch.device) -> int:
+    """`_arch` of a tensor's device; 90 under the interpreter, whose tiles do not depend on it."""
+    return 90 if _interpret() else _arch(device.index or 0)
+
+
+def _fwd_config(d_pad: int, dtype: torch.dtype, decode: bool, has_bias: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, on every architecture.
+
+    Chosen from sm_90 and sm_80 ahead-of-time compiles (`python -m fastprompt.kernels.aot_compile --arch
+    90 80 --sweep`), not timings: the largest tiles that ptxas fits in 255 registers without spilling.
+    fp32 uses IEEE FMA dots (no tensor cores), which need small tiles; a bias costs a [BLOCK_M, BLOCK_N]
+    tile of offsets and of bias values.
     """
     if _interpret():  # every program runs in Python: few, large tiles
         return (16, 32, 4, 1) if decode else (64, 64, 4, 1)
@@ -488,18 +520,21 @@ def _fwd_config(d_pad: int, dtype: torch.dtype, decode: bool, has_bias: bool) ->
         return 32, 32, 4, 2
     if d_pad <= 64:
         return 128, 64, 8, 3
-    return (128, 32, 8, 3) if has_bias else (128, 64, 8, 2)
+    # at 128 x 32 with a bias, sm_90 still spills 16 B (causal with padding), sm_80 200-270 B
+    return (128, 16, 8, 3) if has_bias else (128, 64, 8, 2)
 
 
-def _bwd_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels."""
+def _bwd_config(d_pad: int, dtype: torch.dtype, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels on compute capability
+    `arch` (e.g. 90 for 9.0), chosen like `_fwd_config`'s."""
     if _interpret():
         return 64, 64, 4, 1
     if dtype == torch.float32:  # IEEE FMA dots: at 32 x 64 the dK/dV kernel spills kilobytes on sm_90
         return 16, 32, 4, 2
-    if d_pad > 64:
-        return 32, 64, 8, 2
-    return 64, 64, 4, 2
+    # 32 queries per step: at 64 x 64 the dK/dV kernel spills on sm_90 (112 B; 260 B with a bias)
+    if arch < 90:  # mma.sync keeps more in registers than wgmma: at 64 x 64 ptxas falls back to 32 registers
+        return (32, 32, 8, 2) if d_pad > 64 else (32, 32, 4, 2)
+    return (32, 64, 8, 2) if d_pad > 64 else (32, 64, 4, 2)
 
 
 def _check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes, device) -> torch.Tensor:
@@ -554,13 +589,19 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _prepare_bias(bias, q, shape):
-    """Guard the bias; return (the tensor to pass, its four strides with 0 on size-1 dimensions).
+# Bias offsets within one batch row are int32 when the furthest one a kernel forms stays below 2**31.
+# Tiles reach up to one block past the last position and key (masked lanes still form their offsets).
+_MAX_BLOCK = 256
 
-    Without a bias, q stands in for the pointer (never read) and the strides are 0.
+
+def _prepare_bias(bias, q, shape):
+    """Guard the bias; return (the tensor to pass, its four strides with 0 on size-1 dimensions, and
+    BIAS_I64: whether the offsets within one batch row need int64).
+
+    Without a bias, q stands in for the pointer (never read), the strides are 0 and BIAS_I64 is False.
     """
     if bias is None:
-        return q, [0, 0, 0, 0]
+        return q, [0, 0, 0, 0], False
     B, Hq, T, L = shape
     if not isinstance(bias, torch.Tensor) or bias.dim() != 4:
         raise ValueError(f"bias must be a 4-d tensor [B or 1, Hq or 1, T or 1, P + S], got "
@@ -572,7 +613,10 @@ def _prepare_bias(bias, q, shape):
     if bias.shape[3] != L or any(n not in (1, want) for n, want in zip(bias.shape[:3], shape)):
         raise ValueError(f"bias must have shape [B={B} or 1, Hq={Hq} or 1, T={T} or 1, P + S={L}], got "
                          f"{tuple(bias.shape)}")
-    return bias, [0 if n == 1 else st for n, st in zip(bias.shape, bias.stride())]
+    strides = [0 if n == 1 else st for n, st in zip(bias.shape, bias.stride())]
+    _, sbh, sbt, sbn = strides
+    furthest = (Hq - 1) * sbh + (T - 1 + _MAX_BLOCK) * sbt + (L - 1 + _MAX_BLOCK) * sbn
+    return bias, strides, furthest >= 2 ** 31
 
 
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, key_padding_mask=None,
@@ -588,7 +632,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
     """
     q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
         q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
-    bias_arg, bias_strides = _prepare_bias(bias, q, (B, Hq, T, P + S))
+    bias_arg, bias_strides, bias_i64 = _prepare_bias(bias, q, (B, Hq, T, P + S))
     scale = D ** -0.5 if scale is None else float(scale)
     if out is None:
         out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
@@ -626,7 +670,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
         o_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v), *bias_strides,
         T, S, P, G, Hkv, D, scale * _LOG2E, split_len, num_splits,
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal), HAS_MASK=mask is not None,
-        HAS_BIAS=bias is not None, SPLIT=split, DOT_PREC=_dot_precision(q.dtype),
+        HAS_BIAS=bias is not None, BIAS_I64=bias_i64, SPLIT=split, DOT_PREC=_dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     if split:
         n_rows = B * Hq * T
@@ -649,7 +693,7 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse,
     """
     q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
         q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
-    bias_arg, bias_strides = _prepare_bias(bias, q, (B, Hq, T, P + S))
+    bias_arg, bias_strides, bias_i64 = _prepare_bias(bias, q, (B, Hq, T, P + S))
     n_tasks = prefix_k.shape[0]
     for name, t in (("d_out", d_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
@@ -675,12 +719,12 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse,
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(n_rows, 64),)](out, d_out, delta, n_rows, D, BLOCK_R=64, D_PAD=d_pad)
 
-    block_m, block_n, warps, stages = _bwd_config(d_pad, q.dtype)
+    block_m, block_n, warps, stages = _bwd_config(d_pad, q.dtype, _device_arch(q.device))
     dot_prec = _dot_precision(q.dtype)
     scalars = (T, S, P, G, Hkv, D, scale * _LOG2E, scale)
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal),
-                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT_PREC=dot_prec, num_warps=warps,
-                 num_stages=stages)
+                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BIAS_I64=bias_i64, DOT_PREC=dot_prec,
+                 num_warps=warps, num_stages=stages)
     mask_arg = mask if mask is not None else task_ids
     dpk_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
     dpv_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
