@@ -144,6 +144,18 @@ def _backbone_copy(base: nn.Module, attention: str) -> nn.Module:
     return model
 
 
+def _prompt_runner(model: nn.Module, prompt: nn.Module, state: "dict | None") -> Runner:
+    """A Runner training `prompt` (PEFT's prompt encoder or fastprompt's prompt source, whose parameters
+    carry PEFT's names), loaded from `state` when given; the loss is the model's own on a batch."""
+    if state is not None:
+        prompt.load_state_dict(state)
+
+    def loss(batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                     task_ids=batch.task_ids).loss
+    return Runner(model, dict(prompt.named_parameters()), loss)
+
+
 def peft_prompt(attention: str) -> Builder:
     """PEFT's prompt-learning model with the given attention ("sdpa" or "eager"); `state` (a prompt encoder
     state dict) replaces PEFT's initialisation when given."""
@@ -153,14 +165,7 @@ def peft_prompt(attention: str) -> Builder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(_backbone_copy(base, attention), method.peft_config())
-        encoder = model.prompt_encoder["default"]
-        if state is not None:
-            encoder.load_state_dict(state)
-
-        def loss(batch: Batch) -> torch.Tensor:
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                         task_ids=batch.task_ids).loss
-        return Runner(model, dict(encoder.named_parameters()), loss)
+        return _prompt_runner(model, model.prompt_encoder["default"], state)
     return build
 
 
@@ -183,14 +188,7 @@ def fastprompt_model(backend: str | None) -> Builder:
     "torch" turns the kernels off."""
     def build(base, method, state):
         model = fastprompt.get_peft_model(_backbone_copy(base, "sdpa"), method.peft_config(), backend=backend)
-        source = model.prompt_sources["default"]
-        if state is not None:
-            source.load_state_dict(state)
-
-        def loss(batch: Batch) -> torch.Tensor:
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                         task_ids=batch.task_ids).loss
-        return Runner(model, dict(source.named_parameters()), loss)
+        return _prompt_runner(model, model.prompt_sources["default"], state)
     return build
 
 
