@@ -19,11 +19,13 @@ Design (what is where, and why it is exact):
   `MIN_KEY_WINDOW`, at most `cache_len`). A pad row reads bank entry 0 with length 0 and writes into a
   free slot, which no live row reads. Eager decode runs the same step; on CUDA `_DecodeGraphs` captures
   it once per `(nb, R)` and replays it.
-- **Prefill.** A new request runs alone through the backbone, writing its prompt into its slot at
-  `[L - T, L)` through a view of the cache (so its attention sees exactly its own T keys, as it would
-  alone), samples its first token, and joins the batch at the next decode step. If `T > L`, or the common
-  offset reaches the end of the cache, the whole block is moved ("rebased") so the longest row ends at
-  the new offset: one contiguous copy per layer, amortised by allocating `cache_len = 2 * max_len`.
+- **Prefill.** The requests admitted in a step (up to `max_prefills_per_step`, and `max_prefill_tokens`
+  counting the padding) run together through the backbone, left-padded to their longest prompt T and
+  written into their new slots at `[L - T, L)` through a view of the cache; a row's key padding mask and
+  position ids make its attention and positions exactly those it would have alone. Each samples its first
+  token, and the rows join the batch at the next decode step. If `T > L`, or the common offset reaches the
+  end of the cache, the whole block is moved ("rebased") so the longest row ends at the new offset: one
+  contiguous copy per layer, amortised by allocating `cache_len = 2 * max_len`.
 - **Slots.** Active rows are kept packed in slots `0..n-1` (a decode step reads a view `[:nb]` of the
   cache, so slots `n..nb-1` hold the pad rows): a row that finishes frees its slot at once, the last row
   moving into it.
@@ -122,17 +124,26 @@ class Engine:
 
     model: a Hugging Face causal LM (or a PromptModel, whose base model is used); tokenizer: optional
     (needed for stop strings and text); max_slots: rows decoded together; max_len: prompt + generated
-    tokens per request; max_queue: waiting requests before `submit` raises QueueFull; cuda_graphs: on a CUDA
-    device, run decode steps as CUDA graphs captured per (batch bucket, key window) (`_DecodeGraphs`).
+    tokens per request; max_queue: waiting requests before `submit` raises QueueFull; max_prefills_per_step
+    (default max_slots) and max_prefill_tokens (padded prompt tokens, at least one request): what one step's
+    batched prefill may take, which bounds the stall it adds to running rows; cuda_graphs: on a CUDA
+    device, run decode steps as CUDA graphs captured per (batch bucket, key window) (`_DecodeGraphs`);
+    bucketed_steps: run every decode step at those bucketed shapes (default: exactly when CUDA graphs are on,
+    since an eager step gains nothing from pad rows and unread keys; True on a CPU runs what a graph runs).
     """
 
     def __init__(self, model, tokenizer=None, *, max_slots: int = 8, max_len: int = 512, max_queue: int = 64,
-                 cache_len: int | None = None, max_prefills_per_step: int = 4, backend: str | None = None,
-                 eos_token_id=None, request_timeout_s: float | None = None, cuda_graphs: bool = True):
+                 cache_len: int | None = None, max_prefills_per_step: int | None = None,
+                 max_prefill_tokens: int = 8192, backend: str | None = None,
+                 eos_token_id=None, request_timeout_s: float | None = None, cuda_graphs: bool = True,
+                 bucketed_steps: bool | None = None):
         base = model.base_model if isinstance(model, PromptModel) else model
         if max_slots < 1 or max_len < 2 or max_queue < 0:
             raise ValueError(f"need max_slots >= 1, max_len >= 2 and max_queue >= 0, got {max_slots}, {max_len}, "
                              f"{max_queue}")
+        if (max_prefills_per_step is not None and max_prefills_per_step < 1) or max_prefill_tokens < 1:
+            raise ValueError(f"need max_prefills_per_step >= 1 and max_prefill_tokens >= 1, got "
+                             f"{max_prefills_per_step}, {max_prefill_tokens}")
         self.base_model = base.eval()
         self.backbone = get_backbone(base)
         self.tokenizer = tokenizer
@@ -141,7 +152,8 @@ class Engine:
         self.cache_len = cache_len or 2 * max_len
         if self.cache_len < max_len:
             raise ValueError(f"cache_len must be >= max_len={max_len}, got {self.cache_len}")
-        self.max_prefills_per_step = max_prefills_per_step
+        self.max_prefills_per_step = max_prefills_per_step or max_slots
+        self.max_prefill_tokens = max_prefill_tokens
         self.request_timeout_s = request_timeout_s
         self.device = self.backbone.device
         self.store = AdapterStore(base, backend)
@@ -168,6 +180,10 @@ class Engine:
         self.batch_buckets = batch_buckets(max_slots)
         self._graphs = (_DecodeGraphs(self._decode_step, lambda: self.store.version)
                         if cuda_graphs and self.device.type == "cuda" else None)
+        if self._graphs is not None and bucketed_steps is False:
+            raise ValueError("bucketed_steps=False needs cuda_graphs=False on a CUDA device: graphs are captured "
+                             "per bucketed shape")
+        self.bucketed_steps = self._graphs is not None if bucketed_steps is None else bucketed_steps
 
     # adapters --------------------------------------------------------------------------------
     def load_adapter(self, name: str, adapter_dir, timeout: float | None = 300):
@@ -361,54 +377,79 @@ class Engine:
         return None
 
     def _admit(self) -> bool:
-        admitted = 0
-        while len(self.rows) < self.max_slots and admitted < self.max_prefills_per_step:
+        """Prefill as many waiting requests as free slots and the step's budgets allow, in one forward."""
+        batch: list[tuple[Request, int]] = []
+        longest = 0
+        while len(self.rows) + len(batch) < self.max_slots and len(batch) < self.max_prefills_per_step:
             with self.lock:
                 if not self.queue:
                     break
-                request = self.queue.popleft()
+                request = self.queue[0]
+                padded = (len(batch) + 1) * max(longest, len(request.prompt_ids))
+                if batch and padded > self.max_prefill_tokens:
+                    break
+                self.queue.popleft()
             try:
                 entry = self.store.entry(request.adapter, request.task)
             except InvalidRequest as error:  # unloaded while it waited
                 self._finish(request, "error", str(error))
                 continue
-            self._prefill(request, entry)
-            admitted += 1
-        return admitted > 0
+            batch.append((request, entry))
+            longest = max(longest, len(request.prompt_ids))
+        if batch:
+            self._prefill(batch)
+        return bool(batch)
 
-    def _prefill(self, request: Request, entry: int) -> None:
-        ids = request.prompt_ids
-        T, P = len(ids), self.store.num_virtual_tokens
+    def _prefill(self, batch: list[tuple[Request, int]]) -> None:
+        """Run the newcomers' prompts as one left-padded batch into slots n..n+k-1, sample their first tokens.
+
+        Row i's T_i tokens end at the common offset L like every other row's, so the batch is padded on the
+        left to T = max T_i and written at [L - T, L): a pad column lies in the row's own new slot, masked
+        now and by the decode mask later (which reads only [L - length, L)). Position ids count each row's
+        own tokens from P, as if it ran alone.
+        """
+        k, P = len(batch), self.store.num_virtual_tokens
+        lengths = [len(request.prompt_ids) for request, _ in batch]
+        T = max(lengths)
         if not self.rows:
             self.L = 0
         if T > self.L:
             self._rebase(max([T] + [r.length for r in self.rows]))
         slot, L = len(self.rows), self.L
-        cache = KVCache([k[slot:slot + 1, :, L - T:L] for k in self.keys],
-                        [v[slot:slot + 1, :, L - T:L] for v in self.values], length=0)
-        ctx = AttentionContext("prefix", self.store.bank_k, self.store.bank_v,
-                               torch.tensor([entry], device=self.device), cache=cache, backend=self.backend)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(P, P + T, device=self.device)[None]
-        hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=positions, ctx=ctx)
+        cache = KVCache([key[slot:slot + k, :, L - T:L] for key in self.keys],
+                        [value[slot:slot + k, :, L - T:L] for value in self.values], length=0)
+        pads = torch.tensor([T - n for n in lengths], device=self.device)
+        columns = torch.arange(T, device=self.device)[None]
+        mask = columns >= pads[:, None]
+        ids = torch.tensor([[0] * (T - len(r.prompt_ids)) + list(r.prompt_ids) for r, _ in batch],
+                           dtype=torch.long, device=self.device)
+        entries = torch.tensor([entry for _, entry in batch], device=self.device)
+        ctx = AttentionContext("prefix", self.store.bank_k, self.store.bank_v, entries, key_padding_mask=mask,
+                               cache=cache, backend=self.backend)
+        positions = P + (columns - pads[:, None]).clamp(min=0)
+        hidden = self.backbone.hidden_states(input_ids=ids, position_ids=positions, ctx=ctx)
         logits = self.backbone.lm_head(hidden[:, -1])
-        params = request.params
-        row = _Row(request, T, entry, params.make_generator(self.device), TextTracker(self.tokenizer, params.stop))
-        self.rows.append(row)
+        rows = [_Row(request, n, entry, request.params.make_generator(self.device),
+                     TextTracker(self.tokenizer, request.params.stop))
+                for (request, entry), n in zip(batch, lengths)]
+        self.rows.extend(rows)
         with self.metrics.lock:
-            self.metrics.prompt_tokens += T
-        token = sample_rows(logits, [params], [row.generator])[0]
-        self.metrics.tokens(1)
-        if self._emit(row, token):
-            self._free(slot)
+            self.metrics.prompt_tokens += sum(lengths)
+        tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        self.metrics.tokens(k)
+        finished = [slot + i for i, (row, token) in enumerate(zip(rows, tokens)) if self._emit(row, token)]
+        for i in reversed(finished):
+            self._free(i)
 
     def _decode(self) -> None:
         start_time = time.monotonic()
         n = len(self.rows)
         if self.L >= self.cache_len:
             self._rebase(max(r.length for r in self.rows))
-        nb = next(b for b in self.batch_buckets if b >= n)
-        window = key_window(self.L, self.cache_len)
+        if self.bucketed_steps:
+            nb, window = next(b for b in self.batch_buckets if b >= n), key_window(self.L, self.cache_len)
+        else:
+            nb, window = n, self.L + 1
         pad = [0] * (nb - n)
         inputs = torch.tensor([r.last_token for r in self.rows] + pad + [r.length for r in self.rows] + pad
                               + [r.entry for r in self.rows] + pad + [self.L], dtype=torch.long).to(self.device)

@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastprompt
+
 from fastprompt.backbones import AttentionContext, KVCache
 from fastprompt.serve import Engine, InvalidRequest, QueueFull, Request, SamplingParams
 from fastprompt.serve.engine import batch_buckets, key_window
 from tests.helpers import RTOL, assert_close
 from tests.serve.conftest import random_prompt, reference_tokens
+from tests.tiny_models import tiny_model
 
 prefix_attention_module = importlib.import_module("fastprompt.ops.prefix_attention")  # the package exports
 # a function of the same name
@@ -29,6 +32,13 @@ def make_engine(served, names=("a", "b", "pre", "mpt", "pt"), **kwargs):
     for name in names:
         engine.load_adapter(name, folders[name])
     return engine
+
+
+def record_prefills(engine) -> list[list[int]]:
+    """The prompt lengths of each batched prefill the engine runs from now on."""
+    batches, prefill = [], engine._prefill
+    engine._prefill = lambda batch: (batches.append([len(r.prompt_ids) for r, _ in batch]), prefill(batch))
+    return batches
 
 
 def mixed_requests(seed: int, count: int, names=("a", "b", "pre", "mpt", "pt"), max_tokens=(1, 14)):
@@ -45,19 +55,66 @@ def mixed_requests(seed: int, count: int, names=("a", "b", "pre", "mpt", "pt"), 
 @pytest.mark.parametrize("cache_len", [None, 40], ids=["roomy-cache", "tight-cache-rebases"])
 def test_mixed_batch_equals_generate_alone(served, cache_len):
     """Every method in one batch (prompt tuning, prefix tuning, MPT tasks, P-tuning), rows joining and leaving
-    at different steps, more requests than slots: each output equals PromptModel.generate on it alone."""
+    at different steps, more requests than slots, prefills of one and two requests: each output equals
+    PromptModel.generate on it alone."""
     references = served[3]
-    engine = make_engine(served, cache_len=cache_len)
+    engine = make_engine(served, cache_len=cache_len, max_prefills_per_step=2)
     rebases = []
     rebase = engine._rebase
     engine._rebase = lambda new_L: (rebases.append((engine.L, new_L)), rebase(new_L))
+    batches = record_prefills(engine)
     requests = engine.generate(mixed_requests(seed=3, count=14 if cache_len is None else 24))
+    assert {len(b) for b in batches} == {1, 2}, batches
     if cache_len:  # the rows' block moved both ways: right for a long newcomer, left at the cache's end
         assert any(new > old > 0 for old, new in rebases) and any(new < old for old, new in rebases), rebases
     for r in requests:
         assert r.finish_reason == "length"
         expected = reference_tokens(references, r.adapter, r.prompt_ids, r.params.max_tokens, r.task)
         assert r.output_ids == expected, (r.adapter, r.task, r.prompt_ids)
+
+
+def test_prefill_batches_respect_slots_and_budgets(served):
+    """Free slots, max_prefills_per_step and max_prefill_tokens (padded tokens, one request always fits)
+    bound each batched prefill; the outputs stay those of each request alone."""
+    references = served[3]
+    g = torch.Generator().manual_seed(23)
+    prompts = [random_prompt(g, 2, 12) for _ in range(9)]
+    for kwargs, expected in [({}, [5, 4]), ({"max_prefills_per_step": 2}, None),
+                             ({"max_prefill_tokens": 24}, None), ({"max_prefill_tokens": 1}, [1] * 9)]:
+        engine = make_engine(served, max_slots=5, **kwargs)
+        batches = record_prefills(engine)
+        requests = [Request(p, ("a", "pre", "pt")[i % 3], SamplingParams(max_tokens=4, **GREEDY))
+                    for i, p in enumerate(prompts)]
+        engine.generate(requests)
+        sizes = [len(b) for b in batches]
+        assert sum(sizes) == 9 and max(sizes) <= kwargs.get("max_prefills_per_step", 5), (kwargs, batches)
+        assert all(len(b) == 1 or len(b) * max(b) <= kwargs.get("max_prefill_tokens", 8192) for b in batches)
+        if expected is not None:
+            assert sizes == expected, (kwargs, batches)
+        else:
+            assert any(len(b) > 1 for b in batches) and len(batches) > 2, (kwargs, batches)
+        for r in requests:
+            assert r.output_ids == reference_tokens(references, r.adapter, r.prompt_ids, 4), (kwargs, r.prompt_ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padded_prefill_equals_each_prompt_alone(family):
+    """One prefill of prompts of lengths 1..7 (left-padded, learned or rotary positions): every row's
+    greedy tokens equal PromptModel.generate on its prompt alone."""
+    base = tiny_model(family, seed=4)
+    model = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        model.prompt_sources["default"].embedding.weight.normal_(0, 1.0)
+    engine = Engine(model, max_slots=7, max_len=16)
+    engine.add_adapter("default", model)
+    batches = record_prefills(engine)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (4, 1, 7, 2, 6, 3, 5)]
+    requests = engine.generate([Request(p, "default", SamplingParams(max_tokens=5, **GREEDY)) for p in prompts])
+    assert [len(b) for b in batches] == [7]
+    for r in requests:
+        alone = model.generate(input_ids=torch.tensor([r.prompt_ids]), max_new_tokens=5, eos_token_id=[])
+        assert r.output_ids == alone[0, len(r.prompt_ids):].tolist(), r.prompt_ids
 
 
 def test_mixed_batch_equals_each_request_alone_in_the_engine(served):
@@ -238,7 +295,7 @@ def plain_decode_logits(engine) -> torch.Tensor:
 def test_bucketed_decode_step_equals_plain_decode(served):
     """Every decode step of a long mixed run (3 of 4 slots padded to 4, key windows 16, 32 and the whole
     40-position cache, rebases at its end) gives the logits of the plain step on the active rows."""
-    engine = make_engine(served, cache_len=40)
+    engine = make_engine(served, cache_len=40, bucketed_steps=True)
     step, seen = engine._decode_step, []
 
     def checked_step(nb, window, inputs):
@@ -257,6 +314,24 @@ def test_bucketed_decode_step_equals_plain_decode(served):
     assert any(nb > n for n, nb, _, _ in seen), seen
     assert {window for *_, window, _ in seen} == {16, 32, 40}, seen
     assert any(L1 < L0 for (*_, L0), (*_, L1) in zip(seen, seen[1:]) if L1 > 0), "no rebase happened"
+
+
+def test_eager_decode_runs_exact_shapes_and_equals_bucketed(served):
+    """Without CUDA graphs a step runs the live rows over the keys written so far (no pad rows, no unread
+    window), and greedy outputs equal the bucketed step's."""
+    engine = make_engine(served)
+    assert not engine.bucketed_steps
+    step, seen = engine._decode_step, []
+
+    def recorded_step(nb, window, inputs):
+        seen.append((nb, len(engine.rows), window, engine.L))
+        return step(nb, window, inputs)
+
+    engine._decode_step = recorded_step
+    exact = engine.generate(mixed_requests(seed=19, count=9))
+    assert seen and all(nb == n and window == L + 1 for nb, n, window, L in seen), seen
+    bucketed = make_engine(served, bucketed_steps=True).generate(mixed_requests(seed=19, count=9))
+    assert [r.output_ids for r in exact] == [r.output_ids for r in bucketed]
 
 
 class StepTrace(TorchDispatchMode):
@@ -285,7 +360,7 @@ def test_decode_step_has_no_host_read_and_fixed_shapes_within_a_bucket(served, m
     tensors, skipped on CUDA; it is skipped here so the trace shows what a CUDA step does.)"""
     monkeypatch.setattr(prefix_attention_module, "check_index", lambda *args: None)
     # batch buckets 1, 2, 4, 5; rows join one a step, so bucket 4 runs 3 and 4 rows
-    engine = make_engine(served, names=("a", "mpt"), max_slots=5, max_prefills_per_step=1)
+    engine = make_engine(served, names=("a", "mpt"), max_slots=5, max_prefills_per_step=1, bucketed_steps=True)
     step, traces = engine._decode_step, {}
 
     def traced_step(nb, window, inputs):
