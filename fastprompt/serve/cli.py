@@ -17,6 +17,8 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-slots", type=int, default=16, help="rows decoded together (default 16)")
     serve.add_argument("--max-len", type=int, default=1024, help="prompt + generated tokens per request")
+    serve.add_argument("--max-prefill-tokens", type=int, default=8192,
+                       help="padded prompt tokens prefilled together in one step (default 8192)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default 300)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -53,7 +55,7 @@ def build_engine(args: argparse.Namespace):
             raise
         tokenizer = None  # token-id prompts only
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
-                    request_timeout_s=args.request_timeout)
+                    max_prefill_tokens=args.max_prefill_tokens, request_timeout_s=args.request_timeout)
     for name, folder in parse_adapters(args.adapter):
         engine.load_adapter(name, folder)
     return engine
