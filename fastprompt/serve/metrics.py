@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 import time
 from collections import deque
@@ -12,20 +14,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Histogram:
     def __init__(self, name: str, help_text: str, buckets=LATENCY_BUCKETS):
         self.name, self.help, self.buckets = name, help_text, tuple(buckets)
-        self.counts = [0] * len(self.buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # per bucket, the last one past every edge; cumulated on render
         self.total = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        for i, edge in enumerate(self.buckets):
-            if value <= edge:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1  # called per token: one lookup, not a scan
         self.total += 1
         self.sum += value
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for edge, count in zip(self.buckets, self.counts):
+        for edge, count in zip(self.buckets, itertools.accumulate(self.counts)):
             lines.append(f'{self.name}_bucket{{le="{edge}"}} {count}')
         lines += [f'{self.name}_bucket{{le="+Inf"}} {self.total}', f"{self.name}_sum {self.sum:.6f}",
                   f"{self.name}_count {self.total}"]
