@@ -18,7 +18,10 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, to
     """Next token ids [B] from logits [B, V]: greedy, or sampling with temperature, top-k and top-p."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shift the maximum to 0 before dividing: a tiny temperature then sends the other logits to -inf (near
+    # greedy), never the top one to inf and the softmax to NaN; a temperature that underflows fp32 is clamped.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -85,6 +88,10 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     plan = model.plan(B, task_ids, adapter_names)
     keys, values, _ = model.bank_kv(plan)
     P = plan.num_virtual_tokens
+    limit = backbone.max_positions
+    if limit is not None and P + T - 1 + max(max_new_tokens - 1, 0) >= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens} after {P} virtual and {T} input tokens needs position "
+                         f"ids past the model's {limit} learned positions; at most {max(limit - P - T + 1, 0)}")
     if plan.kind == "kv":
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
     else:

@@ -74,6 +74,12 @@ class Backbone:
         return self.config.hidden_size
 
     @property
+    def max_positions(self) -> int | None:
+        """Position ids must stay below this (learned position embeddings); None where positions are
+        computed (RoPE) and have no hard limit."""
+        return None
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[0]
 
@@ -161,6 +167,10 @@ class GPT2(Backbone):
     decoder_attr = "transformer"
     layers_attr = "h"
     GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.n_positions
 
     def frozen_op_replacements(self):
         replacements = [(m, patches.layer_norm_forward) for m in self.decoder.modules()

@@ -257,6 +257,17 @@ class Engine:
         if isinstance(request.task, bool) or not isinstance(request.task, int):
             raise InvalidRequest("task_id", f"must be an integer, got {request.task!r}")
         self.store.entry(request.adapter, request.task)
+        limit, P = self.backbone.max_positions, self.store.num_virtual_tokens
+        if limit is not None and P + len(ids) > limit:
+            raise InvalidRequest("prompt", f"is {len(ids)} tokens; after {P} virtual tokens at most {limit - P} "
+                                           f"fit the model's {limit} learned positions")
+        if limit is not None and P + len(ids) + request.params.max_tokens - 2 >= limit:
+            raise InvalidRequest("max_tokens", f"{request.params.max_tokens} new tokens after {P} virtual and "
+                                               f"{len(ids)} prompt tokens need position ids past the model's "
+                                               f"{limit} learned positions; at most {limit - P - len(ids) + 1}")
+        if request.params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop", "stop strings need a tokenizer, and this engine has none (token-id "
+                                         "prompts only): use stop_token_ids")
         if request.timeout_s is None:
             request.timeout_s = self.request_timeout_s
 
@@ -397,7 +408,12 @@ class Engine:
             batch.append((request, entry))
             longest = max(longest, len(request.prompt_ids))
         if batch:
-            self._prefill(batch)
+            try:
+                self._prefill(batch)
+            except Exception as error:  # the newcomers' failure, not the running rows'
+                logger.exception("prefill of %d requests failed", len(batch))
+                for request, _ in batch:
+                    self._finish(request, "error", f"internal error: {type(error).__name__}: {error}")
         return bool(batch)
 
     def _prefill(self, batch: list[tuple[Request, int]]) -> None:
@@ -432,10 +448,10 @@ class Engine:
         rows = [_Row(request, n, entry, request.params.make_generator(self.device),
                      TextTracker(self.tokenizer, request.params.stop))
                 for (request, entry), n in zip(batch, lengths)]
-        self.rows.extend(rows)
+        tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        self.rows.extend(rows)  # only now: a failure above leaves the running rows as they were
         with self.metrics.lock:
             self.metrics.prompt_tokens += sum(lengths)
-        tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
         self.metrics.tokens(k)
         finished = [slot + i for i, (row, token) in enumerate(zip(rows, tokens)) if self._emit(row, token)]
         for i in reversed(finished):

@@ -278,7 +278,7 @@ async def _json_body(http: HTTPRequest) -> dict:
     raw = await http.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: deep nesting
         raise InvalidRequest("body", f"malformed JSON: {error}") from error
     if not isinstance(body, dict):
         raise InvalidRequest("body", f"must be a JSON object, got {type(body).__name__}")

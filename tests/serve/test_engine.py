@@ -246,6 +246,69 @@ def test_bad_requests_raise_naming_the_field_and_queue_is_bounded(served):
         engine.submit(Request([3], "a"))
 
 
+def test_a_tiny_temperature_samples_the_top_token_and_disturbs_nobody(served):
+    """Temperatures down to fp32's underflow (and past it) are near-greedy, never NaN in the softmax."""
+    references = served[3]
+    engine = make_engine(served, names=("a",))
+    prompts = [[5, 9, 14], [7, 3]]
+    requests = engine.generate([Request(p, "a", SamplingParams(max_tokens=6, temperature=t, seed=1, ignore_eos=True))
+                                for p, t in zip(prompts, (1e-45, 1e-300))])
+    for r in requests:
+        assert r.finish_reason == "length" and r.output_ids == reference_tokens(references, "a", r.prompt_ids, 6)
+
+
+def test_learned_positions_bound_prompt_and_max_tokens():
+    """GPT-2 has n_positions learned positions: a request that would need more is refused naming the field
+    (engine) or the argument (generate), before it can reach the embedding."""
+    base = tiny_model("gpt2")
+    model = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=5))
+    limit = base.config.n_positions
+    engine = Engine(model, max_slots=2, max_len=limit + 8)
+    engine.add_adapter("a", model)
+    fits = Request([4] * 10, "a", SamplingParams(max_tokens=limit - 5 - 10 + 1, **GREEDY))
+    assert len(engine.generate([fits])[0].output_ids) == limit - 14
+    with pytest.raises(InvalidRequest, match=f"at most {limit - 14}") as error:
+        engine.submit(Request([4] * 10, "a", SamplingParams(max_tokens=limit - 13, **GREEDY)))
+    assert error.value.field == "max_tokens"
+    with pytest.raises(InvalidRequest, match="prompt") as error:
+        engine.submit(Request([4] * (limit - 4), "a", SamplingParams(max_tokens=1, **GREEDY)))
+    assert error.value.field == "prompt"
+    model.generate(input_ids=torch.full((1, 10), 4), max_new_tokens=limit - 14, eos_token_id=[])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(input_ids=torch.full((1, 10), 4), max_new_tokens=limit - 13)
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(served):
+    engine = Engine(served[0], max_slots=2, max_len=20)
+    engine.load_adapter("a", served[2]["a"])
+    with pytest.raises(InvalidRequest, match="tokenizer") as error:
+        engine.submit(Request([5, 6], "a", SamplingParams(max_tokens=3, stop=["x"])))
+    assert error.value.field == "stop"
+
+
+def test_a_failed_prefill_ends_its_requests_only(served):
+    """An error in a prefill finishes the requests admitted with it; the running rows decode on."""
+    references = served[3]
+    engine = make_engine(served, names=("a", "pre"))
+    running = engine.submit(Request([5, 9, 14], "pre", SamplingParams(max_tokens=8, **GREEDY)))
+    engine.step()
+    hidden_states = engine.backbone.hidden_states
+
+    def failing(**kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            raise RuntimeError("planted prefill failure")
+        return hidden_states(**kwargs)
+
+    engine.backbone.hidden_states = failing
+    newcomers = engine.submit_many([Request([3, 4], "a", SamplingParams(max_tokens=4, **GREEDY)) for _ in range(2)])
+    while not running.done.is_set():
+        engine.step()
+    assert all(r.finish_reason == "error" and "planted" in r.error for r in newcomers)
+    assert running.finish_reason == "length" and running.output_ids == reference_tokens(references, "pre",
+                                                                                          [5, 9, 14], 8)
+    assert engine.num_running == 0 and engine.L == 0
+
+
 def test_cancel_frees_the_row(served):
     engine = make_engine(served, names=("a",), max_slots=1)
     first = engine.submit(Request([3, 4], "a", SamplingParams(max_tokens=30, **GREEDY)))

@@ -153,6 +153,7 @@ def test_models_health_metrics_and_live_adapters(server, served):
 MALFORMED = [
     (b"{not json", "body"),
     (b"[1, 2]", "body"),
+    (b"[" * 100_000, "body"),
     ({"prompt": "good"}, "model"),
     ({"model": "nope", "prompt": "good"}, "model"),
     ({"model": "a"}, "prompt"),
