@@ -88,10 +88,14 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     plan = model.plan(B, task_ids, adapter_names)
     keys, values, _ = model.bank_kv(plan)
     P = plan.num_virtual_tokens
-    limit = backbone.max_positions
+    limit, window = backbone.max_positions, backbone.sliding_window
     if limit is not None and P + T - 1 + max(max_new_tokens - 1, 0) >= limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} after {P} virtual and {T} input tokens needs position "
                          f"ids past the model's {limit} learned positions; at most {max(limit - P - T + 1, 0)}")
+    if window is not None and P + T + max(max_new_tokens - 1, 0) > window:
+        raise ValueError(f"max_new_tokens={max_new_tokens} after {P} virtual and {T} input tokens would attend "
+                         f"past the model's sliding_window={window}, which prefix attention does not apply; at "
+                         f"most {max(window - P - T + 1, 0)}")
     if plan.kind == "kv":
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
     else:

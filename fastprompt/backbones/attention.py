@@ -44,8 +44,11 @@ class KVCache:
     def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "KVCache":
         shape = (batch, n_kv_heads, max_len, head_dim)
-        return cls([torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                   [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+        # Zeros, not torch.empty: with `write_at` attention reads the whole cache, unwritten columns
+        # included. The mask gives those a zero weight, but 0 * NaN is NaN, so stale memory holding a NaN
+        # or an inf would reach the output; zeros keep every read finite.
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer `layer`'s new key/value [B, Hkv, T, D] and return the keys/values attention reads,
@@ -91,6 +94,8 @@ class AttentionContext:
     cache: KVCache | None = None
     backend: str | None = None
     captured: Captures = field(default_factory=Captures)
+    prefix_bias: torch.Tensor | None = None  # [B, P] float added to each row's prefix scores (serving:
+    # -1e9 on the padding of a prefix shorter than the bank's P), 0 over the row's own keys
 
 
 def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -120,12 +125,24 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         out = prefix_attention(query, key, value, empty[:1], empty[:1], no_task, causal=True,
                                scale=scaling, backend=ctx.backend)
     elif ctx.mode == "prefix":
+        windowed_read = ctx.cache is not None and ctx.cache.write_at is not None
         if ctx.cache is not None:
             key, value = ctx.cache.write(layer, key, value)
+        P, S = ctx.prefix_k[layer].shape[2], key.shape[2]
+        window = kwargs.get("sliding_window")
+        if window is not None and not windowed_read and P + S > window:
+            # Exact only while every key lies inside the window (a serving engine's decode step reads a
+            # padded window and checks each request's length instead).
+            raise ValueError(f"this model's attention has sliding_window={window}, which fastprompt's prefix "
+                             f"attention does not apply: {P} prefix + {S} own keys must be <= {window}")
+        bias = None
+        if ctx.prefix_bias is not None:
+            own = ctx.prefix_bias.new_zeros(ctx.prefix_bias.shape[0], S)
+            bias = torch.cat([ctx.prefix_bias, own], dim=1)[:, None, None, :]
         out = prefix_attention(query, key, value, ctx.prefix_k[layer].to(query.dtype),
                                ctx.prefix_v[layer].to(query.dtype), ctx.task_ids,
                                causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
-                               backend=ctx.backend)
+                               bias=bias, backend=ctx.backend)
     else:
         raise ValueError(f"AttentionContext.mode must be 'capture' or 'prefix', got {ctx.mode!r}")
     return out.transpose(1, 2), None

@@ -80,6 +80,12 @@ class Backbone:
         return None
 
     @property
+    def sliding_window(self) -> int | None:
+        """Keys a query may see in sliding-window layers; None where attention has no window. fastprompt's
+        prefix attention applies no window, so it is exact while prefix + own keys stay within it."""
+        return None
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[0]
 
@@ -148,6 +154,16 @@ class LlamaFamily(Backbone):
 
     decoder_attr = "model"
     layers_attr = "layers"
+
+    @property
+    def sliding_window(self) -> int | None:
+        """Keys a query may see in the model's windowed layers (Mistral, Qwen2 with use_sliding_window);
+        None without such layers."""
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+            return None
+        return window
 
     def frozen_op_replacements(self):
         replacements = []

@@ -6,8 +6,12 @@ parameters. An adapter contributes `num_entries` bank rows (MPT: one per task, o
 is the concatenation over adapters, per layer `[n_entries, Hkv, P, D]` on the model's device, and a row
 reads entry `offset[adapter] + task`.
 
-All adapters of one store share `num_virtual_tokens` (the bank has one prefix length): the prefix op
-has no per-entry prefix length.
+Adapters may differ in `num_virtual_tokens`. The bank is as wide as the longest prefix, P = max P_e: a
+shorter prefix is zero-padded after its P_e real positions, and `prefix_bias` [n_entries, P] (0 on real
+positions, PREFIX_PAD_BIAS on padding) hides the padding from every query through prefix attention's
+additive bias. A finite bias rather than a mask: a row always sees its own latest key, so the padding's
+softmax weight is exactly 0 in fp32 (exp(-1e9)), and the kernels need no per-entry prefix length. With
+one prefix length the bias is None and costs nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.model import PromptModel
 from fastprompt.serve.sampling import InvalidRequest
 
+PREFIX_PAD_BIAS = -1e9  # added to the scores of a padded prefix position (fp32 in the kernels)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-:/]{0,127}$")
 
 
@@ -46,12 +51,14 @@ class AdapterStore:
         self.offsets: dict[str, int] = {}
         self.bank_k: list[torch.Tensor] | None = None
         self.bank_v: list[torch.Tensor] | None = None
+        self.entry_lengths: torch.Tensor | None = None  # int64 [n_entries]: each entry's P_e, on the device
+        self.prefix_bias: torch.Tensor | None = None    # fp32 [n_entries, P], None when every P_e == P
         self.version = 0  # bumps on every change, so the engine knows to re-index its rows
 
     @property
     def num_virtual_tokens(self) -> int | None:
-        first = next(iter(self.adapters.values()), None)
-        return None if first is None else first.num_virtual_tokens
+        """The bank's prefix width P: the longest adapter's num_virtual_tokens (None when empty)."""
+        return max((a.num_virtual_tokens for a in self.adapters.values()), default=None)
 
     def names(self) -> list[str]:
         return list(self.adapters)
@@ -85,10 +92,6 @@ class AdapterStore:
         adapter_name = adapter_name or model.active_adapter
         config = model.peft_config[adapter_name]
         P = config.num_virtual_tokens
-        if self.num_virtual_tokens is not None and P != self.num_virtual_tokens:
-            raise InvalidRequest("adapter_path", f"adapter {name!r} has num_virtual_tokens={P}, but the loaded "
-                                                 f"adapters have {self.num_virtual_tokens}; one server serves "
-                                                 f"one prompt length")
         mpt = config.peft_type == MULTITASK_PROMPT_TUNING
         n = config.num_tasks if mpt else 1
         plan = model.plan(n, task_ids=torch.arange(n) if mpt else None, adapter_names=[adapter_name] * n)
@@ -106,6 +109,10 @@ class AdapterStore:
         del self.adapters[name]
         self._rebuild()
 
+    def num_virtual_tokens_of(self, name: str) -> int:
+        """P_e of adapter `name`: its rows' positions start there, as with the adapter alone."""
+        return self.adapters[name].num_virtual_tokens
+
     def entry(self, name: str, task: int = 0) -> int:
         """The bank row for (adapter, task); InvalidRequest naming the field when there is none."""
         adapter, offsets = self.adapters.get(name), self.offsets
@@ -122,10 +129,22 @@ class AdapterStore:
             offsets[name] = offset
             offset += adapter.num_entries
         self.offsets = offsets  # one assignment: other threads validating requests never see it half-built
-        if not self.adapters:
-            self.bank_k = self.bank_v = None
+        adapters = list(self.adapters.values())
+        if not adapters:
+            self.bank_k = self.bank_v = self.entry_lengths = self.prefix_bias = None
         else:
-            layers = range(len(next(iter(self.adapters.values())).keys))
-            self.bank_k = [torch.cat([a.keys[i] for a in self.adapters.values()]) for i in layers]
-            self.bank_v = [torch.cat([a.values[i] for a in self.adapters.values()]) for i in layers]
+            P = self.num_virtual_tokens
+            layers = range(len(adapters[0].keys))
+            self.bank_k = [torch.cat([_pad_prefix(a.keys[i], P) for a in adapters]) for i in layers]
+            self.bank_v = [torch.cat([_pad_prefix(a.values[i], P) for a in adapters]) for i in layers]
+            lengths = [a.num_virtual_tokens for a in adapters for _ in range(a.num_entries)]
+            device = self.bank_k[0].device
+            self.entry_lengths = torch.tensor(lengths, device=device)
+            padded = torch.arange(P, device=device)[None] >= self.entry_lengths[:, None]
+            self.prefix_bias = (padded.float() * PREFIX_PAD_BIAS) if padded.any() else None
         self.version += 1
+
+
+def _pad_prefix(prefix: torch.Tensor, P: int) -> torch.Tensor:
+    """[n, Hkv, P_e, D] -> [n, Hkv, P, D], zeros after the real positions (finite: their weight is 0)."""
+    return torch.nn.functional.pad(prefix, (0, 0, 0, P - prefix.shape[2]))

@@ -257,14 +257,20 @@ class Engine:
         if isinstance(request.task, bool) or not isinstance(request.task, int):
             raise InvalidRequest("task_id", f"must be an integer, got {request.task!r}")
         self.store.entry(request.adapter, request.task)
-        limit, P = self.backbone.max_positions, self.store.num_virtual_tokens
-        if limit is not None and P + len(ids) > limit:
-            raise InvalidRequest("prompt", f"is {len(ids)} tokens; after {P} virtual tokens at most {limit - P} "
-                                           f"fit the model's {limit} learned positions")
-        if limit is not None and P + len(ids) + request.params.max_tokens - 2 >= limit:
-            raise InvalidRequest("max_tokens", f"{request.params.max_tokens} new tokens after {P} virtual and "
-                                               f"{len(ids)} prompt tokens need position ids past the model's "
-                                               f"{limit} learned positions; at most {limit - P - len(ids) + 1}")
+        P = self.store.num_virtual_tokens_of(request.adapter)
+        # Position ids run to P + len + max_tokens - 2 (the last token is not fed back), and the last query
+        # sees one key more: both must stay below the limit.
+        for limit, what in ((self.backbone.max_positions, "learned positions"),
+                            (self.backbone.sliding_window, "sliding window")):
+            if limit is None:
+                continue
+            if P + len(ids) > limit:
+                raise InvalidRequest("prompt", f"is {len(ids)} tokens; after {P} virtual tokens at most "
+                                               f"{limit - P} fit the model's {what}")
+            if P + len(ids) + request.params.max_tokens - 2 >= limit:
+                raise InvalidRequest("max_tokens", f"{request.params.max_tokens} new tokens after {P} virtual and "
+                                                   f"{len(ids)} prompt tokens exceed the model's {what}; at most "
+                                                   f"{limit - P - len(ids) + 1}")
         if request.params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "stop strings need a tokenizer, and this engine has none (token-id "
                                          "prompts only): use stop_token_ids")
@@ -424,7 +430,7 @@ class Engine:
         now and by the decode mask later (which reads only [L - length, L)). Position ids count each row's
         own tokens from P, as if it ran alone.
         """
-        k, P = len(batch), self.store.num_virtual_tokens
+        k = len(batch)
         lengths = [len(request.prompt_ids) for request, _ in batch]
         T = max(lengths)
         if not self.rows:
@@ -440,9 +446,8 @@ class Engine:
         ids = torch.tensor([[0] * (T - len(r.prompt_ids)) + list(r.prompt_ids) for r, _ in batch],
                            dtype=torch.long, device=self.device)
         entries = torch.tensor([entry for _, entry in batch], device=self.device)
-        ctx = AttentionContext("prefix", self.store.bank_k, self.store.bank_v, entries, key_padding_mask=mask,
-                               cache=cache, backend=self.backend)
-        positions = P + (columns - pads[:, None]).clamp(min=0)
+        ctx = self._context(entries, mask, cache)
+        positions = self.store.entry_lengths[entries, None] + (columns - pads[:, None]).clamp(min=0)
         hidden = self.backbone.hidden_states(input_ids=ids, position_ids=positions, ctx=ctx)
         logits = self.backbone.lm_head(hidden[:, -1])
         rows = [_Row(request, n, entry, request.params.make_generator(self.device),
@@ -493,17 +498,23 @@ class Engine:
         depends on L or on the rows, only on nb and window, so a CUDA graph captured once per (nb, window)
         replays it for every L with L < window, whatever the rows.
         """
-        P = self.store.num_virtual_tokens
         input_ids, lengths, task_ids = inputs[:nb, None], inputs[nb:2 * nb], inputs[2 * nb:3 * nb]
         offset = inputs[3 * nb]
         columns = torch.arange(window, device=inputs.device)[None]
         mask = (columns >= (offset - lengths)[:, None]) & (columns <= offset)
         cache = KVCache([k[:nb, :, :window] for k in self.keys], [v[:nb, :, :window] for v in self.values],
                         write_at=offset)
-        ctx = AttentionContext("prefix", self.store.bank_k, self.store.bank_v, task_ids, key_padding_mask=mask,
-                               cache=cache, backend=self.backend)
-        hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=lengths[:, None] + P, ctx=ctx)
+        positions = lengths[:, None] + self.store.entry_lengths[task_ids, None]
+        hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=positions,
+                                             ctx=self._context(task_ids, mask, cache))
         return self.backbone.lm_head(hidden[:, -1])
+
+    def _context(self, entries: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> AttentionContext:
+        """Prefix attention of rows reading bank `entries` [n] (their prefix padding hidden by the store's
+        bias when adapters differ in length), own keys under `mask` [n, S], through `cache`."""
+        bias = None if self.store.prefix_bias is None else self.store.prefix_bias[entries]
+        return AttentionContext("prefix", self.store.bank_k, self.store.bank_v, entries, key_padding_mask=mask,
+                                cache=cache, backend=self.backend, prefix_bias=bias)
 
     # rows and slots ---------------------------------------------------------------------------
     def _emit(self, row: _Row, token: int) -> bool:

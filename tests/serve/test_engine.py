@@ -125,6 +125,36 @@ def test_mixed_batch_equals_each_request_alone_in_the_engine(served):
         assert alone.output_ids == r.output_ids
 
 
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact", "bucketed"])
+def test_adapters_of_different_prompt_lengths_share_a_batch(served, tmp_path, bucketed):
+    """Prompt tuning with P=3, prefix tuning with P=8 and the 5-token adapters in one bank of width 8: each
+    row sees only its adapter's positions (the padding hidden by the bias) and numbers its tokens from its
+    own P; every output equals PromptModel.generate with that adapter alone."""
+    base, _, folders, references = served
+    references = dict(references)
+    for i, (name, config) in enumerate([("short", fastprompt.PromptTuningConfig(num_virtual_tokens=3)),
+                                        ("long", fastprompt.PrefixTuningConfig(num_virtual_tokens=8))]):
+        model = fastprompt.get_peft_model(base, config, adapter_name="default")
+        torch.manual_seed(200 + i)
+        with torch.no_grad():
+            for param in model.prompt_sources.parameters():
+                param.normal_(0, 1.0)
+        model.save_pretrained(tmp_path / name)
+        folders = {**folders, name: tmp_path / name}
+        references[name] = fastprompt.from_pretrained(base, tmp_path / name, adapter_name=name)
+    names = ("short", "a", "long", "mpt")
+    engine = make_engine((base, served[1], folders, references), names=names, bucketed_steps=bucketed)
+    assert engine.store.num_virtual_tokens == 8 and engine.store.prefix_bias is not None
+    requests = engine.generate(mixed_requests(seed=29, count=10, names=names))
+    for r in requests:
+        expected = reference_tokens(references, r.adapter, r.prompt_ids, r.params.max_tokens, r.task)
+        assert r.output_ids == expected, (r.adapter, r.task, r.prompt_ids)
+    engine.unload_adapter("long")
+    assert engine.store.num_virtual_tokens == 5 and engine.store.prefix_bias is not None
+    engine.unload_adapter("short")
+    assert engine.store.prefix_bias is None  # one length again: no bias at all
+
+
 def test_slots_are_reused_and_freed_at_once(served):
     engine = make_engine(served, names=("a",), max_slots=2)
     requests = [Request([5, 6, 7], "a", SamplingParams(max_tokens=n, **GREEDY)) for n in (2, 9, 3, 4, 6)]
