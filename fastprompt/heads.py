@@ -61,8 +61,8 @@ class WithHeads(PromptSource):
     def num_entries(self) -> int:
         return self.source.num_entries
 
-    def prompts(self, entries):
-        return self.source.prompts(entries)
+    def prompts(self, entries, backend=None):
+        return self.source.prompts(entries, backend)
 
     def prefix_kv(self, entries):
         return self.source.prefix_kv(entries)

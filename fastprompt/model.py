@@ -282,7 +282,7 @@ class PromptModel(nn.Module):
 
     def bank_prompts(self, plan: BankPlan) -> torch.Tensor:
         """Virtual-token embeddings of the plan's entries: [n_entries, P, d] in the backbone's dtype."""
-        parts = [self.prompt_sources[name].prompts(entries) for name, entries in plan.sources]
+        parts = [self.prompt_sources[name].prompts(entries, self.backend) for name, entries in plan.sources]
         return torch.cat(parts).to(self.backbone.dtype)
 
     def bank_kv(self, plan: BankPlan):

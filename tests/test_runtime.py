@@ -92,3 +92,22 @@ def test_autocast_trains_in_half_precision():
     out.loss.backward()
     grad = model.prompt_sources["default"].embedding.weight.grad
     assert torch.isfinite(out.loss) and grad is not None and grad.abs().sum() > 0
+
+
+def test_model_backend_reaches_the_mpt_prompt_op(monkeypatch):
+    """PromptModel(backend="torch") keeps every op on the reference, MPT's prompt product included, even
+    where the environment asks for Triton."""
+    import fastprompt.ops._prompt_embed_triton as triton_launchers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton launcher ran under PromptModel(backend='torch')")
+
+    for name in ("prompt_embed_triton", "mpt_prompt_embed_triton", "mpt_prompts_triton"):
+        monkeypatch.setattr(triton_launchers, name, refuse)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    config = fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=3, num_ranks=2)
+    model = fastprompt.get_peft_model(tiny_model("llama"), config, backend="torch")
+    ids, mask, labels = batch(3, 7)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([2, 0, 2])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.prompt_sources["default"].prefix_task_cols.grad is not None

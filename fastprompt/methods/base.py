@@ -26,8 +26,9 @@ class PromptSource(nn.Module):
     def num_entries(self) -> int:
         return 1
 
-    def prompts(self, entries: torch.Tensor) -> torch.Tensor:
-        """Virtual-token embeddings [len(entries), P, d] (kind "tokens")."""
+    def prompts(self, entries: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """Virtual-token embeddings [len(entries), P, d] (kind "tokens"); `backend` picks the op backend of
+        a source computed by a fastprompt op (MPT), as PromptModel(backend=) does for every other op."""
         raise NotImplementedError
 
     def prefix_kv(self, entries: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

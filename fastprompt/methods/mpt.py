@@ -55,8 +55,9 @@ class MultitaskPromptTuning(PromptSource):
     def num_entries(self) -> int:
         return self.config.num_tasks
 
-    def prompts(self, entries):
-        return mpt_prompts(self.embedding.weight, self.prefix_task_cols, self.prefix_task_rows, entries)
+    def prompts(self, entries, backend=None):
+        return mpt_prompts(self.embedding.weight, self.prefix_task_cols, self.prefix_task_rows, entries,
+                           backend=backend)
 
     def peft_state_dict(self):
         return {"prompt_embeddings": self.embedding.weight.detach(),

@@ -44,7 +44,7 @@ class PTuning(PromptSource):
             tokens = self.lstm_head(tokens[None])[0][0]
         return self.mlp_head(tokens)
 
-    def prompts(self, entries: torch.Tensor) -> torch.Tensor:
+    def prompts(self, entries: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         return self.encoded()[None].expand(len(entries), -1, -1)
 
     def peft_state_dict(self):

@@ -51,7 +51,7 @@ class PromptTuning(PromptSource):
             with torch.no_grad():
                 self.embedding.weight.copy_(word_embeddings.weight[ids.to(word_embeddings.weight.device)].float())
 
-    def prompts(self, entries: torch.Tensor) -> torch.Tensor:
+    def prompts(self, entries: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         return self.embedding.weight[None].expand(len(entries), -1, -1)
 
     def peft_state_dict(self):
