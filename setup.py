@@ -19,7 +19,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "tokenizers>=0.20", "httpx>=0.27",
-                 "fastapi>=0.110", "uvicorn>=0.29"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0"],
         "bench": ["pytest-benchmark>=4", "peft>=0.17", "matplotlib>=3.8"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # The real-model demo and examples: GGUF conversion of SmolLM2. The packages that carry the model and

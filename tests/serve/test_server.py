@@ -208,6 +208,34 @@ def test_disconnect_frees_the_row(server):
     assert 'finish_reason="abort"' in httpx.get(srv.url + "/metrics").text
 
 
+def aborted_requests(url) -> int:
+    """The server's count of requests that ended with finish_reason "abort" (cancelled)."""
+    prefix = 'fastprompt_requests_total{finish_reason="abort"} '
+    lines = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(prefix)]
+    return int(lines[0][len(prefix):]) if lines else 0
+
+
+def test_non_streaming_disconnect_frees_the_row(server, monkeypatch):
+    """A client that stops waiting for a plain (non-streamed) completion has its row cancelled: the server
+    notices the closed connection while the request is still decoding."""
+    srv, engine = server
+    step = engine._decode_step
+
+    def slow_step(*args):  # 40 tokens take 2 s: far longer than the client waits
+        time.sleep(0.05)
+        return step(*args)
+
+    monkeypatch.setattr(engine, "_decode_step", slow_step)
+    aborted = aborted_requests(srv.url)
+    body = {"model": "a", "prompt": [3, 4], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    deadline = time.monotonic() + 1.5
+    while engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_running == 0 and aborted_requests(srv.url) == aborted + 1
+
+
 def test_load_many_concurrent_clients(server, served):
     """50 clients, 200 requests over all adapters, greedy and seeded: every response arrives once and equals
     the engine's answer to that request alone; some stream. Bounded by a wall-clock limit."""
