@@ -58,6 +58,8 @@ def prefix_attention(
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
                                 causal: bool = True, bias: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming the argument that `prefix_attention` cannot take (shapes and dtypes as in
+    its docstring); runs before either backend, so both reject the same inputs the same way."""
     check_rank("q", q, 4, "[B, Hq, T, D]")
     check_rank("k", k, 4, "[B, Hkv, S, D]")
     check_rank("v", v, 4, "[B, Hkv, S, D]")
@@ -73,8 +75,9 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, task_ids, key_paddi
         raise ValueError(f"k and v must have shape [B={B}, Hkv, S, D={D}], got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     Hkv, S = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv})")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"k must have at least one head and q's heads ({Hq}) must be a multiple of k's heads "
+                         f"(Hkv), got Hkv={Hkv}")
     if causal and S < T:
         raise ValueError(f"k must have at least as many positions as q when causal (S={S} >= T={T})")
     if prefix_k.shape != prefix_v.shape or prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:

@@ -29,8 +29,8 @@ def prompt_embed(
 
         embeds = prompt_embed(input_ids, model.get_input_embeddings().weight, bank, task_ids)
     """
-    _check_tokens(input_ids, embedding_weight, task_ids, positions)
     check_rank("prompts", prompts, 3, "[n_tasks, P, d]")
+    _check_tokens(input_ids, embedding_weight, task_ids, positions, prompts=prompts)
     check_float("prompts", prompts)
     if prompts.shape[2] != embedding_weight.shape[1]:
         raise ValueError(f"prompts must have d={embedding_weight.shape[1]} (the embedding width), got "
@@ -60,10 +60,11 @@ def mpt_prompt_embed(
     Shapes: shared [P, d]; task_cols [n_tasks, P, r]; task_rows [n_tasks, r, d]; the rest as in
     `prompt_embed`. Differentiable in shared, task_cols and task_rows.
     """
-    _check_tokens(input_ids, embedding_weight, task_ids, positions)
     check_rank("shared", shared, 2, "[P, d]")
     check_rank("task_cols", task_cols, 3, "[n_tasks, P, r]")
     check_rank("task_rows", task_rows, 3, "[n_tasks, r, d]")
+    _check_tokens(input_ids, embedding_weight, task_ids, positions, shared=shared, task_cols=task_cols,
+                  task_rows=task_rows)
     P, d = shared.shape
     n_tasks, _, r = task_cols.shape
     if d != embedding_weight.shape[1]:
@@ -72,6 +73,7 @@ def mpt_prompt_embed(
         raise ValueError(f"task_cols must have shape [n_tasks, P={P}, r], got {tuple(task_cols.shape)}")
     if task_rows.shape != (n_tasks, r, d):
         raise ValueError(f"task_rows must have shape [{n_tasks}, {r}, {d}], got {tuple(task_rows.shape)}")
+    _check_rank_factors(task_cols)
     for name, t in (("shared", shared), ("task_cols", task_cols), ("task_rows", task_rows)):
         check_float(name, t)
     check_index("task_ids", task_ids, n_tasks, "MPT tasks")
@@ -94,12 +96,14 @@ def mpt_prompts(shared, task_cols, task_rows, task_ids, *, backend: str | None =
     check_rank("task_cols", task_cols, 3, "[n_tasks, P, r]")
     check_rank("task_rows", task_rows, 3, "[n_tasks, r, d]")
     check_rank("task_ids", task_ids, 1, "[n]")
+    check_same_device(shared=shared, task_cols=task_cols, task_rows=task_rows, task_ids=task_ids)
     for name, t in (("shared", shared), ("task_cols", task_cols), ("task_rows", task_rows)):
         check_float(name, t)
     n_tasks, P, r = task_cols.shape
     if shared.shape[0] != P or task_rows.shape != (n_tasks, r, shared.shape[1]):
         raise ValueError(f"shared [P, d], task_cols [n_tasks, P, r] and task_rows [n_tasks, r, d] disagree: "
                          f"{tuple(shared.shape)}, {tuple(task_cols.shape)}, {tuple(task_rows.shape)}")
+    _check_rank_factors(task_cols)
     check_index("task_ids", task_ids, n_tasks, "MPT tasks")
     if resolve_backend(backend, shared) == "triton":
         from fastprompt.ops._prompt_embed_triton import mpt_prompts_triton
@@ -108,16 +112,25 @@ def mpt_prompts(shared, task_cols, task_rows, task_ids, *, backend: str | None =
     return reference.mpt_prompts(shared, task_cols, task_rows, task_ids)
 
 
-def _check_tokens(input_ids, embedding_weight, task_ids, positions) -> None:
+def _check_tokens(input_ids, embedding_weight, task_ids, positions, **prompt_params: torch.Tensor) -> None:
+    """Check the token-side arguments, and that they and `prompt_params` (by name) share one device."""
     check_rank("input_ids", input_ids, 2, "[B, T]")
     check_rank("embedding_weight", embedding_weight, 2, "[V, d]")
     check_rank("task_ids", task_ids, 1, "[B]")
     check_float("embedding_weight", embedding_weight)
     check_same_device(input_ids=input_ids, embedding_weight=embedding_weight, task_ids=task_ids,
-                      positions=positions)
+                      positions=positions, **prompt_params)
     if task_ids.shape[0] != input_ids.shape[0]:
         raise ValueError(f"task_ids must have shape [B={input_ids.shape[0]}], got {tuple(task_ids.shape)}")
     check_index("input_ids", input_ids, embedding_weight.shape[0], "the vocabulary")
+
+
+def _check_rank_factors(task_cols: torch.Tensor) -> None:
+    # r = 0 is an empty product (an all-zero prompt) that the Triton kernel cannot tile: reject it in
+    # the public op, so both backends refuse it alike.
+    if task_cols.shape[2] < 1:
+        raise ValueError(f"task_cols [n_tasks, P, r] and task_rows [n_tasks, r, d] must have rank r >= 1, got "
+                         f"r={task_cols.shape[2]}")
 
 
 def _check_positions(positions, n_tokens: int, n_virtual: int, batch: int) -> None:

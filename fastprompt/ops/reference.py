@@ -79,7 +79,7 @@ def prompt_embed(
 ) -> torch.Tensor:
     """Embed tokens and place each row's task prompt among them.
 
-    input_ids: [B, T] int64; embedding_weight: [V, d]; prompts: [n_tasks, P, d]; task_ids: [B] int64.
+    input_ids: [B, T] int64; embedding_weight: [V, d]; prompts: [n_tasks, P, d] (P may be 0); task_ids: [B] int64.
     positions: optional [B, L] int64 map from output position to its source: a value p >= 0 is the
     input token input_ids[b, p]; a value p < 0 is virtual token -p - 1 of the row's prompt. Default: the
     prompt first, then the tokens (L = P + T).
@@ -91,12 +91,10 @@ def prompt_embed(
         positions = default_positions(B, P, T, input_ids.device)
     tokens = embedding_weight.detach()[input_ids]                          # [B, T, d]; frozen
     row_prompts = prompts[task_ids].to(embedding_weight.dtype)             # [B, P, d]
-    is_virtual = positions < 0
-    token_index = positions.clamp(min=0)
-    virtual_index = (-positions - 1).clamp(min=0)
-    from_tokens = torch.gather(tokens, 1, token_index[..., None].expand(-1, -1, tokens.shape[-1]))
-    from_prompt = torch.gather(row_prompts, 1, virtual_index[..., None].expand(-1, -1, tokens.shape[-1]))
-    return torch.where(is_virtual[..., None], from_prompt, from_tokens)
+    # One gather from [prompt ; tokens] per row: it never indexes an empty prompt (P = 0 is just the tokens).
+    sources = torch.cat([row_prompts, tokens], dim=1)                      # [B, P + T, d]
+    index = torch.where(positions < 0, -positions - 1, positions + P)
+    return torch.gather(sources, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
 def mpt_prompt_embed(

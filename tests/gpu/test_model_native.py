@@ -36,12 +36,13 @@ CASES = [  # (method, path)
 ]
 
 
-def _prompt_state(method: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random prompt parameters (PEFT's names), the same for every model of a case; fp32 values that
-    `dtype` holds exactly, so models keeping their prompt in fp32 or in `dtype` start from one prompt."""
+def _prompt_state(family: str, method: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random prompt parameters (PEFT's names, shaped for `family`: prefix tuning's depend on its layers
+    and heads), the same for every model of a case; fp32 values that `dtype` holds exactly, so models
+    keeping their prompt in fp32 or in `dtype` start from one prompt."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = peft.get_peft_model(tiny_model("llama"), METHODS[method]()).prompt_encoder["default"]
+        encoder = peft.get_peft_model(tiny_model(family), METHODS[method]()).prompt_encoder["default"]
     torch.manual_seed(11)
     return {name: (torch.randn_like(t) * 0.5).to(dtype).float() for name, t in encoder.state_dict().items()}
 
@@ -87,7 +88,7 @@ def _rel(actual, expected) -> float:
 @pytest.mark.parametrize("method, path", CASES, ids=[f"{m}-{p}" for m, p in CASES])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_training_step_fp32(family, method, path):
-    state = _prompt_state(method, torch.float32)
+    state = _prompt_state(family, method, torch.float32)
     peft_loss, peft_grads = _step(*_peft(family, method, state, torch.float32))
     runs = {backend: _fastprompt_step(family, method, path, state, torch.float32, backend)
             for backend in ("triton", "torch")}
@@ -106,7 +107,7 @@ def test_training_step_fp32(family, method, path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_training_step_bf16(family, method, path):
     dtype = torch.bfloat16
-    state = _prompt_state(method, dtype)
+    state = _prompt_state(family, method, dtype)
     # The fp32 reference computes on the bf16 model's weights, upcast (the rounding is not an error).
     reference, encoder = _peft(family, method, state, dtype)
     ref_loss, ref_grads = _step(reference.float(), encoder)

@@ -23,7 +23,8 @@ def _shape(*dims):
     return pytest.param(dims, id=_shape_id(*dims))
 
 
-# (B, Hq, Hkv, T, S, P, D): odd sizes; P = 0 is plain attention; P > 64 spans several prefix tiles.
+# (B, Hq, Hkv, T, S, P, D): odd sizes; P = 0 is plain attention; P > 64 spans several prefix tiles;
+# D = 80 and 96 are padded to a power of two (128) inside the kernels.
 SHAPES = [
     _shape(3, 4, 2, 37, 37, 7, 64),     # GQA
     _shape(2, 2, 2, 33, 33, 0, 32),     # no prefix
@@ -31,6 +32,8 @@ SHAPES = [
     _shape(1, 2, 2, 17, 17, 70, 32),    # prefix longer than a tile and than the sequence
     _shape(2, 2, 1, 23, 29, 5, 128),
     _shape(1, 2, 1, 67, 71, 3, 32),     # several query and key tiles even with the interpreter's 64x64
+    _shape(2, 3, 1, 11, 15, 6, 96),     # D = 96
+    _shape(2, 2, 1, 7, 9, 257, 32),     # a prefix of 257 (> 100, five 64-key tiles) before a short row
 ]
 
 
@@ -112,10 +115,11 @@ def test_causal_needs_as_many_keys_as_queries():
             prefix_attention(q, k, v, pk, pv, task_ids, causal=True, backend=backend)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("dims", [SHAPES[0], SHAPES[2]])
-def test_matches_reference_half(dims, dtype):
-    _check_against_reference(dims, dtype, causal=True, mask_kind="left")
+def test_matches_reference_half(dims, dtype, causal):
+    _check_against_reference(dims, dtype, causal=causal, mask_kind="left")
 
 
 @pytest.mark.parametrize("mask_kind", [None, "left", "right"], ids=["nomask", "left", "right"])
@@ -202,10 +206,11 @@ def _launcher_check(dims, dtype, *, causal, mask, num_splits=None, backward=True
         assert_close(name, a, e, RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_launchers_write_every_element(causal):
+def test_launchers_write_every_element(causal, dtype):
     dims = (2, 4, 2, 21, 27, 11, 80)
-    _launcher_check(dims, torch.float32, causal=causal, mask=_padding_mask(2, 27, "left"))
+    _launcher_check(dims, dtype, causal=causal, mask=_padding_mask(2, 27, "left"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,6 +220,7 @@ DECODE_SHAPES = [
     _shape(3, 4, 2, 1, 61, 9, 64),
     _shape(3, 4, 1, 3, 61, 0, 32),
     _shape(2, 2, 2, 3, 61, 40, 80),
+    _shape(2, 4, 2, 2, 45, 6, 96),
 ]
 
 
@@ -252,9 +258,10 @@ def test_decode_splits_the_key_range():
     assert calls, "decode forward did not take the split-KV path"
 
 
-@pytest.mark.parametrize("dims", [DECODE_SHAPES[0], DECODE_SHAPES[1]])
-def test_decode_through_public_op_with_gradients(dims):
-    _check_against_reference(dims, torch.float32, causal=True, mask=_cache_mask(dims[0], dims[4]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dims", [DECODE_SHAPES[0], DECODE_SHAPES[1], DECODE_SHAPES[3]])
+def test_decode_through_public_op_with_gradients(dims, dtype):
+    _check_against_reference(dims, dtype, causal=True, mask=_cache_mask(dims[0], dims[4]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,6 +401,19 @@ def test_launcher_guards_name_the_argument():
         prefix_attention_fwd(q, k, v, pk, pv, task_ids, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="out"):
         prefix_attention_fwd(q, k, v, pk, pv, task_ids, out=torch.empty(2, 2, 5, 31))
+
+
+@pytest.mark.parametrize("kv_heads", [0, 3], ids=["Hkv0", "Hkv3"])
+def test_key_heads_must_divide_query_heads(kv_heads):
+    """k with no heads, or a head count that does not divide q's, is refused by name on both backends."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 5, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, kv_heads, 5, 16, generator=gen).to(DEVICE) for _ in range(2))
+    pk, pv = (torch.randn(3, kv_heads, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
+    task_ids = torch.tensor([0, 2], device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=rf"k must have at least one head .*got Hkv={kv_heads}"):
+            prefix_attention(q, k, v, pk, pv, task_ids, backend=backend)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastprompt.kernels import prefix_attention as PA
-from tests.helpers import DEVICE, RTOL, assert_close
+from tests.helpers import RTOL, assert_close
 from tests.ops.test_prefix_attention import NAMES, _bias, _make_inputs, _run
 
 

@@ -170,6 +170,58 @@ def test_int32_indices_and_no_virtual_tokens():
     assert torch.equal(prompts.grad, torch.zeros_like(prompts))
 
 
+@pytest.mark.parametrize("layout", ["prefix", "tokens-reversed"])
+def test_no_virtual_tokens_both_backends(layout):
+    """P = 0: the output is the embeddings alone, on both backends; the (empty) prompt gradient agrees."""
+    B, T, d, n_tasks = 3, 11, 24, 2
+    input_ids, weight, task_ids, _ = _tokens(B, T, d, n_tasks, [1, 0, 1], torch.float32)
+    positions = None if layout == "prefix" else torch.arange(T, device=DEVICE).flip(0)[None].expand(B, -1)
+    want = weight[input_ids] if positions is None else weight[input_ids.flip(1)]
+    grads = {}
+    for backend in ("torch", "triton"):
+        prompts = torch.randn(n_tasks, 0, d, device=DEVICE, requires_grad=True)
+        out = ops.prompt_embed(input_ids, weight, prompts, task_ids, positions=positions, backend=backend)
+        assert_close(f"{backend} out", out, want, RTOL[torch.float32])
+        (grads[backend],) = torch.autograd.grad(out, prompts, torch.randn_like(out))
+    assert grads["torch"].shape == grads["triton"].shape == (n_tasks, 0, d)
+
+
+@pytest.mark.parametrize("op", ["mpt_prompt_embed", "mpt_prompts"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mpt_rank_zero_is_refused(op, backend):
+    B, T, P, d, n_tasks = 2, 5, 3, 8, 2
+    input_ids, weight, task_ids, gen = _tokens(B, T, d, n_tasks, [0, 1], torch.float32)
+    shared = torch.randn(P, d, generator=gen).to(DEVICE)
+    task_cols, task_rows = torch.randn(n_tasks, P, 0).to(DEVICE), torch.randn(n_tasks, 0, d).to(DEVICE)
+    with pytest.raises(ValueError, match=r"task_cols .* and task_rows .* must have rank r >= 1, got r=0"):
+        if op == "mpt_prompts":
+            ops.mpt_prompts(shared, task_cols, task_rows, task_ids, backend=backend)
+        else:
+            ops.mpt_prompt_embed(input_ids, weight, shared, task_cols, task_rows, task_ids, backend=backend)
+
+
+@pytest.mark.parametrize("param", ["prompts", "shared", "task_cols", "task_rows"])
+def test_prompt_parameters_on_another_device_are_named(param):
+    """A prompt parameter on another device (here "meta") is refused by name before any kernel runs."""
+    B, T, P, d, n_tasks, rank = 2, 5, 3, 8, 2, 2
+    input_ids, weight, task_ids, gen = _tokens(B, T, d, n_tasks, [0, 1], torch.float32)
+    params = {"prompts": torch.randn(n_tasks, P, d, generator=gen), "shared": torch.randn(P, d, generator=gen),
+              "task_cols": torch.randn(n_tasks, P, rank, generator=gen),
+              "task_rows": torch.randn(n_tasks, rank, d, generator=gen)}
+    params = {name: t.to("meta" if name == param else DEVICE) for name, t in params.items()}
+    message = rf"one device.*'{param}': device\(type='meta'\)"
+    mpt = (params["shared"], params["task_cols"], params["task_rows"])
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=message):
+            if param == "prompts":
+                ops.prompt_embed(input_ids, weight, params["prompts"], task_ids, backend=backend)
+            else:
+                ops.mpt_prompt_embed(input_ids, weight, *mpt, task_ids, backend=backend)
+        if param != "prompts":
+            with pytest.raises(ValueError, match=message):
+                ops.mpt_prompts(*mpt, task_ids, backend=backend)
+
+
 def check_launchers(B, T, P, d, vocab, n_tasks, rank, row_tasks, dtype, layouts=("prefix", "template"), seed=0):
     """Every launcher (prompt tuning, MPT, MPT prompts alone, the prompt gradient) against the reference, into
     NaN-filled outputs: every element must be written, a task no row uses gets a zero gradient. Shared with
