@@ -4,7 +4,8 @@ Providers: "unfused" (logits = hidden @ weight.T in the model's dtype, F.cross_e
 as HF's ForCausalLMLoss does; the weight is frozen, so no weight gradient), "fastprompt-torch" (the chunked
 PyTorch path) and, on CUDA, "fastprompt" (the Triton kernels). Reports milliseconds (median, p20, p80),
 the ratio to the unfused path, and peak memory above the inputs. A provider whose loss or d hidden
-disagrees with the unfused path is refused. Writes bench/results/linear_cross_entropy-<device>.json.
+disagrees with the unfused path is refused (exit status 1). Writes
+<--out, default bench/results>/linear_cross_entropy-<device>-<date>.json.
 
     python bench/bench_linear_cross_entropy.py            # Llama-3.2-1B head: V128256 d2048, N 8x1024, bf16
     python bench/bench_linear_cross_entropy.py --quick    # tiny shapes on CPU, torch paths only (smoke test)
@@ -22,10 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (  # noqa: E402
-    WrongOutput, check_or_refuse, peak_memory_mb, print_table, time_ms, write_results)
+    WrongOutput, add_run_options, apply_run_options, check_or_refuse, dtype_name, exit_status, peak_memory_mb,
+    print_table, time_ms, write_results)
 from fastprompt import ops  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def unfused(hidden, weight, labels):
@@ -38,24 +38,25 @@ def fastprompt_provider(backend: str):
     return run
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Check and time every provider; returns the exit status (1 when a provider was refused)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, torch paths only")
     parser.add_argument("--device", default=None)
     parser.add_argument("--tokens", type=int, default=8 * 1024)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    add_run_options(parser, dtype="bf16")
     args = parser.parse_args(argv)
+    dtype = apply_run_options(parser, args)
     if args.quick:
         args.device = args.device or "cpu"
         args.tokens, args.vocab, args.dim, args.warmup, args.reps = 256, 1000, 64, 1, 3
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick and device.type != "cpu":
         parser.error("--quick runs on the CPU")
-    dtype = DTYPES[args.dtype]
     N, V, d = args.tokens, args.vocab, args.dim
 
     gen = torch.Generator().manual_seed(0)
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
         except WrongOutput as err:
             print(f"REFUSED {err}")
             rows.append({"op": "linear_cross_entropy", "provider": name, "mode": "refused", "shape": shape,
-                         "dtype": args.dtype, "refused": str(err)})
+                         "dtype": dtype_name(dtype), "refused": str(err)})
             continue
         finally:
             leaf.grad = None
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
         for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             timing = time_ms(call, device, warmup=args.warmup, reps=args.reps)
             rows.append({"op": "linear_cross_entropy", "provider": name, "mode": mode, "shape": shape,
-                         "dtype": args.dtype, **timing, "peak_mb": peak_memory_mb(call, device)})
+                         "dtype": dtype_name(dtype), **timing, "peak_mb": peak_memory_mb(call, device)})
     for mode in ("fwd", "fwd+bwd"):
         base = next((r["ms"] for r in rows if r["mode"] == mode and r["provider"] == "unfused"), None)
         for r in rows:
@@ -111,8 +112,9 @@ def main(argv=None) -> None:
     print_table(rows, ["op", "provider", "mode", "shape", "dtype", "ms", "ms_p20", "ms_p80", "speedup_vs_unfused",
                        "peak_mb"])
     name = "linear_cross_entropy-quick" if args.quick else "linear_cross_entropy"
-    print(f"wrote {write_results(name, rows, device)}")
+    print(f"wrote {write_results(name, rows, device, dated=True, out_dir=args.out)}")
+    return exit_status(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

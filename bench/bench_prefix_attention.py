@@ -1,6 +1,6 @@
 """Benchmark prefix attention: fastprompt's Triton kernel against SDPA and flash-attn on the same inputs.
 
-    python bench/bench_prefix_attention.py [--quick] [--device cuda]
+    python bench/bench_prefix_attention.py --quick     # tiny shapes on the CPU, torch backend only
 
 Providers (each checked against the fp32 reference on row 0 before it is timed; refused if wrong):
   fastprompt   fastprompt.ops.prefix_attention (Triton on CUDA; the torch reference with --quick)
@@ -9,8 +9,13 @@ Providers (each checked against the fp32 reference on row 0 before it is timed; 
   sdpa-mask    SDPA with an explicit boolean [B, 1, T, P + S] mask (what PEFT's prefix path forces)
   flash-attn   flash_attn_func on the concatenated keys (causal is bottom-right aligned), when importable
 Training shapes: forward, backward and both (TFLOP/s over the visible query-key pairs, and ms).
-Decode: batch 64, one new token against a cache with per-row valid lengths, 64 distinct tasks vs one.
-Results go to bench/results/prefix_attention-<device>.json (prefix_attention_quick-... with --quick).
+Decode: batch 64, one new token against a cache with per-row valid lengths, 64 distinct tasks vs one
+(the same shape otherwise). The issue's targets (bench/targets.py: fwd+bwd within 1.1x of sdpa-concat,
+>= 1.5x faster than sdpa-mask, decode with 64 tasks within 1.15x of one) are printed last.
+Results go to <--out, default bench/results>/prefix_attention-<device>-<date>.json (prefix_attention-quick-...
+with --quick), rewritten after every case. Exit status 1 when a provider was refused.
+
+    python bench/bench_prefix_attention.py [--device cuda] [--dtype bf16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import WrongOutput, check_or_refuse, peak_memory_mb, print_table, time_ms, write_results  # noqa: E402
+from bench.harness import (  # noqa: E402
+    RTOL, WrongOutput, add_run_options, apply_run_options, check_or_refuse, dtype_name, exit_status,
+    peak_memory_mb, print_table, time_ms, write_results)
+from bench.targets import kernel_targets  # noqa: E402
 from fastprompt.ops import prefix_attention, reference  # noqa: E402
-
-RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 def make_inputs(B, Hq, Hkv, T, S, P, D, n_tasks, dtype, device, *, lengths=None, seed=0):
@@ -121,7 +127,7 @@ def bench_case(case, modes, device, dtype, quick, rows):
     shape = f"B{B}-Hq{Hq}-Hkv{Hkv}-T{T}-S{S}-P{P}-D{D}-tasks{n_tasks}"
     for name, (fn, tensors) in build_providers(q, k, v, pk, pv, task_ids, mask, quick=quick).items():
         base = {"op": "prefix_attention", "kind": kind, "provider": name, "shape": shape, "B": B, "Hq": Hq,
-                "Hkv": Hkv, "T": T, "S": S, "P": P, "D": D, "n_tasks": n_tasks, "dtype": str(dtype)}
+                "Hkv": Hkv, "T": T, "S": S, "P": P, "D": D, "n_tasks": n_tasks, "dtype": dtype_name(dtype)}
         try:
             with torch.no_grad():
                 out = fn(*tensors)
@@ -201,28 +207,33 @@ def decode_cases(quick):
     return cases
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Run every case; returns the exit status (1 when a provider was refused)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, torch backend only")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    add_run_options(parser, dtype="bf16")
     args = parser.parse_args(argv)
+    dtype = apply_run_options(parser, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     if not args.quick and device.type != "cuda":
         parser.error("the full benchmark needs --device cuda; use --quick for a CPU smoke test")
-    dtype = torch.bfloat16
     rows: list[dict] = []
-    name = "prefix_attention_quick" if args.quick else "prefix_attention"
+    name = "prefix_attention-quick" if args.quick else "prefix_attention"
     cases = [(case, ("fwd", "bwd", "fwd+bwd")) for case in training_cases(args.quick)]
     cases += [(case, ("fwd",)) for case in decode_cases(args.quick)]
     for i, (case, modes) in enumerate(cases):
         bench_case(case, modes, device, dtype, args.quick, rows)
         # Rewritten after every case, so a run stopped by a time limit keeps what it measured.
-        path = write_results(name, rows, device)
+        path = write_results(name, rows, device, dated=True, out_dir=args.out)
         print(f"case {i + 1}/{len(cases)} done, {sum('ms' in r for r in rows)} timings in {path}", flush=True)
     print_table([r for r in rows if "ms" in r],
                 ["kind", "shape", "provider", "mode", "ms", "tflops", "speedup_of_fastprompt", "peak_mb"])
+    for target in kernel_targets(rows, device.type):
+        print(target)
     print(f"wrote {path}")
+    return exit_status(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

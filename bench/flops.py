@@ -9,12 +9,20 @@ attending to its prefix and causally to its own tokens, plus, for virtual-token 
 over each distinct task's P virtual tokens (recomputing the prompt for every row, as concatenation does,
 is an implementation's extra work, not model FLOPs). The LM head counts for the B·T row tokens. The
 adapters' own FLOPs (prompt encoders, LoRA's rank-16 matrices and their weight gradients) are left out:
-well under 1% here. MFU = model FLOPs per step / step time / the device's peak.
+well under 1% here. MFU = model FLOPs per step / step time / the device's peak, where the peak is
+measured (`measured_peak_flops`: a large square matmul in the run's dtype, timed once per run), and a
+second MFU is taken against the datasheet peak where one is known (`peak_flops`: H100, H200, A100).
 """
 
 from __future__ import annotations
 
 import torch
+
+from bench.harness import time_ms
+
+# Square matmul sizes for the measured peak: large enough to reach a GPU's tensor-core rate; on a CPU
+# (--quick, tests) small enough to take well under a second, yet past the size where BLAS peaks.
+PEAK_MATMUL_N = {"cuda": 8192, "cpu": 512}
 
 # Dense peaks in FLOP/s from NVIDIA's datasheets (no sparsity). fp32 is the CUDA-core rate: PyTorch's
 # default matmul precision keeps fp32 matmuls off TF32. Matched in order against torch's device name.
@@ -34,6 +42,19 @@ def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
         if pattern in device_name:
             return peaks.get(dtype)
     return None
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """FLOP/s of an [n, n] @ [n, n] matmul of random `dtype` tensors on `device` (2·n³ FLOPs over the
+    median time; n from PEAK_MATMUL_N by device type unless given): the peak this device reaches here
+    and now, with this torch, in this dtype. Raises ValueError for n < 1."""
+    n = PEAK_MATMUL_N.get(device.type, PEAK_MATMUL_N["cpu"]) if n is None else n
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device, warmup=2, reps=5)["ms"]
+    return 2 * n**3 / (ms / 1e3)
 
 
 def layer_matmul_params(shape: dict) -> int:

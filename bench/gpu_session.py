@@ -74,9 +74,9 @@ STAGES: dict[str, list[Step]] = {
         Step("training-gpt2", _bench("--suite", "training", "--models", "gpt2-medium", "--out", "{out}"), 520),
     ],
     "kernels": [  # the short ones first, so a long prefix-attention run cannot cost them
-        Step("prompt-embed", _script("bench_prompt_embed", "--device", "cuda"), 90),
-        Step("linear-cross-entropy", _script("bench_linear_cross_entropy", "--device", "cuda"), 90),
-        Step("prefix-attention", _script("bench_prefix_attention", "--device", "cuda"), 340),
+        Step("prompt-embed", _script("bench_prompt_embed", "--device", "cuda", "--out", "{out}"), 90),
+        Step("linear-cross-entropy", _script("bench_linear_cross_entropy", "--device", "cuda", "--out", "{out}"), 90),
+        Step("prefix-attention", _script("bench_prefix_attention", "--device", "cuda", "--out", "{out}"), 340),
     ],
     "serve": [
         Step("serving", _bench("--suite", "serving", "--out", "{out}"), 520),
@@ -86,9 +86,9 @@ QUICK: dict[str, tuple[str, ...]] = {
     "frozen-backward": _script("bench_frozen_backward", "--quick"),
     "training-llama": _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--out", "{out}"),
     "training-gpt2": _bench("--quick", "--suite", "training", "--models", "tiny-gpt2", "--out", "{out}"),
-    "prompt-embed": _script("bench_prompt_embed", "--quick"),
-    "linear-cross-entropy": _script("bench_linear_cross_entropy", "--quick"),
-    "prefix-attention": _script("bench_prefix_attention", "--quick"),
+    "prompt-embed": _script("bench_prompt_embed", "--quick", "--out", "{out}"),
+    "linear-cross-entropy": _script("bench_linear_cross_entropy", "--quick", "--out", "{out}"),
+    "prefix-attention": _script("bench_prefix_attention", "--quick", "--out", "{out}"),
     "serving": _bench("--quick", "--suite", "serving", "--out", "{out}"),
 }
 # Files a stage's JSON results are renamed to (several stages write "training-<device>-<date>.json").
@@ -124,7 +124,8 @@ def install(log) -> str:
 
 
 def collect_results(since: float, out: Path) -> None:
-    """Copy the JSON results the kernel scripts wrote into bench/results/ since `since` (epoch s) to `out`."""
+    """Copy the JSON results written into bench/results/ since `since` (epoch s) to `out` (the
+    frozen-backward script's; the others write to `out` directly)."""
     for path in sorted(RESULTS.glob("*.json")):
         if path.stat().st_mtime >= since and path.parent != out:
             shutil.copy2(path, out / path.name)
@@ -143,19 +144,22 @@ def _table(rows: list[dict], columns: list[str]) -> list[str]:
 
 
 def summarize(out: Path) -> list[str]:
-    """Lines summing up every JSON result and junit file in `out`, the targets last."""
+    """Lines summing up every JSON result and junit file in `out`, the targets of each file last."""
+    from bench.targets import targets
+
     lines: list[str] = []
-    training: list[dict] = []
+    judged = []
     for path in sorted(out.glob("*.json")):
         rows = json.loads(path.read_text())
         lines.append(f"-- {path.name} ({len(rows)} rows, {rows[0].get('device') if rows else '?'})")
         if not rows:
             continue
+        judged += targets(rows, "cpu" if str(rows[0].get("device")).startswith("cpu") else "cuda")
         suite = rows[0].get("suite")
         if suite == "training":
-            training += rows
             lines += _table(rows, ["model", "method", "batch", "seq_len", "provider", "status", "step_ms",
-                                   "tokens_per_s_vs_peft", "peak_mb_vs_peft", "mfu", "grad_rel_err"])
+                                   "tokens_per_s_vs_peft", "peak_mb_vs_peft", "mfu", "mfu_datasheet",
+                                   "grad_rel_err"])
         elif suite == "serving":
             lines += _table(rows, ["n_tasks", "provider", "status", "tokens_per_s", "tokens_per_s_vs_peft",
                                    "ttft_ms_p50", "itl_ms_p50", "itl_ms_p50_vs_peft"])
@@ -166,11 +170,9 @@ def summarize(out: Path) -> list[str]:
             lines += _kernel_lines(rows)
     for path in sorted(out.glob("*junit.xml")):
         lines += _junit_lines(path)
-    if training:
-        from bench.targets import targets
-
+    if judged:
         lines.append("-- targets (bench/targets.py)")
-        lines += [str(t) for t in targets(training, "cpu" if str(training[0]["device"]).startswith("cpu") else "cuda")]
+        lines += [str(t) for t in judged]
     return lines
 
 

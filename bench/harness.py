@@ -9,6 +9,7 @@ puts each row next to its baseline provider.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import platform
@@ -27,6 +28,9 @@ from fastprompt.io import atomic_write
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # ‖out − ref‖ / ‖ref‖ allowed against an fp32 reference (DESIGN.md, "Kernel conventions").
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# `python -m bench`'s short names, and torch's (which the kernel scripts took first), for the same dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class WrongOutput(AssertionError):
@@ -146,6 +150,33 @@ def check_or_refuse(provider: str, actual: torch.Tensor, expected: torch.Tensor,
     if not rel <= rtol:
         raise WrongOutput(f"{provider}: output differs from the reference (relative error {rel:.2e} > "
                           f"{rtol:.0e}); refusing to report its speed")
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, dtype: str) -> None:
+    """Add the options `python -m bench` passes to a kernel script: --dtype (default `dtype`, a key of
+    DTYPES), --out (results folder) and --threads (torch's CPU threads)."""
+    parser.add_argument("--dtype", default=dtype, choices=list(DTYPES), help=f"model dtype (default {dtype})")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+
+
+def apply_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.dtype:
+    """Set torch's thread count from --threads (a parser error when < 1); returns --dtype as a torch dtype."""
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return DTYPES[args.dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how every result row names its dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def exit_status(rows: list[dict]) -> int:
+    """A kernel script's exit status: 1 when a provider was refused (its row carries "refused"), else 0."""
+    return 1 if any(r.get("refused") for r in rows) else 0
 
 
 def write_results(name: str, rows: list[dict], device: torch.device, *, dated: bool = False,

@@ -6,11 +6,13 @@
     python -m bench --suite serving --serve-tasks 1,8,64 --plot
 
 Suites: training (bench/training.py), serving (bench/serving.py), kernels (the three kernel
-micro-benchmarks, bench/bench_*.py, each with its own shapes and dtypes; they write
-bench/results/<op>-<device>.json themselves), all. Training and serving print a table with ratios
-to PEFT and write <out>/<suite>-<device>-<date>.json (<suite>-quick-... with --quick, which git
-ignores). `--plot` draws the PNGs of bench/plot.py from them. Exit status 1 when a provider was
-refused (wrong outputs) or failed with an error; out of memory is a result, not a failure.
+micro-benchmarks, bench/bench_*.py, each with its own shapes, given this run's --dtype, --out and
+--threads; they write <out>/<op>-<device>-<date>.json themselves), all. Training and serving print a
+table with ratios to PEFT and write <out>/<suite>-<device>-<date>.json (<suite>-quick-... with --quick,
+which git ignores; <out> defaults to bench/results). Each suite ends with the issue's targets it
+measured (bench/targets.py; the prefix-attention script prints its own). `--plot` draws the PNGs of
+bench/plot.py from the training and serving results. Exit status 1 when a provider was refused (wrong
+outputs) or failed with an error, in any suite; out of memory is a result, not a failure.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import serving, training
-from bench.harness import print_table, write_results
+from bench.harness import dtype_name, print_table, write_results
 from bench.targets import targets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,7 +52,7 @@ DEFAULTS = {
 
 TRAINING_COLUMNS = ["model", "method", "batch", "seq_len", "provider", "status", "step_ms", "tokens_per_s",
                     "tokens_per_s_vs_peft", "peak_mb", "peak_mb_vs_peft", "saved_mb", "saved_mb_vs_peft", "mfu",
-                    "loss_rel_err", "grad_rel_err", "error"]
+                    "mfu_datasheet", "loss_rel_err", "grad_rel_err", "error"]
 SERVING_COLUMNS = ["model", "n_tasks", "rows", "provider", "status", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50",
                    "itl_ms_p99", "tokens_per_s", "tokens_per_s_vs_peft", "itl_ms_p50_vs_peft", "peak_mb", "error"]
 
@@ -141,14 +143,22 @@ def _methods(parser: argparse.ArgumentParser, text: str | None) -> tuple[trainin
     return tuple(known[t] for t in labels)
 
 
-def run_kernels(args) -> None:
-    """The kernel micro-benchmarks, each as its own script would run (--quick: their CPU smoke runs)."""
+def run_kernels(args) -> int:
+    """The kernel micro-benchmarks, each as its own script would run (--quick: their CPU smoke runs), with
+    this run's dtype, results folder and threads; returns 1 if any of them refused a provider."""
     import importlib
 
     argv = ["--quick"] if args.quick else ["--device", "cuda"]
+    argv += ["--dtype", dtype_name(args.dtype)]
+    argv += ["--out", str(args.out)] if args.out else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    status = 0
     for script in KERNEL_SCRIPTS:
         print(f"\n== kernels: bench/{script}.py {' '.join(argv)}")
-        importlib.import_module(f"bench.{script}").main(argv)
+        if importlib.import_module(f"bench.{script}").main(argv):
+            print(f"REFUSED: kernels bench/{script}.py refused a provider", file=sys.stderr)
+            status = 1
+    return status
 
 
 def main(argv=None) -> int:
@@ -173,10 +183,10 @@ def _run_suites(args) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    written, failed = [], []
+    written, failed, kernels_status = [], [], 0
     for suite in args.suites:
         if suite == "kernels":
-            run_kernels(args)
+            kernels_status = run_kernels(args)
             continue
         if suite == "training":
             rows = training.run(args.training_cases, training.Settings(args.device, args.dtype, args.warmup,
@@ -185,15 +195,14 @@ def _run_suites(args) -> int:
             rows = serving.run(args.serving_cases, serving.Settings(args.device, args.dtype, args.serve_reps), log=log)
         columns = TRAINING_COLUMNS if suite == "training" else SERVING_COLUMNS
         if args.device.type != "cuda":  # CUDA-only measurements would print as a column of None
-            columns = [c for c in columns if not c.startswith(("peak_mb", "mfu"))]
+            columns = [c for c in columns if not c.startswith(("peak_mb", "mfu_datasheet"))]
         if all(r["error"] is None for r in rows):
             columns.remove("error")
-        print(f"\n== {suite}: {args.device.type}, {str(args.dtype).removeprefix('torch.')}; ratios are to "
+        print(f"\n== {suite}: {args.device.type}, {dtype_name(args.dtype)}; ratios are to "
               f"{training.BASELINE if suite == 'training' else serving.BASELINE}")
         print_table(rows, columns)
-        if suite == "training":
-            for target in targets(rows, args.device.type):
-                print(target)
+        for target in targets(rows, args.device.type):
+            print(target)
         path = write_results(f"{suite}-quick" if args.quick else suite, rows, args.device, dated=True,
                              out_dir=args.out)
         print(f"wrote {path}")
@@ -206,4 +215,4 @@ def _run_suites(args) -> int:
             print(f"plotted {path}")
     for row in failed:
         print(f"{row['status'].upper()}: {row['suite']} {row['provider']}: {row['error']}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or kernels_status else 0

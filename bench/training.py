@@ -23,21 +23,23 @@ Timing: `steps` optimizer steps (forward, backward, AdamW on the trainable param
 ones, each between device synchronisations; median and p20/p80. Memory: the CUDA peak of one step above
 what was allocated before it (model and optimizer state included in "before"), and on every device the
 activations autograd saves for the backward (fastprompt.audit.saved_bytes). tokens/s counts the rows'
-B·T tokens (virtual tokens are not data). MFU: bench/flops.py.
+B·T tokens (virtual tokens are not data). MFU (bench/flops.py): against the device's peak measured once
+per run (a large matmul in the run's dtype, peak_tflops_measured), and against the datasheet peak where
+one is known (mfu_datasheet, peak_tflops_datasheet; None on CPUs).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 import fastprompt
-from bench.flops import mfu, peak_flops, train_step_flops
+from bench.flops import measured_peak_flops, mfu, peak_flops, train_step_flops
 from bench.harness import (RTOL, WrongOutput, add_ratios, device_name, failure_status, peak_memory_mb,
                            relative_error, release_memory, time_steps_ms)
 from bench.models import build_model, max_positions, model_shape
@@ -48,7 +50,7 @@ CASE_KEYS = ("model", "method", "num_virtual_tokens", "n_tasks", "batch", "seq_l
 RATIO_METRICS = ("tokens_per_s", "peak_mb", "saved_mb")
 ROW_KEYS = ("suite", *CASE_KEYS, "model_shape", "provider", "status", "error", "loss_rel_err", "grad_rel_err",
             "loss_tolerance", "grad_tolerance", "step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mb",
-            "saved_mb", "flops_per_step", "mfu")
+            "saved_mb", "flops_per_step", "peak_tflops_measured", "mfu", "peak_tflops_datasheet", "mfu_datasheet")
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,7 @@ class Settings:
     dtype: torch.dtype
     warmup: int = 5
     steps: int = 20
+    peak_flops: float | None = None   # measured FLOP/s for the MFU; `run` measures it when None
 
 
 def measure(runner: Runner, batch: Batch, settings: Settings) -> dict:
@@ -322,7 +325,7 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
     flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=case.method.num_virtual,
                              prompt_entries=case.method.prompt_entries)
     lora_flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=0, prompt_entries=0)
-    peak = peak_flops(device_name(settings.device), settings.dtype)
+    datasheet = peak_flops(device_name(settings.device), settings.dtype)
     common = dict(suite="training", model=case.model, method=case.method.label,
                   num_virtual_tokens=case.method.num_virtual, n_tasks=case.method.n_tasks, batch=case.batch,
                   seq_len=case.seq_len, sweep=case.sweep, dtype=dtype_name, model_shape=shape)
@@ -343,7 +346,8 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
             step_flops = flops if runner.has_prompt else lora_flops
             rows.append(_row(common, provider=name, status="ok", **errors, **timing,
                              tokens_per_s=case.batch * case.seq_len / (timing["step_ms"] / 1e3),
-                             flops_per_step=step_flops, mfu=mfu(step_flops, timing["step_ms"], peak)))
+                             flops_per_step=step_flops, **_mfu(step_flops, timing["step_ms"], settings.peak_flops,
+                                                               datasheet)))
         except WrongOutput as error:
             rows.append(_row(common, provider=name, status="refused", error=str(error)))
         except Exception as error:  # OOM, or a failure: reported in the row, the next provider runs
@@ -356,6 +360,15 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
         log(f"training {case.model} {case.method.label} B{case.batch} T{case.seq_len} {name}: {row['status']}"
             + (f" {row['step_ms']:.1f} ms/step" if row["status"] == "ok" else f" ({row['error']})"))
     return rows
+
+
+def _mfu(flops: int, step_ms: float, measured: float | None, datasheet: float | None) -> dict:
+    """The row's MFU columns: against the measured peak and against the datasheet's (None where unknown)."""
+    def tflops(peak):
+        return None if peak is None else peak / 1e12
+
+    return {"peak_tflops_measured": tflops(measured), "mfu": mfu(flops, step_ms, measured),
+            "peak_tflops_datasheet": tflops(datasheet), "mfu_datasheet": mfu(flops, step_ms, datasheet)}
 
 
 def training_cases(models: list[str], methods: tuple[Method, ...], batch: int, seq_len: int,
@@ -376,8 +389,11 @@ def training_cases(models: list[str], methods: tuple[Method, ...], batch: int, s
 
 def run(cases: list[Case], settings: Settings, providers: dict[str, Builder] | None = None, log=print) -> list[dict]:
     """Rows of every case (models built once each, in settings.dtype on settings.device), with the ratios
-    to PEFT (SDPA) of tokens/s, peak memory and saved activations added."""
+    to PEFT (SDPA) of tokens/s, peak memory and saved activations added. The device's peak FLOP/s is
+    measured once here unless settings carries one."""
     providers = PROVIDERS if providers is None else providers
+    if settings.peak_flops is None:
+        settings = replace(settings, peak_flops=measured_peak_flops(settings.device, settings.dtype))
     by_case: dict[int, list[dict]] = {}
     for model_name in dict.fromkeys(c.model for c in cases):  # each model built once, rows in case order
         base = build_model(model_name, settings.dtype, settings.device)

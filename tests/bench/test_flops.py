@@ -1,5 +1,6 @@
 """FLOP counts against torch's own counter and a hand count; peaks and MFU."""
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,3 +47,28 @@ def test_peaks_by_device_name_and_mfu():
     assert flops.peak_flops("cpu-x86_64", torch.float32) is None
     assert flops.mfu(3e12, 1500.0, 4e12) == 0.5
     assert flops.mfu(3e12, 1500.0, None) is None
+
+
+def test_measured_peak_is_two_n_cubed_over_the_timed_matmul(monkeypatch):
+    """The measured peak times a random n x n matmul in the given dtype and counts 2·n³ FLOPs."""
+    seen = []
+
+    def fake_time_ms(fn, device, **kwargs):
+        product = fn()
+        seen.append((product.shape, product.dtype, product.device, bool((product != 0).all())))
+        return {"ms": 4.0, "ms_p20": 4.0, "ms_p80": 4.0}
+
+    monkeypatch.setattr(flops, "time_ms", fake_time_ms)
+    cpu = torch.device("cpu")
+    assert flops.measured_peak_flops(cpu, torch.float64, n=37) == 2 * 37**3 / 4e-3
+    assert seen == [(torch.Size([37, 37]), torch.float64, cpu, True)]
+    flops.measured_peak_flops(cpu, torch.float32)
+    assert seen[-1][0] == torch.Size([flops.PEAK_MATMUL_N["cpu"]] * 2)
+
+
+def test_measured_peak_on_this_cpu_is_a_plausible_rate():
+    """Timed for real at a small size: above 0.1 GFLOP/s (any CPU of this century), below 100 TFLOP/s."""
+    peak = flops.measured_peak_flops(torch.device("cpu"), torch.float32, n=129)
+    assert 1e8 < peak < 1e14
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        flops.measured_peak_flops(torch.device("cpu"), torch.float32, n=0)

@@ -57,3 +57,61 @@ def test_cuda_without_a_gpu_is_refused(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--device", "cuda"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_quick_serving_run_judges_its_targets_and_plots(tmp_path, capsys):
+    argv = ["--quick", "--device", "cpu", "--suite", "serving", "--models", "tiny-llama", "--serve-rows", "3",
+            "--serve-tasks", "1,3", "--serve-prompt-len", "5", "--serve-new-tokens", "3", "--serve-virtual", "4",
+            "--out", str(tmp_path), "--plot"]
+    assert run.main(argv) == 0
+    png_path, json_path = sorted(tmp_path.iterdir())     # "serving-l..." sorts before "serving-q..."
+    assert re.fullmatch(r"serving-quick-cpu-[a-z0-9._-]+-\d{4}-\d{2}-\d{2}\.json", json_path.name), json_path.name
+    assert png_path.name == "serving-latency-vs-tasks-tiny-llama-float32.png"
+    assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    rows = json.loads(json_path.read_text())
+    assert {(r["n_tasks"], r["provider"]) for r in rows} == {(n, p) for n in (1, 3) for p in run.serving.PROVIDERS}
+    assert all(r["status"] == "ok" for r in rows)
+    out = capsys.readouterr().out
+    assert "tiny-llama: fastprompt-engine ITL p50, 3 adapters vs 1: " in out
+    assert "tiny-llama: fastprompt-engine tokens/s vs PEFT at 3 adapters: " in out
+    assert out.count("(a GPU target; informational on this device)") == 2
+    assert f"plotted {png_path}" in out
+
+
+def test_kernels_suite_passes_dtype_out_and_threads_and_writes_dated_files(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--device", "cpu", "--suite", "kernels", "--dtype", "fp32", "--threads", "1",
+            "--out", str(tmp_path)]
+    try:
+        assert run.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [re.sub(r"-cpu-[a-z0-9._-]+-\d{4}-\d{2}-\d{2}\.json$", "", n) for n in names] == [
+        "linear_cross_entropy-quick", "prefix_attention-quick", "prompt_embed-quick"], names
+    for path in tmp_path.iterdir():
+        rows = json.loads(path.read_text())
+        assert rows and all(r["dtype"] == "float32" and r["cpu_threads"] == 1 for r in rows), path.name
+        assert not any(r.get("refused") for r in rows), path.name
+    out = capsys.readouterr().out
+    assert "bench/bench_prompt_embed.py --quick --dtype float32 --out " in out and "--threads 1" in out
+    assert "prefix_attention: decode at batch 4, one task per row vs one task" in out
+
+
+def test_a_kernel_script_that_refuses_makes_the_run_fail(monkeypatch, capsys):
+    import importlib
+
+    seen = {}
+
+    def fake_main(script):
+        def main(argv):
+            seen[script] = argv
+            return 1 if script == "bench_prompt_embed" else 0
+        return main
+
+    for script in run.KERNEL_SCRIPTS:
+        monkeypatch.setattr(importlib.import_module(f"bench.{script}"), "main", fake_main(script))
+    assert run.main(["--quick", "--device", "cpu", "--suite", "kernels", "--dtype", "bf16"]) == 1
+    assert list(seen) == list(run.KERNEL_SCRIPTS)
+    assert all(argv == ["--quick", "--dtype", "bfloat16", "--threads", "1"] for argv in seen.values())
+    assert "REFUSED: kernels bench/bench_prompt_embed.py refused a provider" in capsys.readouterr().err

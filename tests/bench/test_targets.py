@@ -1,6 +1,8 @@
-"""The issue's targets, judged from hand-made training rows."""
+"""The issue's targets, judged from hand-made rows: training, serving and prefix attention."""
 
-from bench.targets import targets
+import pytest
+
+from bench.targets import kernel_targets, serving_targets, targets
 
 
 def _row(method, provider, **values):
@@ -37,3 +39,89 @@ def test_cpu_target_is_the_pytorch_path_against_peft():
     without_torch_path = [r for r in ROWS if r["provider"] != "fastprompt-torch"]
     assert targets(without_torch_path, "cpu")[0].met is None
     assert "not measured" in str(targets(without_torch_path, "cpu")[0])
+
+
+def _serving(n_tasks, provider, status="ok", **values):
+    return {"suite": "serving", "model": "tiny-llama", "rows": 64, "prompt_len": 128, "new_tokens": 64,
+            "num_virtual_tokens": 100, "dtype": "bfloat16", "n_tasks": n_tasks, "provider": provider,
+            "status": status, "itl_ms_p50": None, "tokens_per_s_vs_peft": None, **values}
+
+
+SERVING = [
+    _serving(1, "peft", itl_ms_p50=20.0, tokens_per_s_vs_peft=1.0),
+    _serving(1, "fastprompt-engine", itl_ms_p50=10.0, tokens_per_s_vs_peft=1.3),
+    _serving(8, "fastprompt-engine", itl_ms_p50=10.5, tokens_per_s_vs_peft=4.0),
+    _serving(64, "peft", itl_ms_p50=20.0, tokens_per_s_vs_peft=1.0),
+    _serving(64, "fastprompt-engine", itl_ms_p50=11.3, tokens_per_s_vs_peft=9.25),
+]
+
+
+def test_serving_targets_compare_the_most_adapters_with_one():
+    itl, throughput = serving_targets(SERVING, "cuda")
+    assert itl.what == "fastprompt-engine ITL p50, 64 adapters vs 1" and itl.value == pytest.approx(1.13)
+    assert itl.met is True and not itl.informational
+    assert throughput.what == "fastprompt-engine tokens/s vs PEFT at 64 adapters" and throughput.value == 9.25
+    assert throughput.met is True
+    slower = [{**r, "itl_ms_p50": 12.0} if r["n_tasks"] == 64 and r["provider"] == "fastprompt-engine" else r
+              for r in SERVING]
+    assert str(serving_targets(slower, "cuda")[0]).endswith("1.20x (target <= 1.15x): MISSED")
+
+
+def test_serving_targets_unmeasured_without_engine_timings_and_informational_on_a_cpu():
+    refused = [_serving(64, "fastprompt-engine", status="refused") if r["n_tasks"] == 64 and
+               r["provider"] == "fastprompt-engine" else r for r in SERVING]
+    itl, throughput = serving_targets(refused, "cpu")
+    assert itl.value is None and itl.met is None and throughput.met is None
+    assert str(itl).endswith("n/a (target <= 1.15x): not measured (a GPU target; informational on this device)")
+    # Only one adapter, or no serving rows at all: nothing to compare.
+    assert serving_targets([r for r in SERVING if r["n_tasks"] == 1], "cuda") == []
+    assert serving_targets(ROWS, "cuda") == []
+
+
+def _attention(kind, shape, mode, provider, ms, n_tasks=1, B=3):
+    return {"op": "prefix_attention", "kind": kind, "shape": f"{shape}-tasks{n_tasks}", "mode": mode,
+            "provider": provider, "ms": ms, "B": B, "Hq": 4, "Hkv": 2, "T": 1, "S": 96, "P": 20, "D": 64,
+            "n_tasks": n_tasks, "dtype": "bfloat16"}
+
+
+ATTENTION = [
+    _attention("train", "B2-T65", "fwd", "fastprompt", 1.0),          # forward only: not a target
+    _attention("train", "B2-T65", "fwd+bwd", "fastprompt", 3.0),
+    _attention("train", "B2-T65", "fwd+bwd", "sdpa-concat", 2.9),
+    _attention("train", "B2-T65", "fwd+bwd", "sdpa-mask", 6.0),
+    _attention("train", "B1-T129", "fwd+bwd", "fastprompt", 5.0),
+    _attention("train", "B1-T129", "fwd+bwd", "sdpa-concat", 5.0),
+    _attention("train", "B1-T129", "fwd+bwd", "sdpa-mask", 8.0),
+    _attention("decode", "B3-P20", "fwd", "fastprompt", 0.21, n_tasks=3),
+    _attention("decode", "B3-P20", "fwd", "fastprompt", 0.20, n_tasks=1),
+    _attention("decode", "B3-P20", "fwd", "sdpa-mask", 0.10, n_tasks=1),
+    {"op": "prefix_attention", "kind": "train", "shape": "B9", "mode": "check", "provider": "broken",
+     "refused": "wrong"},
+]
+
+
+def test_kernel_targets_take_the_worst_shape():
+    concat, mask, decode = kernel_targets(ATTENTION, "cuda")
+    assert concat.value == pytest.approx(3.0 / 2.9) and concat.met is True
+    assert "worst of 2 shapes" in concat.what
+    assert mask.value == pytest.approx(1.6) and mask.met is True            # 6/3 = 2.0 and 8/5 = 1.6
+    assert decode.value == pytest.approx(1.05) and decode.met is True
+    assert decode.what.startswith("decode at batch 3, one task per row vs one task, worst of 1 shape (")
+    slow = [{**r, "ms": 6.0} if r["shape"] == "B1-T129-tasks1" and r["provider"] == "fastprompt" else r
+            for r in ATTENTION]
+    concat, mask, _ = kernel_targets(slow, "cpu")
+    assert concat.met is False and mask.met is False and concat.informational
+    assert "MISSED (a GPU target; informational on this device)" in str(mask)
+
+
+def test_kernel_targets_unmeasured_without_fastprompt_and_absent_without_rows():
+    without = [r for r in ATTENTION if r["provider"] != "fastprompt"]
+    judged = kernel_targets(without, "cuda")
+    assert [t.met for t in judged] == [None, None, None]
+    assert all("no shape measured" in t.what for t in judged)
+    assert kernel_targets(SERVING, "cuda") == []
+
+
+def test_targets_judges_every_suite_present():
+    judged = targets(ROWS + SERVING + ATTENTION, "cuda")
+    assert [t.subject for t in judged] == ["llama-3.2-1b"] * 4 + ["tiny-llama"] * 2 + ["prefix_attention"] * 3

@@ -12,14 +12,19 @@ pytest.importorskip("peft")
 
 CPU = torch.device("cpu")
 SETTINGS = training.Settings(CPU, torch.float32, warmup=0, steps=2)
-# Odd sizes; MPT with 5 rows over 4 tasks mixes tasks in the batch (row i has task i % 4).
+# Odd sizes; MPT with 5 rows over 4 tasks mixes tasks in the batch (row i has task i % 4). Every method
+# of the suite appears once.
 CASES = [training.Case("tiny-llama", training.Method("prompt_tuning", 5), batch=3, seq_len=7),
-         training.Case("tiny-llama", training.Method("mpt", 6, n_tasks=4), batch=5, seq_len=9)]
+         training.Case("tiny-llama", training.Method("mpt", 6, n_tasks=4), batch=5, seq_len=9),
+         training.Case("tiny-llama", training.Method("prefix", 3), batch=3, seq_len=5),
+         training.Case("tiny-llama", training.Method("p_tuning_mlp", 4), batch=2, seq_len=7)]
+PEAK = 123.0e9   # FLOP/s given to the MFU, so that its value can be checked exactly
+SETTINGS_WITH_PEAK = training.Settings(CPU, torch.float32, warmup=0, steps=2, peak_flops=PEAK)
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return training.run(CASES, SETTINGS, log=lambda line: None)
+    return training.run(CASES, SETTINGS_WITH_PEAK, log=lambda line: None)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,11 @@ def test_every_provider_is_checked_timed_and_reported_with_every_key(rows, base)
             assert row["grad_rel_err"] <= row["grad_tolerance"] == 1e-4
         assert row["step_ms_p20"] <= row["step_ms"] <= row["step_ms_p80"]
         assert row["tokens_per_s"] == pytest.approx(case.batch * case.seq_len / (row["step_ms"] / 1e3))
-        assert row["saved_mb"] > 0 and row["peak_mb"] is None and row["mfu"] is None   # CPU: no peak known
+        assert row["saved_mb"] > 0 and row["peak_mb"] is None
+        # MFU against the given (measured) peak; no datasheet peak for a CPU.
+        assert row["peak_tflops_measured"] == PEAK / 1e12
+        assert row["mfu"] == pytest.approx(row["flops_per_step"] / (row["step_ms"] / 1e3) / PEAK)
+        assert row["peak_tflops_datasheet"] is None and row["mfu_datasheet"] is None
         virtual = 0 if row["provider"] == "peft-lora-r16" else case.method.num_virtual
         entries = 0 if row["provider"] == "peft-lora-r16" else case.method.prompt_entries
         assert row["flops_per_step"] == train_step_flops(row["model_shape"], batch=case.batch, seq_len=case.seq_len,
@@ -56,6 +65,21 @@ def test_ratios_are_to_peft_sdpa_of_the_same_case(rows):
             for metric in training.RATIO_METRICS[::2]:   # tokens_per_s, saved_mb (peak_mb is None on the CPU)
                 assert row[f"{metric}_vs_peft"] == pytest.approx(row[metric] / baseline[metric])
             assert row["peak_mb_vs_peft"] is None
+
+
+def test_run_measures_the_peak_once_when_settings_carry_none(monkeypatch):
+    calls = []
+
+    def fake_peak(device, dtype):
+        calls.append((device, dtype))
+        return 2.5e10
+
+    monkeypatch.setattr(training, "measured_peak_flops", fake_peak)
+    rows = training.run(CASES[:1], SETTINGS, providers={"peft-sdpa": training.PROVIDERS["peft-sdpa"]},
+                        log=lambda line: None)
+    assert calls == [(CPU, torch.float32)]
+    assert rows[0]["peak_tflops_measured"] == 0.025
+    assert rows[0]["mfu"] == pytest.approx(rows[0]["flops_per_step"] / (rows[0]["step_ms"] / 1e3) / 2.5e10)
 
 
 def test_row_by_row_reference_equals_the_whole_batch(base):
