@@ -414,12 +414,7 @@ class Engine:
             batch.append((request, entry))
             longest = max(longest, len(request.prompt_ids))
         if batch:
-            try:
-                self._prefill(batch)
-            except Exception as error:  # the newcomers' failure, not the running rows'
-                logger.exception("prefill of %d requests failed", len(batch))
-                for request, _ in batch:
-                    self._finish(request, "error", f"internal error: {type(error).__name__}: {error}")
+            self._prefill(batch)
         return bool(batch)
 
     def _prefill(self, batch: list[tuple[Request, int]]) -> None:
@@ -428,8 +423,27 @@ class Engine:
         Row i's T_i tokens end at the common offset L like every other row's, so the batch is padded on the
         left to T = max T_i and written at [L - T, L): a pad column lies in the row's own new slot, masked
         now and by the decode mask later (which reads only [L - length, L)). Position ids count each row's
-        own tokens from P, as if it ran alone.
+        own tokens from its adapter's P, as if it ran alone. A failure ends these requests only.
         """
+        try:
+            rows, tokens = self._prefill_forward(batch)
+        except Exception as error:  # the newcomers' failure, not the running rows'
+            logger.exception("prefill of %d requests failed", len(batch))
+            for request, _ in batch:
+                self._finish(request, "error", f"internal error: {type(error).__name__}: {error}")
+            return
+        slot = len(self.rows)
+        self.rows.extend(rows)
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += sum(row.length for row in rows)
+        self.metrics.tokens(len(rows))
+        finished = [slot + i for i, (row, token) in enumerate(zip(rows, tokens)) if self._emit(row, token)]
+        for i in reversed(finished):
+            self._free(i)
+
+    def _prefill_forward(self, batch: list[tuple[Request, int]]) -> tuple[list[_Row], list[int]]:
+        """The batch's forward into its slots' cache columns (rebasing the cache if needed) and its first
+        tokens; adds no row."""
         k = len(batch)
         lengths = [len(request.prompt_ids) for request, _ in batch]
         T = max(lengths)
@@ -453,14 +467,7 @@ class Engine:
         rows = [_Row(request, n, entry, request.params.make_generator(self.device),
                      TextTracker(self.tokenizer, request.params.stop))
                 for (request, entry), n in zip(batch, lengths)]
-        tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
-        self.rows.extend(rows)  # only now: a failure above leaves the running rows as they were
-        with self.metrics.lock:
-            self.metrics.prompt_tokens += sum(lengths)
-        self.metrics.tokens(k)
-        finished = [slot + i for i, (row, token) in enumerate(zip(rows, tokens)) if self._emit(row, token)]
-        for i in reversed(finished):
-            self._free(i)
+        return rows, sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
 
     def _decode(self) -> None:
         start_time = time.monotonic()
