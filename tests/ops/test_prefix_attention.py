@@ -37,11 +37,12 @@ SHAPES = [
 ]
 
 
-def _make_inputs(B, Hq, Hkv, T, S, P, D, dtype, *, n_tasks=3, seed=0):
+def _make_inputs(B, Hq, Hkv, T, S, P, D, dtype, *, n_tasks=3, seed=0, requires_grad=True):
+    """((q, k, v, prefix_k, prefix_v), task_ids, d_out): random, leaf tensors requiring grad unless told."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype).requires_grad_()
+        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
 
     q, k, v = rand(B, Hq, T, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D)
     prefix_k, prefix_v = rand(n_tasks, Hkv, P, D), rand(n_tasks, Hkv, P, D)
@@ -186,8 +187,7 @@ def _launcher_check(dims, dtype, *, causal, mask, num_splits=None, backward=True
     from fastprompt.kernels.prefix_attention import prefix_attention_bwd, prefix_attention_fwd
 
     B, Hq, Hkv, T, S, P, D = dims
-    tensors, task_ids, d_out = _make_inputs(*dims, dtype)
-    tensors = tuple(t.detach() for t in tensors)
+    tensors, task_ids, d_out = _make_inputs(*dims, dtype, requires_grad=False)
     out = nan_like((B, Hq, T, D), dtype)
     got_out, lse = prefix_attention_fwd(*tensors, task_ids, causal=causal, key_padding_mask=mask, bias=bias,
                                         out=out, num_splits=num_splits)
@@ -340,8 +340,7 @@ def test_bias_does_not_unmask_keys(P):
 def test_reference_bias_equals_hand_softmax(causal):
     """The reference with a bias against softmax(q·kᵀ·scale + bias, masked) written out per head."""
     B, Hq, Hkv, T, S, P, D = 2, 4, 2, 5, 8, 3, 16
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32)
-    q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32, requires_grad=False)
     mask = _padding_mask(B, S, "left")
     bias = _bias((1, Hq, T, P + S), torch.float32)
     scale = 0.7
@@ -391,8 +390,7 @@ def test_bias_guards_name_the_argument():
 def test_launcher_guards_name_the_argument():
     from fastprompt.kernels.prefix_attention import prefix_attention_fwd
 
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 2, 1, 5, 5, 2, 32, torch.float32)
-    q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 2, 1, 5, 5, 2, 32, torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match="prefix_k"):
         prefix_attention_fwd(q, k, v, pk.half(), pv, task_ids)
     with pytest.raises(ValueError, match="task_ids"):
@@ -420,8 +418,7 @@ def test_key_heads_must_divide_query_heads(kv_heads):
 def test_reference_equals_sdpa_on_concatenated_keys(causal):
     """An independent check of the reference: SDPA on [prefix ; own] keys with an explicit bool mask."""
     B, Hq, Hkv, T, S, P, D = 3, 4, 2, 7, 12, 5, 16
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32)
-    q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
+    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32, requires_grad=False)
     mask = _padding_mask(B, S, "right")
     mask[:, -1] = True  # every causal query keeps at least its own... last key visible to the last query
     keys = torch.cat([pk[task_ids], k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
