@@ -3,36 +3,31 @@
     import fastprompt
     model = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=20))
     out = model(input_ids, attention_mask=mask, labels=labels)
+
+The names below are imported on first use (fastprompt._lazy), so `import fastprompt` costs nothing until
+one is read.
 """
 
-from fastprompt.config import (
-    MultitaskPromptTuningConfig,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptTuningConfig,
-)
-from fastprompt.ensemble import combine_predictions, mean_log_prob, score_choices
-from fastprompt.io import load_training_checkpoint, save_training_checkpoint
-from fastprompt.model import PromptModel, from_pretrained, get_peft_model
-from fastprompt.encoder import EncoderPromptModel, template_positions  # noqa: E402  (after model: subclasses)
-from fastprompt.seq2seq import Seq2SeqPromptModel  # noqa: E402
+from fastprompt._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EncoderPromptModel",
-    "MultitaskPromptTuningConfig",
-    "PrefixTuningConfig",
-    "PromptEncoderConfig",
-    "PromptModel",
-    "PromptTuningConfig",
-    "Seq2SeqPromptModel",
-    "combine_predictions",
-    "from_pretrained",
-    "get_peft_model",
-    "load_training_checkpoint",
-    "mean_log_prob",
-    "save_training_checkpoint",
-    "score_choices",
-    "template_positions",
-]
+_EXPORTS = {
+    "MultitaskPromptTuningConfig": "fastprompt.config",
+    "PrefixTuningConfig": "fastprompt.config",
+    "PromptEncoderConfig": "fastprompt.config",
+    "PromptTuningConfig": "fastprompt.config",
+    "combine_predictions": "fastprompt.ensemble",
+    "mean_log_prob": "fastprompt.ensemble",
+    "score_choices": "fastprompt.ensemble",
+    "load_training_checkpoint": "fastprompt.io",
+    "save_training_checkpoint": "fastprompt.io",
+    "PromptModel": "fastprompt.model",
+    "from_pretrained": "fastprompt.model",
+    "get_peft_model": "fastprompt.model",
+    "EncoderPromptModel": "fastprompt.encoder",
+    "template_positions": "fastprompt.encoder",
+    "Seq2SeqPromptModel": "fastprompt.seq2seq",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

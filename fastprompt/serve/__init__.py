@@ -1,7 +1,16 @@
 """Serving: an engine with continuous batching over many soft-prompt adapters, and an OpenAI-compatible
-HTTP server (`fastprompt serve`, needs the `serve` extra: FastAPI and uvicorn)."""
+HTTP server (`fastprompt serve`, needs the `serve` extra: FastAPI and uvicorn). Exports are imported on first
+use (fastprompt._lazy), so the `fastprompt` command's parser does not import torch."""
 
-from fastprompt.serve.engine import Engine, QueueFull, Request, RequestUpdate
-from fastprompt.serve.sampling import InvalidRequest, SamplingParams
+from fastprompt._lazy import lazy_exports
 
-__all__ = ["Engine", "InvalidRequest", "QueueFull", "Request", "RequestUpdate", "SamplingParams"]
+_EXPORTS = {
+    "Engine": "fastprompt.serve.engine",
+    "QueueFull": "fastprompt.serve.engine",
+    "Request": "fastprompt.serve.engine",
+    "RequestUpdate": "fastprompt.serve.engine",
+    "InvalidRequest": "fastprompt.serve.sampling",
+    "SamplingParams": "fastprompt.serve.sampling",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
