@@ -5,20 +5,14 @@ data-parallel and FSDP runs under torchrun (`fastprompt.train.distributed`).
     from fastprompt.train import Trainer, TrainingConfig, load_data, task_model
 """
 
+from fastprompt.train.checkpoints import latest_checkpoint
+from fastprompt.train.config import TrainingConfig
 from fastprompt.train.data import Example, PromptDataset, collate, load_data, micro_batch_indices, read_records
 from fastprompt.train.distributed import Distributed
-from fastprompt.train.trainer import (
-    TrainResult,
-    Trainer,
-    TrainingConfig,
-    latest_checkpoint,
-    lr_factor,
-    make_optimizer,
-    plot_loss_curve,
-    read_log,
-    target_count,
-    task_model,
-)
+from fastprompt.train.log import read_log
+from fastprompt.train.loss_curve import plot_loss_curve
+from fastprompt.train.optim import lr_factor, make_optimizer
+from fastprompt.train.trainer import TrainResult, Trainer, target_count, task_model
 
 __all__ = [
     "Distributed",

@@ -88,7 +88,7 @@ def add_training_options(parser) -> None:
 
 def training_config(args):
     """The `TrainingConfig` of a command's `add_training_options` flags."""
-    from fastprompt.train.trainer import TrainingConfig
+    from fastprompt.train.config import TrainingConfig
 
     lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else 3e-2)
     return TrainingConfig(
@@ -275,8 +275,9 @@ def load_adapters(model_base, adapter_dir, saved: dict, path: str = "auto"):
 
 def run_eval(args) -> int:
     from fastprompt import io
+    from fastprompt.train.config import TrainingConfig
     from fastprompt.train.data import load_data
-    from fastprompt.train.trainer import Trainer, TrainingConfig
+    from fastprompt.train.trainer import Trainer
 
     adapter = Path(args.adapter)
     saved = {}

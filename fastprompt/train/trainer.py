@@ -23,107 +23,30 @@ Subclasses change the objective through two hooks: `normalizers` (global counts 
 
 The backbone keeps its mode (``from_pretrained`` gives eval mode: no backbone dropout); the prompt
 sources are put in train mode while training.
+
+This module holds the loop and evaluation; beside it: the options (`config`), the optimizer and learning-rate
+schedule (`optim`), the checkpoint folders (`checkpoints`), the JSON-lines log (`log`), the loss-curve PNG
+(`loss_curve`) and the progress display (`progress`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastprompt import io
 from fastprompt.config import MULTITASK_PROMPT_TUNING
-from fastprompt.train.data import CLASSIFICATION, PromptDataset, collate, micro_batch_indices
+from fastprompt.train import checkpoints
+from fastprompt.train.config import TrainingConfig
+from fastprompt.train.data import CLASSIFICATION, Example, PromptDataset, collate, micro_batch_indices
 from fastprompt.train.distributed import Distributed
-
-SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adafactor")
-PRECISIONS = ("fp32", "bf16", "fp16")
-LOG_NAME = "train_log.jsonl"
-PLOT_NAME = "loss_curve.png"
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-@dataclass
-class TrainingConfig:
-    """Options of `Trainer` (the CLI's flags have the same names)."""
-
-    output_dir: str
-    steps: int = 100                      # optimizer steps
-    batch_size: int = 8                   # examples per micro-batch (per rank in a distributed run)
-    grad_accum: int = 1                   # micro-batches per optimizer step and rank
-    lr: float = 3e-2
-    optimizer: str = "adamw"              # "adamw" or "adafactor" (Lester et al.: Adafactor, lr 0.3)
-    weight_decay: float = 0.0
-    schedule: str = "constant"            # "constant", "linear" or "cosine", after `warmup` linear steps
-    warmup: int = 0
-    max_grad_norm: float | None = 1.0     # None: no clipping (the norm is still logged)
-    precision: str = "fp32"               # "bf16" / "fp16": autocast (fp16 with a grad scaler)
-    eval_every: int = 0                   # 0: evaluate only at the end (when there is eval data)
-    eval_batch_size: int | None = None
-    metric: str = "auto"                  # "eval_loss" (lower is better) or "eval_accuracy" etc. (higher);
-                                          # "auto": accuracy when the eval data has classification records
-    patience: int | None = None           # stop after this many evaluations without improvement
-    min_delta: float = 0.0
-    save_every: int = 0                   # 0: no intermediate checkpoints
-    keep_checkpoints: int | None = None   # keep only the newest N checkpoint folders
-    seed: int = 0
-    shuffle: bool = True
-    log_every: int = 10                   # progress lines (the JSON-lines log has every step)
-    progress: str = "auto"                # "auto" (tqdm on a terminal, else lines), "tqdm", "print", "none"
-    plot: bool = True                     # loss-curve PNG at the end
-    score: str = "sum"                    # classification: "sum" or "mean" log-probability of the verbalizer
-
-    def __post_init__(self):
-        checks = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
-                  "progress": ("auto", "tqdm", "print", "none"), "score": ("sum", "mean")}
-        for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("warmup", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")
-
-
-def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
-    """Multiplier of the base learning rate for the update after `step` updates (transformers' schedules:
-    `get_{constant,linear,cosine}_schedule_with_warmup` give the same values)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return max(0.0, (total - step) / max(1, total - warmup))
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW, or Adafactor with an external learning rate (no relative step, no parameter scaling)."""
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
-                         warmup_init=False)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-
+from fastprompt.train.log import LOG_NAME, append_record, read_log, truncate_log
+from fastprompt.train.loss_curve import PLOT_NAME, plot_loss_curve
+from fastprompt.train.optim import lr_factor, make_optimizer
+from fastprompt.train.progress import Progress
 
 def target_count(model, labels: torch.Tensor) -> int:
     """How many tokens the model's mean loss averages over: virtual-token methods also score the first
@@ -265,24 +188,14 @@ class Trainer:
         log_path = self.output_dir / LOG_NAME
         step = 0
         if resume:
-            folder = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(self.output_dir)
+            folder = (Path(resume) if isinstance(resume, (str, Path))
+                      else checkpoints.latest_checkpoint(self.output_dir))
             if folder is None:
-                raise ValueError(f"resume: no {CHECKPOINT_PREFIX}* folder in {str(self.output_dir)!r}")
-            meta = io.load_training_checkpoint(folder, model, self.optimizer)
-            step = int(meta["step"])
-            saved = meta["extra"].get("trainer", {})
-            data = saved.get("data", {})
-            expected = {"seed": cfg.seed, "examples_per_step": self.examples_per_step,
-                        "num_examples": len(self.train_data)}
-            changed = {k: (data.get(k), v) for k, v in expected.items() if data.get(k, v) != v}
-            if changed:
-                raise ValueError(f"resume: the data order would differ from the checkpoint's ({changed}: "
-                                 f"(checkpoint, now)); use the same seed, batch size and data")
-            state.update({k: saved[k] for k in state if k in saved})
-            if saved.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(saved["scaler"])
+                raise ValueError(f"resume: no {checkpoints.CHECKPOINT_PREFIX}* folder in {str(self.output_dir)!r}")
+            step = checkpoints.load_checkpoint(folder, model, self.optimizer, state=state, scaler=scaler,
+                                               data_order=self._data_order())
             if main:
-                _truncate_log(log_path, step)
+                truncate_log(log_path, step)
         else:
             torch.manual_seed(cfg.seed)
             if main:
@@ -291,7 +204,7 @@ class Trainer:
         result = TrainResult(step, False, state["best"])
         metric = self._metric_name()
         higher = metric != "eval_loss"
-        progress = _Progress(cfg.progress if main else "none", cfg.steps, step, cfg.log_every)
+        progress = Progress(cfg.progress if main else "none", cfg.steps, step, cfg.log_every)
         start, tokens_now = time.perf_counter(), 0
         was_training = model.prompt_sources.training
         model.prompt_sources.train()
@@ -344,7 +257,7 @@ class Trainer:
         if main:
             self.save_model(self.output_dir)
             if cfg.plot:
-                plot_loss_curve(read_log(log_path), self.output_dir / PLOT_NAME)
+                plot_loss_curve(read_log(log_path), self.output_dir / PLOT_NAME, say=progress.message)
         self.dist.barrier()  # the other ranks return once rank 0's files are in place
         result.step, result.best_metric = step, state["best"]
         return result
@@ -375,27 +288,19 @@ class Trainer:
 
     def _log(self, path: Path, record: dict, result: TrainResult) -> None:
         result.log.append(record)
-        if not self.dist.is_main:
-            return
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            append_record(path, record)
+
+    def _data_order(self) -> dict:
+        """What fixes each step's examples (see `step_batches`); a resumed run must match its checkpoint's."""
+        return {"seed": self.config.seed, "examples_per_step": self.examples_per_step,
+                "num_examples": len(self.train_data)}
 
     def save_checkpoint(self, step: int, state: dict, scaler=None) -> Path:
-        """`io.save_training_checkpoint` into ``output_dir/checkpoint-<step>`` plus the data-order and
-        early-stopping state."""
-        cfg = self.config
-        folder = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        extra = {"trainer": {
-            "best": state["best"], "bad_evals": state["bad_evals"], "tokens": state["tokens"],
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "data": {"seed": cfg.seed, "examples_per_step": self.examples_per_step,
-                     "num_examples": len(self.train_data), "next_step": step, "shuffle": cfg.shuffle},
-            "config": asdict(cfg)}}
-        io.save_training_checkpoint(folder, self.model, self.optimizer, step, extra=extra)
-        if cfg.keep_checkpoints:
-            for old in list_checkpoints(self.output_dir)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        return folder
+        """`checkpoints.save_checkpoint` into ``output_dir/checkpoint-<step>``: the prompt parameters, the
+        optimizer and RNG state, plus the data-order and early-stopping state."""
+        return checkpoints.save_checkpoint(self.output_dir, step, self.model, self.optimizer, state=state,
+                                           scaler=scaler, data_order=self._data_order(), config=self.config)
 
     # evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -441,8 +346,6 @@ class Trainer:
     def classify(self, examples, choices: dict) -> list[str]:
         """Each example's predicted label: the candidate whose verbalizer has the highest log-likelihood
         after the example's text (summed over its tokens, or averaged with config.score="mean")."""
-        from fastprompt.train.data import Example
-
         rows, owners = [], []
         for k, e in enumerate(examples):
             for label, ids in choices[e.task]:
@@ -469,147 +372,3 @@ class Trainer:
                 best[owner] = (score, row.label)
         return [best[k][1] for k in range(len(examples))]
 
-
-# checkpoints, logs, progress, plot ---------------------------------------------------------------
-def list_checkpoints(output_dir) -> list[Path]:
-    """The ``checkpoint-<step>`` folders of a run, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / io.TRAINING_META_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def latest_checkpoint(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def read_log(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop the records an interrupted run wrote after the checkpoint's step."""
-    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
-    io.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
-
-
-class _Progress:
-    def __init__(self, mode: str, total: int, initial: int, every: int):
-        self.bar = None
-        if mode == "auto":
-            mode = "tqdm" if sys.stderr.isatty() and _has_tqdm() else "print"
-        if mode == "tqdm":
-            if _has_tqdm():
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step")
-            else:
-                print("tqdm is not installed; printing progress lines")
-                mode = "print"
-        self.mode, self.total, self.every = mode, total, max(1, every)
-
-    def update(self, step: int, record: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        elif self.mode == "print" and (step % self.every == 0 or step == self.total):
-            print(f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
-                  f"grad_norm {record['grad_norm']:.3g}  {record['tokens_per_s']:.0f} tokens/s", flush=True)
-
-    def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.mode == "print":
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _has_tqdm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tqdm") is not None
-
-
-def plot_loss_curve(records: list[dict], path) -> Path | None:
-    """Training loss per step (and eval loss where evaluated) as a PNG. Uses matplotlib when installed;
-    otherwise draws a plain chart (no text) with the standard library."""
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train:
-        return None
-    path = Path(path)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        io.atomic_write(path, lambda tmp: Path(tmp).write_bytes(_plain_png(train, evals)))
-        return path
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
-
-
-def _plain_png(train, evals, width: int = 480, height: int = 320) -> bytes:
-    """A white canvas with axes, the train curve in blue and eval points in red, as PNG bytes."""
-    import struct
-    import zlib
-
-    pixels = [[[255, 255, 255] for _ in range(width)] for _ in range(height)]
-    pad = 20
-    points = train + evals
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    finite = [p[1] for p in points if math.isfinite(p[1])] or [0.0]
-    y0, y1 = min(finite), max(finite)
-
-    def xy(step, value):
-        x = pad + (step - x0) / max(x1 - x0, 1e-12) * (width - 2 * pad)
-        y = height - pad - (value - y0) / max(y1 - y0, 1e-12) * (height - 2 * pad)
-        return int(round(x)), int(round(min(max(y, 0), height - 1)))
-
-    def dot(x, y, colour, r=0):
-        for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                if 0 <= x + dx < width and 0 <= y + dy < height:
-                    pixels[y + dy][x + dx] = colour
-
-    def line(a, b, colour):
-        n = max(abs(b[0] - a[0]), abs(b[1] - a[1]), 1)
-        for i in range(n + 1):
-            dot(round(a[0] + (b[0] - a[0]) * i / n), round(a[1] + (b[1] - a[1]) * i / n), colour)
-
-    line((pad, height - pad), (width - pad, height - pad), [0, 0, 0])
-    line((pad, pad), (pad, height - pad), [0, 0, 0])
-    curve = [xy(s, v) for s, v in train if math.isfinite(v)]
-    for a, b in zip(curve, curve[1:]):
-        line(a, b, [31, 119, 180])
-    if len(curve) == 1:
-        dot(*curve[0], [31, 119, 180], 2)
-    for s, v in evals:
-        if math.isfinite(v):
-            dot(*xy(s, v), [214, 39, 40], 2)
-    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in pixels)
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
