@@ -59,6 +59,6 @@ def test_hidden_squared_error_matches_a_loop_over_real_tokens():
     (lambda: distillation_kl(torch.randn(2, 3), torch.randn(2, 4)), r"both be \[N, V\]"),
     (lambda: hidden_mse(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 4)), r"mask must be \[B, T\]"),
 ])
-def test_bad_arguments_are_named(call, message):
+def test_zero_temperature_and_mismatched_shapes_raise_value_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()

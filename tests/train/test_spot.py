@@ -40,7 +40,7 @@ def test_similarity_matrix_matches_hand_computation(metric, reference):
         1.0 if metric == "average" else _per_token_cosine(rows[0], rows[0]), rel=1e-5)
 
 
-def test_task_embedding_and_matrix_errors():
+def test_unknown_metric_and_mismatched_embedding_sizes_raise_value_errors():
     with pytest.raises(ValueError, match="metric must be one of"):
         task_embedding(torch.randn(3, 4), "max")
     with pytest.raises(ValueError, match="share the embedding size"):
