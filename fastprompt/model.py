@@ -109,6 +109,8 @@ class PromptModel(nn.Module):
         self.path = path
         self.backend = backend
         self.active_adapter: str | None = None
+        self._plans: dict[tuple, BankPlan] = {}  # `plan`'s cache, by routing inputs; emptied on adapter changes
+        self._positions: dict[tuple, torch.Tensor] = {}  # packed position ids by (n, P, B, T, device)
         # Instance patches of the frozen backbone (backbones/patches.py), undone by `unpatch()`.
         self._frozen_ops = patches.patch_frozen_ops(self.backbone, backend) if fused_ops else None
         self._checkpointing = None
@@ -162,6 +164,7 @@ class PromptModel(nn.Module):
     def _register(self, adapter_name: str, source, config) -> None:
         self.prompt_sources[adapter_name] = source
         self.peft_config[adapter_name] = config
+        self._plans.clear()
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
@@ -191,6 +194,7 @@ class PromptModel(nn.Module):
             raise ValueError("cannot delete the only adapter")
         del self.prompt_sources[adapter_name]
         del self.peft_config[adapter_name]
+        self._plans.clear()
         if self.active_adapter == adapter_name:
             self.active_adapter = self.adapter_names[0]
 
@@ -225,7 +229,13 @@ class PromptModel(nn.Module):
 
     # the bank --------------------------------------------------------------------------------
     def plan(self, batch_size: int, task_ids=None, adapter_names=None) -> BankPlan:
-        """Resolve each row to a bank entry; raises ValueError naming the bad argument."""
+        """Resolve each row to a bank entry; raises ValueError naming the bad argument.
+
+        A step's routing rarely changes, so plans are cached by their routing inputs (batch size, adapter
+        names, task ids) and a repeated call builds no tensor. Multitask prompt tuning with one adapter and
+        no more tasks than rows never reads `task_ids` on the host (a sync on CUDA, a graph break under
+        torch.compile): the bank holds every task's prompt and row i reads entry task_ids[i].
+        """
         if self.active_adapter is None:
             raise ValueError("no adapter is loaded: add_adapter or load_adapter first")
         if adapter_names is not None:
@@ -234,18 +244,57 @@ class PromptModel(nn.Module):
                                  f"got {adapter_names!r}")
             for i, name in enumerate(adapter_names):
                 self._check_adapter(name, f"adapter_names[{i}]")
-            names = list(adapter_names)
-        else:
-            names = [self.active_adapter] * batch_size
+        routing = tuple(adapter_names) if adapter_names is not None else self.active_adapter
+        if task_ids is None:
+            return self._cached_plan((batch_size, routing, None), batch_size, None, adapter_names)
+        task_ids = torch.as_tensor(task_ids)
+        if task_ids.shape != (batch_size,) or task_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"task_ids must be an int64 tensor of shape [{batch_size}], got "
+                             f"{task_ids.dtype} {tuple(task_ids.shape)}")
+        config = self.peft_config[self.active_adapter]
+        if (adapter_names is None and config.peft_type == MULTITASK_PROMPT_TUNING
+                and config.num_tasks <= batch_size):
+            if not task_ids.is_cuda and not torch.compiler.is_compiling():  # a free check on the host
+                self._check_task_range(task_ids.tolist(), [self.active_adapter] * batch_size)
+            every_task = self._cached_plan((batch_size, routing, "every task"), batch_size, None, None,
+                                           every_task=True)
+            return dataclasses.replace(every_task, row_entry=task_ids.to(self.backbone.device, torch.long))
+        task_list = task_ids.tolist()
+        return self._cached_plan((batch_size, routing, tuple(task_list)), batch_size, task_list, adapter_names)
+
+    def _cached_plan(self, key, batch_size: int, task_list, adapter_names, every_task: bool = False) -> BankPlan:
+        device = self.backbone.device
+        cached = self._plans.get(key)
+        if cached is not None and cached.row_entry.device == device:
+            return cached
+        plan = self._build_plan(batch_size, task_list, adapter_names, every_task)
+        if len(self._plans) >= self.MAX_CACHED_PLANS:  # routing that varies every step: keep the newest
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    MAX_CACHED_PLANS = 256
+
+    def _check_task_range(self, task_list: list[int], names: list[str]) -> None:
+        for i, (t, name) in enumerate(zip(task_list, names)):
+            num_tasks = self.peft_config[name].num_tasks
+            if not 0 <= t < num_tasks:
+                raise ValueError(f"task_ids[{i}]={t} is out of range for adapter {name!r} with "
+                                 f"num_tasks={num_tasks}")
+
+    def _build_plan(self, batch_size: int, task_list: list[int] | None, adapter_names,
+                    every_task: bool = False) -> BankPlan:
+        """The plan of `plan`'s validated routing (task_list: the task ids read on the host, or None)."""
+        names = list(adapter_names) if adapter_names is not None else [self.active_adapter] * batch_size
         configs = [self.peft_config[n] for n in names]
-        if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids)
-            if task_ids.shape != (batch_size,) or task_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"task_ids must be an int64 tensor of shape [{batch_size}], got "
-                                 f"{task_ids.dtype} {tuple(task_ids.shape)}")
-            task_list = task_ids.tolist()
         uses_mpt = configs[0].peft_type == MULTITASK_PROMPT_TUNING
-        if task_ids is not None and adapter_names is None and not uses_mpt:
+        device = self.backbone.device
+        if every_task:
+            config = configs[0]
+            entries = torch.arange(config.num_tasks, device=device)
+            return BankPlan("tokens", config.num_virtual_tokens, [(names[0], entries)],
+                            torch.zeros(batch_size, dtype=torch.long, device=device))
+        if task_list is not None and adapter_names is None and not uses_mpt:
             # Mixing adapters by index: task id k is the k-th loaded adapter.
             for i, t in enumerate(task_list):
                 if not 0 <= t < len(self.adapter_names):
@@ -260,13 +309,10 @@ class PromptModel(nn.Module):
                                  f"{names[0]!r} is {first.peft_type} with {first.num_virtual_tokens} tokens, "
                                  f"{name!r} is {cfg.peft_type} with {cfg.num_virtual_tokens}")
         if uses_mpt:
-            if task_ids is None:
+            if task_list is None:
                 raise ValueError("task_ids is required for multitask prompt tuning: an int64 tensor [B] of "
                                  "task indices")
-            for i, (t, cfg) in enumerate(zip(task_list, configs)):
-                if not 0 <= t < cfg.num_tasks:
-                    raise ValueError(f"task_ids[{i}]={t} is out of range for adapter {names[i]!r} with "
-                                     f"num_tasks={cfg.num_tasks}")
+            self._check_task_range(task_list, names)
             local = task_list
         else:
             local = [0] * batch_size
@@ -275,7 +321,6 @@ class PromptModel(nn.Module):
         for name, entry in sorted(set(zip(names, local)), key=lambda p: (self.adapter_names.index(p[0]), p[1])):
             index[(name, entry)] = len(index)
             per_source.setdefault(name, []).append(entry)
-        device = self.backbone.device
         sources = [(n, torch.tensor(e, dtype=torch.long, device=device)) for n, e in per_source.items()]
         row_entry = torch.tensor([index[p] for p in zip(names, local)], dtype=torch.long, device=device)
         return BankPlan(self.prompt_sources[names[0]].kind, first.num_virtual_tokens, sources, row_entry)
@@ -283,7 +328,7 @@ class PromptModel(nn.Module):
     def bank_prompts(self, plan: BankPlan) -> torch.Tensor:
         """Virtual-token embeddings of the plan's entries: [n_entries, P, d] in the backbone's dtype."""
         parts = [self.prompt_sources[name].prompts(entries, self.backend) for name, entries in plan.sources]
-        return torch.cat(parts).to(self.backbone.dtype)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.backbone.dtype)
 
     def bank_kv(self, plan: BankPlan):
         """(keys, values, last_hidden): per-layer prefix keys/values of the plan's entries, each
@@ -294,10 +339,11 @@ class PromptModel(nn.Module):
         """
         if plan.kind == "kv":
             parts = [self.prompt_sources[name].prefix_kv(entries) for name, entries in plan.sources]
-            keys = [torch.cat([p[0][layer] for p in parts]).to(self.backbone.dtype)
-                    for layer in range(self.backbone.num_layers)]
-            values = [torch.cat([p[1][layer] for p in parts]).to(self.backbone.dtype)
-                      for layer in range(self.backbone.num_layers)]
+            dtype = self.backbone.dtype
+            if len(parts) == 1:  # one adapter: its per-layer views as they are, no concatenation
+                return [k.to(dtype) for k in parts[0][0]], [v.to(dtype) for v in parts[0][1]], None
+            keys = [torch.cat([p[0][layer] for p in parts]).to(dtype) for layer in range(self.backbone.num_layers)]
+            values = [torch.cat([p[1][layer] for p in parts]).to(dtype) for layer in range(self.backbone.num_layers)]
             return keys, values, None
         prompts = self.bank_prompts(plan)
         n, P = prompts.shape[:2]
@@ -392,19 +438,55 @@ class PromptModel(nn.Module):
         return hidden[:, P:], hidden[:, P - 1]
 
     def _shared_prefix_hidden(self, plan, input_ids, inputs_embeds, attention_mask, position_ids):
-        keys, values, last_virtual = self.bank_kv(plan)
-        P = plan.num_virtual_tokens
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if position_ids is not None and plan.kind == "tokens":
-            warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
-            position_ids = None
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        if plan.kind == "tokens":
+            if position_ids is not None:
+                warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
+            return self._packed_hidden(plan, input_ids, inputs_embeds, key_padding_mask)
+        keys, values, _ = self.bank_kv(plan)
         if position_ids is None:
             position_ids = torch.arange(T, device=self.backbone.device)[None].expand(B, T)
         ctx = AttentionContext("prefix", keys, values, plan.row_entry, backend=self.backend,
-                               key_padding_mask=None if attention_mask is None else attention_mask.bool())
+                               key_padding_mask=key_padding_mask)
         hidden = self.backbone.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                             position_ids=position_ids + P, ctx=ctx)
-        return hidden, None if last_virtual is None else last_virtual[plan.row_entry]
+                                             position_ids=position_ids + plan.num_virtual_tokens, ctx=ctx)
+        return hidden, None
+
+    def _packed_hidden(self, plan, input_ids, inputs_embeds, key_padding_mask):
+        """The shared-prefix path of virtual-token methods in one backbone pass: the plan's n distinct prompts
+        [n, P, d] and the B rows [B, T, d] travel as one sequence [1, n·P + B·T, d] (`AttentionContext` mode
+        "packed"), prompts at positions 0..P-1, rows at P..P+T-1. Returns (hidden [B, T, d], last_virtual
+        [B, d]: the last virtual token's state of each row's prompt)."""
+        prompts = self.bank_prompts(plan)
+        n, P, d = prompts.shape
+        if inputs_embeds is None:
+            inputs_embeds = self.backbone.word_embeddings(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        embeds = torch.cat([prompts.reshape(1, n * P, d).to(inputs_embeds.dtype),
+                            inputs_embeds.reshape(1, B * T, d)], dim=1)
+        ctx = AttentionContext("packed", task_ids=plan.row_entry, key_padding_mask=key_padding_mask,
+                               backend=self.backend, packed=(n, P, B, T))
+        hidden = self.backbone.hidden_states(inputs_embeds=embeds, position_ids=self._packed_positions(n, P, B, T),
+                                             ctx=ctx)
+        prompt_hidden, row_hidden = hidden.squeeze(0).split([n * P, B * T])
+        last_virtual = prompt_hidden.view(n, P, d)[:, -1]
+        # One prompt: every row's is the same state (an expand, whose backward is a sum, not a scatter).
+        last_virtual = last_virtual.expand(B, d) if n == 1 else last_virtual[plan.row_entry]
+        return row_hidden.view(B, T, d), last_virtual
+
+    def _packed_positions(self, n: int, P: int, B: int, T: int) -> torch.Tensor:
+        """Position ids [1, n·P + B·T] of a packed pass (cached per shape: they depend on nothing else)."""
+        device = self.backbone.device
+        key = (n, P, B, T, device)
+        positions = self._positions.get(key)
+        if positions is None:
+            positions = torch.cat([torch.arange(P, device=device).repeat(n),
+                                   torch.arange(P, P + T, device=device).repeat(B)])[None]
+            if len(self._positions) >= self.MAX_CACHED_PLANS:
+                self._positions.clear()
+            self._positions[key] = positions
+        return positions
 
     def hidden_states(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None,
                       inputs_embeds=None, path: str | None = None):

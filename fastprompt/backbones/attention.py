@@ -6,6 +6,11 @@ A backbone layer calls it like any attention function; what to do comes in the f
   (after rotary embedding) for the bank. This is the prompt pass of the shared-prefix path.
 - "prefix": each row attends to its task's prefix from the bank, then to its own keys
   (`fastprompt.ops.prefix_attention`), optionally writing and reading a preallocated key/value cache.
+- "packed": the shared-prefix training forward in one backbone pass. The decoder sees one sequence
+  [1, n·P + B·T]: the n distinct prompts (P tokens each), then the B rows (T tokens each). Every layer
+  splits its queries/keys/values there: the prompts attend causally within themselves, and each row reads
+  its task's prompt keys/values of this same layer as its prefix. One pass instead of a prompt pass plus
+  a row pass halves the per-layer launches (the GPU step is host-bound at T=128) for the same arithmetic.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ class AttentionContext:
     captured: Captures = field(default_factory=Captures)
     prefix_bias: torch.Tensor | None = None  # [B, P] float added to each row's prefix scores (serving:
     # -1e9 on the padding of a prefix shorter than the bank's P), 0 over the row's own keys
+    packed: tuple[int, int, int, int] | None = None  # mode "packed": (n prompts, P, B rows, T)
 
 
 def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -143,9 +149,42 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                                ctx.prefix_v[layer].to(query.dtype), ctx.task_ids,
                                causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
                                bias=bias, backend=ctx.backend)
+    elif ctx.mode == "packed":
+        return _packed_attention(query, key, value, ctx, scaling, kwargs.get("sliding_window")), None
     else:
-        raise ValueError(f"AttentionContext.mode must be 'capture' or 'prefix', got {ctx.mode!r}")
+        raise ValueError(f"AttentionContext.mode must be 'capture', 'prefix' or 'packed', got {ctx.mode!r}")
     return out.transpose(1, 2), None
+
+
+def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window) -> torch.Tensor:
+    """Mode "packed": query [1, Hq, n·P + B·T, D], key/value [1, Hkv, n·P + B·T, D] → [1, n·P + B·T, Hq, D].
+
+    The first n·P positions are the n prompts (causal among their own P tokens), the rest the B rows, each
+    reading prompt `ctx.task_ids[b]`'s keys/values as its prefix. The splits are views; the outputs meet in
+    one concatenation.
+    """
+    n, P, B, T = ctx.packed
+    if window is not None and P + T > window:
+        raise ValueError(f"this model's attention has sliding_window={window}, which fastprompt's prefix "
+                         f"attention does not apply: {P} prefix + {T} own keys must be <= {window}")
+    split = n * P
+
+    def parts(t):     # [1, H, n·P + B·T, D] -> prompts [n, H, P, D], rows [B, H, T, D]
+        # One split per tensor (its backward is one concatenation), not two slices (each a zero-filled
+        # full-size gradient in the backward).
+        prompt, row = t.squeeze(0).split([split, B * T], dim=1)
+        return prompt.unflatten(1, (n, P)).transpose(0, 1), row.unflatten(1, (B, T)).transpose(0, 1)
+
+    (prompt_q, row_q), (prompt_k, row_k), (prompt_v, row_v) = parts(query), parts(key), parts(value)
+    empty = prompt_k[:1, :, :0]
+    prompt_out = prefix_attention(prompt_q, prompt_k, prompt_v, empty, empty, ctx.task_ids.new_zeros(n),
+                                  causal=True, scale=scaling, backend=ctx.backend)
+    row_out = prefix_attention(row_q, row_k, row_v, prompt_k, prompt_v, ctx.task_ids,
+                               causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
+                               backend=ctx.backend)
+    Hq, D = query.shape[1], query.shape[3]
+    return torch.cat([prompt_out.transpose(1, 2).reshape(1, split, Hq, D),
+                      row_out.transpose(1, 2).reshape(1, B * T, Hq, D)], dim=1)
 
 
 AttentionInterface.register(ATTENTION_NAME, fastprompt_attention)
