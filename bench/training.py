@@ -7,8 +7,11 @@ backbone, loads the same prompt parameters, and is checked before it is timed:
   peft-eager        the same with eager attention
   peft-lora-r16     PEFT LoRA r=16 (alpha 32, PEFT's default target modules) on the same model: what
                     users train instead of a soft prompt
-  fastprompt        fastprompt's default path (shared prefix; Triton kernels on CUDA)
-  fastprompt-torch  fastprompt with kernels off (backend="torch": the PyTorch references)
+  fastprompt        fastprompt's default, path="auto" (the cost model's choice; Triton kernels on CUDA)
+  fastprompt-shared fastprompt on the shared-prefix path (path="shared_prefix")
+  fastprompt-concat fastprompt on the concatenation path (path="concat"); prefix tuning has none (its
+                    keys/values are parameters read from the bank): status "n/a", no timing
+  fastprompt-torch  fastprompt's default with kernels off (backend="torch": the PyTorch references)
 
 Check (on the first batch, before any optimizer step): the loss and every prompt-parameter gradient
 against an fp32 reference, PEFT with eager attention on the same weights upcast, computed row by row
@@ -185,11 +188,20 @@ def peft_lora(base, method, state) -> Runner:
     return Runner(model, {n: p for n, p in model.named_parameters() if p.requires_grad}, loss, has_prompt=False)
 
 
-def fastprompt_model(backend: str | None) -> Builder:
-    """fastprompt's PromptModel on its default path; backend None lets each op choose (Triton on CUDA),
-    "torch" turns the kernels off."""
+class NotApplicable(Exception):
+    """A provider that does not apply to a method (its row: status "n/a", the reason, no timing)."""
+
+
+def fastprompt_model(backend: str | None, path: str = "auto") -> Builder:
+    """fastprompt's PromptModel on `path` ("auto", "shared_prefix" or "concat"); backend None lets each op
+    choose (Triton on CUDA), "torch" turns the kernels off. path="concat" raises NotApplicable for prefix
+    tuning, which reads its keys/values from the bank on every path."""
     def build(base, method, state):
-        model = fastprompt.get_peft_model(_backbone_copy(base, "sdpa"), method.peft_config(), backend=backend)
+        if path == "concat" and method.name == "prefix":
+            raise NotApplicable("prefix tuning has no concat path: its keys/values are parameters, read from "
+                                "the bank")
+        model = fastprompt.get_peft_model(_backbone_copy(base, "sdpa"), method.peft_config(), backend=backend,
+                                          path=path)
         return _prompt_runner(model, model.prompt_sources["default"], state)
     return build
 
@@ -199,8 +211,12 @@ PROVIDERS: dict[str, Builder] = {
     "peft-eager": peft_prompt("eager"),
     "peft-lora-r16": peft_lora,
     "fastprompt": fastprompt_model(None),
+    "fastprompt-shared": fastprompt_model(None, "shared_prefix"),
+    "fastprompt-concat": fastprompt_model(None, "concat"),
     "fastprompt-torch": fastprompt_model("torch"),
 }
+# The providers that stand for fastprompt in the issue's "every method, on each path" target.
+PATH_PROVIDERS = ("fastprompt", "fastprompt-shared", "fastprompt-concat")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +335,7 @@ def measure(runner: Runner, batch: Batch, settings: Settings) -> dict:
 def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[str, Builder],
                log=print) -> list[dict]:
     """One row per provider for `case` on `base` (see the module docstring); never raises for a provider:
-    a refused, out-of-memory or failed provider gets a row with its status and error."""
+    a refused, out-of-memory, failed or not applicable provider gets a row with its status and error."""
     shape = model_shape(base)
     dtype_name = str(settings.dtype).removeprefix("torch.")
     flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=case.method.num_virtual,
@@ -348,6 +364,8 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
                              tokens_per_s=case.batch * case.seq_len / (timing["step_ms"] / 1e3),
                              flops_per_step=step_flops, **_mfu(step_flops, timing["step_ms"], settings.peak_flops,
                                                                datasheet)))
+        except NotApplicable as reason:
+            rows.append(_row(common, provider=name, status="n/a", error=str(reason)))
         except WrongOutput as error:
             rows.append(_row(common, provider=name, status="refused", error=str(error)))
         except Exception as error:  # OOM, or a failure: reported in the row, the next provider runs
