@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -50,3 +51,37 @@ def task_ids_for(method: str, batch_size: int):
 
 def prompt_grads(module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+# PEFT 0.21.2's prefix tuning for sequence classification calls the encoder (BertModel, RobertaModel) with
+# past_key_values and refuses with exactly this message when the encoder's forward signature lacks the name.
+PEFT_PREFIX_REFUSAL = "Model does not support past key values which are required for prefix tuning."
+
+
+def peft_forward(peft_model, **kwargs):
+    """PEFT's forward, also where PEFT 0.21.2 refuses prefix tuning on an encoder that takes the prefix as `cache`.
+
+    transformers 5.25 renamed the encoders' past_key_values to `cache` (the old name is a deprecated alias kept
+    out of the signature), so PEFT's signature check refuses before running. Only on exactly that refusal, and
+    only when the encoder's forward takes `cache`, PEFT's own forward runs again with the encoder seen through a
+    forward that names past_key_values and passes it on as `cache`: the prefix layout, attention mask, pooling,
+    dropout, head and loss all stay PEFT's. Any other error propagates; once PEFT accepts the encoder, its
+    forward runs untouched."""
+    try:
+        return peft_model(**kwargs)
+    except ValueError as error:
+        if str(error) != PEFT_PREFIX_REFUSAL:
+            raise
+        encoder = peft_model.base_model.get_submodule(peft_model.transformer_backbone_name)
+        if "cache" not in inspect.signature(encoder.forward).parameters:
+            raise
+    takes_cache = encoder.forward
+
+    def forward(*args, past_key_values=None, **other):
+        return takes_cache(*args, cache=past_key_values, **other)
+
+    encoder.forward = forward
+    try:
+        return peft_model(**kwargs)
+    finally:
+        del encoder.forward

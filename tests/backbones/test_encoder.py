@@ -24,6 +24,7 @@ from tests.backbones.tiny_bidirectional import (
     tiny,
 )
 from tests.helpers import assert_close
+from tests.peft_pairs import peft_forward
 
 METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "mpt", "prefix", "prefix_projection"]
 MASK = 4  # the [MASK] id of the tests
@@ -55,7 +56,7 @@ def test_sequence_classification_equals_peft(family, method):
     kwargs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
                   task_ids=task_ids_for(method, len(ids)))
 
-    expected = peft_model(**kwargs)
+    expected = peft_forward(peft_model, **kwargs)
     expected.loss.backward()
     actual = ours(**kwargs)
     actual.loss.backward()
@@ -76,7 +77,7 @@ def test_sequence_classification_equals_peft(family, method):
 def test_left_padding_equals_peft(method):
     peft_model, ours = peft_and_fastprompt(tiny("bert"), method, "SEQ_CLS")
     ids, mask, types = _inputs("bert", padding="left")
-    expected = peft_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    expected = peft_forward(peft_model, input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     assert_close("logits", ours(ids, mask, types).logits, expected, 1e-5)
 
 
@@ -223,10 +224,10 @@ def test_checkpoints_with_the_head_load_both_ways(method, tmp_path):
         peft_loaded = peft.PeftModel.from_pretrained(tiny("roberta"), tmp_path / "ours")
     ours_loaded = fastprompt.from_pretrained(tiny("roberta"), tmp_path / "peft")
     with torch.no_grad():
-        assert_close("PEFT loads ours", peft_loaded(input_ids=ids, attention_mask=mask).logits,
+        assert_close("PEFT loads ours", peft_forward(peft_loaded, input_ids=ids, attention_mask=mask).logits,
                      ours(ids, mask).logits, 1e-5)
         assert_close("ours loads PEFT's", ours_loaded(ids, mask).logits,
-                     peft_model(input_ids=ids, attention_mask=mask).logits, 1e-5)
+                     peft_forward(peft_model, input_ids=ids, attention_mask=mask).logits, 1e-5)
 
 
 def test_encoder_without_a_head_trains_a_new_classifier(tmp_path):
