@@ -114,23 +114,37 @@ def sentence_embeddings(model, data: Encoded, batch_size: int = 128) -> torch.Te
     return torch.cat(means)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, n_classes: int = 2) -> torch.nn.Linear:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, n_classes: int = 2, tolerance: float = 1e-6,
+                 max_rounds: int = 10) -> torch.nn.Linear:
     """Multinomial logistic regression on x [N, d] fp32, y [N] int64: minimises mean cross-entropy +
-    l2 * ||W||^2 (bias unpenalised) with full-batch L-BFGS to convergence; returns the Linear(d, n_classes)."""
-    linear = torch.nn.Linear(x.shape[1], n_classes)
+    l2 * ||W||^2 (bias unpenalised) with full-batch L-BFGS until every gradient entry is below `tolerance`
+    (at most `max_rounds` fresh L-BFGS runs of 500 iterations); returns the Linear(d, n_classes), fp32.
+
+    Solved in fp64: near the optimum an fp32 loss no longer resolves the decrease of a line-search step
+    (about |grad|^2 / curvature), so fp32 L-BFGS stalls with gradients near 1e-5."""
+    x = x.double()
+    linear = torch.nn.Linear(x.shape[1], n_classes, dtype=torch.float64)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-6,
-                                  line_search_fn="strong_wolfe")
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.square().sum()
-        loss.backward()
-        return loss
+    def objective():
+        return torch.nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.square().sum()
 
-    optimizer.step(closure)
-    return linear.requires_grad_(False)
+    for _ in range(max_rounds):
+        optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=500, tolerance_grad=tolerance,
+                                      tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = objective()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        grads = torch.autograd.grad(objective(), list(linear.parameters()))
+        if max(float(grad.abs().max()) for grad in grads) < tolerance:
+            break
+    return linear.float().requires_grad_(False)
 
 
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor) -> tuple[torch.nn.Linear, float]:
