@@ -20,8 +20,8 @@ def test_forward_flops_equal_torch_flop_counter_on_both_families():
     """Eager attention multiplies the full T x T score matrix (the causal mask is applied after), so
     the pairs to compare with are B·T·T; embeddings, norms and activations are no matmuls for either.
     Llama's rotary embedding, which the model count leaves out, spends what the installed transformers
-    makes it spend: one tiny matmul (inverse frequencies x positions: 2·(D/2)·T) up to 5.24, a broadcast
-    product (no matmul) from 5.25; measured on the rotary module alone, it must be one of the two."""
+    makes it spend: one tiny matmul (inverse frequencies x positions: 2·(D/2)·T) in 5.17, a broadcast
+    product (no matmul) in 5.25; measured on the rotary module alone, it must be one of the two."""
     for name in ("tiny-llama", "tiny-gpt2"):
         model = build_model(name, torch.float32, torch.device("cpu"))
         model.set_attn_implementation("eager")
