@@ -43,11 +43,11 @@ def make_inputs(B, Hq, Hkv, T, S, P, D, n_tasks, dtype, device, *, lengths=None,
 
     q, k, v = rand(B, Hq, T, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D)
     pk, pv = rand(n_tasks, Hkv, P, D), rand(n_tasks, Hkv, P, D)
-    task_ids = (torch.arange(B) % n_tasks).to(device)
+    bank_rows = (torch.arange(B) % n_tasks).to(device)
     mask = None
     if lengths is not None:
         mask = (torch.arange(S)[None, :] < lengths[:, None]).to(device)
-    return q, k, v, pk, pv, task_ids, mask
+    return q, k, v, pk, pv, bank_rows, mask
 
 
 def visible_pairs(T, S, P, mask, causal=True):
@@ -70,7 +70,7 @@ def flops(B, Hq, T, S, P, D, mask, mode):
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def build_providers(q, k, v, pk, pv, task_ids, mask, *, quick):
+def build_providers(q, k, v, pk, pv, bank_rows, mask, *, quick):
     """name -> (callable(q, k, v, pk, pv) -> out, tensors the callable differentiates)."""
     B, Hq, T, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], pk.shape[2]
@@ -78,13 +78,13 @@ def build_providers(q, k, v, pk, pv, task_ids, mask, *, quick):
     backend = "torch" if quick else "triton"
     providers = {}
     providers["fastprompt"] = (
-        lambda q_, k_, v_, pk_, pv_: prefix_attention(q_, k_, v_, pk_, pv_, task_ids, causal=True,
+        lambda q_, k_, v_, pk_, pv_: prefix_attention(q_, k_, v_, pk_, pv_, bank_rows, causal=True,
                                                       key_padding_mask=mask, backend=backend),
         (q, k, v, pk, pv))
 
     # Concatenated beforehand (not timed); GQA expanded beforehand as well.
-    keys = torch.cat([pk[task_ids], k], dim=2).repeat_interleave(G, dim=1).detach().requires_grad_()
-    values = torch.cat([pv[task_ids], v], dim=2).repeat_interleave(G, dim=1).detach().requires_grad_()
+    keys = torch.cat([pk[bank_rows], k], dim=2).repeat_interleave(G, dim=1).detach().requires_grad_()
+    values = torch.cat([pv[bank_rows], v], dim=2).repeat_interleave(G, dim=1).detach().requires_grad_()
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if mask is None:
         from torch.nn.attention.bias import causal_lower_right
@@ -101,8 +101,8 @@ def build_providers(q, k, v, pk, pv, task_ids, mask, *, quick):
         except ImportError:
             flash_attn_func = None
         if flash_attn_func is not None:
-            fk = torch.cat([pk[task_ids], k], dim=2).transpose(1, 2).contiguous().detach().requires_grad_()
-            fv = torch.cat([pv[task_ids], v], dim=2).transpose(1, 2).contiguous().detach().requires_grad_()
+            fk = torch.cat([pk[bank_rows], k], dim=2).transpose(1, 2).contiguous().detach().requires_grad_()
+            fv = torch.cat([pv[bank_rows], v], dim=2).transpose(1, 2).contiguous().detach().requires_grad_()
             fq = q.transpose(1, 2).contiguous().detach().requires_grad_()
             providers["flash-attn"] = (
                 lambda q_, k_, v_: flash_attn_func(q_, k_, v_, causal=True).transpose(1, 2), (fq, fk, fv))
@@ -113,7 +113,7 @@ def bench_case(case, modes, device, dtype, quick, rows):
     B, Hq, Hkv, T, S, P, D, n_tasks, kind = (case[k] for k in ("B", "Hq", "Hkv", "T", "S", "P", "D",
                                                                "n_tasks", "kind"))
     lengths = case.get("lengths")
-    q, k, v, pk, pv, task_ids, mask = make_inputs(B, Hq, Hkv, T, S, P, D, n_tasks, dtype, device,
+    q, k, v, pk, pv, bank_rows, mask = make_inputs(B, Hq, Hkv, T, S, P, D, n_tasks, dtype, device,
                                                   lengths=lengths)
     need_grad = any(m != "fwd" for m in modes)
     for t in (q, k, v, pk, pv):
@@ -123,9 +123,9 @@ def bench_case(case, modes, device, dtype, quick, rows):
     with torch.no_grad():
         want = reference.prefix_attention(
             q[:1, :G].float(), k[:1, :1].float(), v[:1, :1].float(), pk[:, :1].float(), pv[:, :1].float(),
-            task_ids[:1], causal=True, key_padding_mask=None if mask is None else mask[:1])
+            bank_rows[:1], causal=True, key_padding_mask=None if mask is None else mask[:1])
     shape = f"B{B}-Hq{Hq}-Hkv{Hkv}-T{T}-S{S}-P{P}-D{D}-tasks{n_tasks}"
-    for name, (fn, tensors) in build_providers(q, k, v, pk, pv, task_ids, mask, quick=quick).items():
+    for name, (fn, tensors) in build_providers(q, k, v, pk, pv, bank_rows, mask, quick=quick).items():
         base = {"op": "prefix_attention", "kind": kind, "provider": name, "shape": shape, "B": B, "Hq": Hq,
                 "Hkv": Hkv, "T": T, "S": S, "P": P, "D": D, "n_tasks": n_tasks, "dtype": dtype_name(dtype)}
         try:

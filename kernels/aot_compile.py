@@ -107,12 +107,12 @@ def _prefix_attention(dtype, D, T, causal, mask, bias, backward):
     def call():
         q, k, v = _randn(B, Hq, T, D, dtype=dtype), _randn(B, Hkv, S, D, dtype=dtype), _randn(B, Hkv, S, D, dtype=dtype)
         pk, pv = _randn(4, Hkv, P, D, dtype=dtype), _randn(4, Hkv, P, D, dtype=dtype)
-        task_ids = torch.zeros(B, dtype=torch.int64, device="cuda")
+        bank_rows = torch.zeros(B, dtype=torch.int64, device="cuda")
         kpm = torch.ones(B, S, dtype=torch.bool, device="cuda") if mask else None
         b = _randn(B, 1, T, P + S, dtype=dtype) if bias else None
-        out, lse = PA.prefix_attention_fwd(q, k, v, pk, pv, task_ids, causal=causal, key_padding_mask=kpm, bias=b)
+        out, lse = PA.prefix_attention_fwd(q, k, v, pk, pv, bank_rows, causal=causal, key_padding_mask=kpm, bias=b)
         if backward:
-            PA.prefix_attention_bwd(torch.empty_like(out), q, k, v, pk, pv, task_ids, out, lse, causal=causal,
+            PA.prefix_attention_bwd(torch.empty_like(out), q, k, v, pk, pv, bank_rows, out, lse, causal=causal,
                                     key_padding_mask=kpm, bias=b)
     return call
 

@@ -1,13 +1,13 @@
 """Prefix attention in Triton: FlashAttention-style forward, split-KV decode forward, and backward.
 
-Each batch row b attends first to its task's prefix, read in place from a bank (`prefix_k[task_ids[b]]`,
+Each batch row b attends first to a prefix, read in place from a bank (`prefix_k[bank_rows[b]]`,
 nothing is concatenated or copied), then to its own keys. Layouts (the last dimension must be contiguous;
 other strides are free):
 
     q, out:            [B, Hq, T, D]
     k, v:              [B, Hkv, S, D]          S >= T, causal masking aligned to the end
-    prefix_k/prefix_v: [n_tasks, Hkv, P, D]    P >= 0, always visible
-    task_ids:          [B] int64 (or int32)
+    prefix_k/prefix_v: [n_bank, Hkv, P, D]     P >= 0, always visible
+    bank_rows:         [B] int64 (or int32)
     key_padding_mask:  [B, S] bool, True = attend
     bias:              [B or 1, Hq or 1, T or 1, P + S] any float dtype, added to the scaled scores; a
                        size-1 dimension is read with stride 0 (no broadcast copy); optional
@@ -24,8 +24,8 @@ Decode: for T <= DECODE_MAX_T the forward splits the [prefix ; own] key range ov
 
 Backward (deterministic, no float atomics): one kernel computes dK, dV per key tile (looping over all
 queries of the group), another computes dQ per query tile. Each batch row writes its own fp32 partial
-d prefix_k / d prefix_v ([B, Hkv, P, D] each), and a reduction kernel sums the rows of each task in a
-fixed order (rows sorted by task, stably). Determinism costs 2 * B * Hkv * P * D * 4 bytes of partials.
+d prefix_k / d prefix_v ([B, Hkv, P, D] each), and a reduction kernel sums the rows of each bank row in a
+fixed order (batch rows sorted by bank row, stably). Determinism costs 2 * B * Hkv * P * D * 4 bytes of partials.
 """
 
 from __future__ import annotations
@@ -537,52 +537,21 @@ def _bwd_config(d_pad: int, dtype: torch.dtype, arch: int) -> tuple[int, int, in
     return (32, 64, 8, 2) if d_pad > 64 else (32, 64, 4, 2)
 
 
-def _check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d tensor, got {getattr(t, 'shape', type(t))}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    if t.numel() and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows through the first three strides and need a unit stride on the last axis."""
+    return t.contiguous() if t.numel() and t.stride(-1) != 1 else t
 
 
-def _prepare(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal):
-    """Guard the launcher inputs; return them (last dim contiguous) and the shape numbers."""
-    device = q.device
-    if device.type != "cuda" and not _interpret():
-        raise ValueError(f"q must be a CUDA tensor (or set TRITON_INTERPRET=1), got device {device}")
-    q = _check_tensor("q", q, 4, _FLOAT, device)
-    k = _check_tensor("k", k, 4, (q.dtype,), device)
-    v = _check_tensor("v", v, 4, (q.dtype,), device)
-    prefix_k = _check_tensor("prefix_k", prefix_k, 4, (q.dtype,), device)
-    prefix_v = _check_tensor("prefix_v", prefix_v, 4, (q.dtype,), device)
-    task_ids = _check_tensor("task_ids", task_ids, 1, (torch.int64, torch.int32), device).contiguous()
+def _prepare(q, k, v, prefix_k, prefix_v, bank_rows, key_padding_mask):
+    """The launcher inputs as the kernels read them, and the shape numbers. No checks: the public op
+    (fastprompt.ops.prefix_attention) validated the arguments once."""
+    q, k, v, prefix_k, prefix_v = (_last_dim_contiguous(t) for t in (q, k, v, prefix_k, prefix_v))
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    P = prefix_k.shape[2]
-    if k.shape != (B, Hkv, S, D) or v.shape != k.shape:
-        raise ValueError(f"k and v must have shape [B={B}, Hkv, S, D={D}], got {tuple(k.shape)}, {tuple(v.shape)}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv})")
-    if causal and S < T:
-        raise ValueError(f"k must have S >= T when causal, got S={S}, T={T}")
-    if prefix_k.shape[1:] != (Hkv, P, D) or prefix_v.shape != prefix_k.shape:
-        raise ValueError(f"prefix_k and prefix_v must have shape [n_tasks, Hkv={Hkv}, P, D={D}], got "
-                         f"{tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}")
-    if task_ids.shape != (B,):
-        raise ValueError(f"task_ids must have shape [B={B}], got {tuple(task_ids.shape)}")
-    if not 1 <= D <= 256:
-        raise ValueError(f"q's head dim must lie in [1, 256], got {D}")
     if key_padding_mask is not None:
-        key_padding_mask = _check_tensor("key_padding_mask", key_padding_mask, 2, (torch.bool,), device)
-        if key_padding_mask.shape != (B, S):
-            raise ValueError(f"key_padding_mask must have shape [B={B}, S={S}], got "
-                             f"{tuple(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.contiguous().view(torch.uint8)
-    return q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, (B, Hq, Hkv, T, S, P, D)
+    return (q, k, v, prefix_k, prefix_v, bank_rows.contiguous(), key_padding_mask,
+            (B, Hq, Hkv, T, S, prefix_k.shape[2], D))
 
 
 def _strides(*tensors):
@@ -595,43 +564,33 @@ _MAX_BLOCK = 256
 
 
 def _prepare_bias(bias, q, shape):
-    """Guard the bias; return (the tensor to pass, its four strides with 0 on size-1 dimensions, and
-    BIAS_I64: whether the offsets within one batch row need int64).
-
-    Without a bias, q stands in for the pointer (never read), the strides are 0 and BIAS_I64 is False.
-    """
+    """Return (the tensor to pass, its four strides with 0 on size-1 dimensions, and BIAS_I64: whether the
+    offsets within one batch row need int64). The bias is [B or 1, Hq or 1, T or 1, P + S] (checked by
+    the public op). Without a bias, q stands in for the pointer (never read), the strides are 0 and
+    BIAS_I64 is False."""
     if bias is None:
-        return q, [0, 0, 0, 0], False
-    B, Hq, T, L = shape
-    if not isinstance(bias, torch.Tensor) or bias.dim() != 4:
-        raise ValueError(f"bias must be a 4-d tensor [B or 1, Hq or 1, T or 1, P + S], got "
-                         f"{getattr(bias, 'shape', type(bias))}")
-    if bias.dtype not in _FLOAT:
-        raise ValueError(f"bias must have dtype in {_FLOAT}, got {bias.dtype}")
-    if bias.device != q.device:
-        raise ValueError(f"bias must be on {q.device}, got {bias.device}")
-    if bias.shape[3] != L or any(n not in (1, want) for n, want in zip(bias.shape[:3], shape)):
-        raise ValueError(f"bias must have shape [B={B} or 1, Hq={Hq} or 1, T={T} or 1, P + S={L}], got "
-                         f"{tuple(bias.shape)}")
-    strides = [0 if n == 1 else st for n, st in zip(bias.shape, bias.stride())]
+        return q, (0, 0, 0, 0), False
+    strides = tuple(0 if n == 1 else st for n, st in zip(bias.shape, bias.stride()))
+    _, Hq, T, L = shape
     _, sbh, sbt, sbn = strides
     furthest = (Hq - 1) * sbh + (T - 1 + _MAX_BLOCK) * sbt + (L - 1 + _MAX_BLOCK) * sbn
     return bias, strides, furthest >= 2 ** 31
 
 
-def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, key_padding_mask=None,
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=True, key_padding_mask=None,
                          scale=None, bias=None, out=None, num_splits=None):
     """Forward. Returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32, base 2).
 
-    q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T; prefix_k, prefix_v [n_tasks, Hkv, P, D]; task_ids [B]
-    int64; key_padding_mask [B, S] bool (True = attend) or None; fp32, bf16 or fp16, all alike.
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T; prefix_k, prefix_v [n_tasks, Hkv, P, D]; bank_rows [B]
+    int64/int32; key_padding_mask [B, S] bool (True = attend) or None; fp32, bf16 or fp16, all alike.
+    The arguments are not checked here: `fastprompt.ops.prefix_attention` checks them once per call.
     bias: [B or 1, Hq or 1, T or 1, P + S] of any float dtype, added to the scaled scores, or None.
     out: optional contiguous [B, Hq, T, D] buffer of q's dtype to write into.
     For T <= DECODE_MAX_T the key range is split over `num_splits` programs per query tile (default: a
     heuristic that fills the GPU; 1 disables it) and merged by log-sum-exp.
     """
-    q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
-        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
+    q, k, v, prefix_k, prefix_v, bank_rows, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
+        q, k, v, prefix_k, prefix_v, bank_rows, key_padding_mask)
     bias_arg, bias_strides, bias_i64 = _prepare_bias(bias, q, (B, Hq, T, P + S))
     scale = D ** -0.5 if scale is None else float(scale)
     if out is None:
@@ -666,7 +625,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
     else:
         o_part, lse_part = out, lse  # unused
     _fwd_kernel[(n_m, B * Hkv, num_splits)](
-        q, k, v, prefix_k, prefix_v, task_ids, mask if mask is not None else task_ids, bias_arg, out, lse,
+        q, k, v, prefix_k, prefix_v, bank_rows, mask if mask is not None else bank_rows, bias_arg, out, lse,
         o_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v), *bias_strides,
         T, S, P, G, Hkv, D, scale * _LOG2E, split_len, num_splits,
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal), HAS_MASK=mask is not None,
@@ -681,7 +640,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, *, causal=True, 
     return out, lse
 
 
-def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse, *, causal=True,
+def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, bank_rows, out, lse, *, causal=True,
                          key_padding_mask=None, scale=None, bias=None, grads=None):
     """Backward. Returns (dq, dk, dv, d_prefix_k, d_prefix_v) in the inputs' dtype and shapes.
 
@@ -691,16 +650,10 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse,
     Deterministic: each row's d prefix goes to an fp32 partial ([B, Hkv, P, D] for K and for V, i.e.
     8 * B * Hkv * P * D bytes extra), reduced per task in a fixed order; no float atomics.
     """
-    q, k, v, prefix_k, prefix_v, task_ids, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
-        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, causal)
+    q, k, v, prefix_k, prefix_v, bank_rows, mask, (B, Hq, Hkv, T, S, P, D) = _prepare(
+        q, k, v, prefix_k, prefix_v, bank_rows, key_padding_mask)
     bias_arg, bias_strides, bias_i64 = _prepare_bias(bias, q, (B, Hq, T, P + S))
     n_tasks = prefix_k.shape[0]
-    for name, t in (("d_out", d_out), ("out", out)):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must be a [B, Hq, T, D] tensor of {q.dtype} on {q.device}, got "
-                             f"{tuple(t.shape)} {t.dtype} {t.device}")
-    if lse.shape != (B, Hq, T) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be a [B={B}, Hq={Hq}, T={T}] float32 tensor, got {tuple(lse.shape)} {lse.dtype}")
     scale = D ** -0.5 if scale is None else float(scale)
     q, d_out, out, lse = q.contiguous(), d_out.contiguous(), out.contiguous(), lse.contiguous()
     shapes = (q.shape, k.shape, k.shape, prefix_k.shape, prefix_k.shape)
@@ -725,21 +678,21 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, task_ids, out, lse,
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BIAS_I64=bias_i64, DOT_PREC=dot_prec,
                  num_warps=warps, num_stages=stages)
-    mask_arg = mask if mask is not None else task_ids
+    mask_arg = mask if mask is not None else bank_rows
     dpk_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
     dpv_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
     n_prefix_blocks = triton.cdiv(P, block_n)
     _bwd_dkdv_kernel[(n_prefix_blocks + triton.cdiv(S, block_n), B * Hkv)](
-        q, k, v, prefix_k, prefix_v, task_ids, mask_arg, bias_arg, d_out, lse, delta, dk, dv, dpk_part,
+        q, k, v, prefix_k, prefix_v, bank_rows, mask_arg, bias_arg, d_out, lse, delta, dk, dv, dpk_part,
         dpv_part, *_strides(k, v, prefix_k, prefix_v), *bias_strides, *scalars, n_prefix_blocks, **flags)
     _bwd_dq_kernel[(triton.cdiv(G * T, block_m), B * Hkv)](
-        q, k, v, prefix_k, prefix_v, task_ids, mask_arg, bias_arg, d_out, lse, delta, dq,
+        q, k, v, prefix_k, prefix_v, bank_rows, mask_arg, bias_arg, d_out, lse, delta, dq,
         *_strides(k, v, prefix_k, prefix_v), *bias_strides, *scalars, **flags)
 
     row_numel = Hkv * P * D
     if row_numel == 0 or n_tasks == 0:
         return dq, dk, dv, dpk, dpv
-    sorted_ids, order = torch.sort(task_ids, stable=True)
+    sorted_ids, order = torch.sort(bank_rows, stable=True)
     starts = torch.searchsorted(sorted_ids, torch.arange(n_tasks + 1, device=q.device,
                                                          dtype=sorted_ids.dtype))
     block = 1024

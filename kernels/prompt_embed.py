@@ -27,9 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels._guards import FLOAT_DTYPES, check_tensor
-
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,39 +138,11 @@ def _grad_config(d: int, device: torch.device) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# guards
+# launcher helpers: no argument checks (fastprompt.ops.prompt_embed checks once per call); an `out` buffer is
+# the caller's to shape
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_rank(name: str, t, rank: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
-
-
-def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    check_tensor("out", out, shape, (dtype,), device)
-    return out
-
-
-def _check_tokens(input_ids, embedding_weight, task_ids, positions, n_virtual: int):
-    _check_rank("input_ids", input_ids, 2, "[B, T]")
-    _check_rank("embedding_weight", embedding_weight, 2, "[V, d]")
-    device = embedding_weight.device
-    B, T = input_ids.shape
-    check_tensor("embedding_weight", embedding_weight, None, FLOAT_DTYPES, device)
-    check_tensor("input_ids", input_ids, None, _INDEX_DTYPES, device)
-    check_tensor("task_ids", task_ids, (B,), _INDEX_DTYPES, device)
-    if positions is None:
-        L = n_virtual + T
-    else:
-        _check_rank("positions", positions, 2, "[B, L]")
-        check_tensor("positions", positions, (B, positions.shape[1]), _INDEX_DTYPES, device)
-        L = positions.shape[1]
-    return B, T, L
+def _out(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if out is None else out
 
 
 def _check_blocks(blocks) -> None:
@@ -211,33 +180,16 @@ def prompt_embed_fwd(input_ids: torch.Tensor, embedding_weight: torch.Tensor, pr
     input_ids: [B, T] int64/int32; embedding_weight: [V, d] fp32/bf16/fp16; prompts: [n_tasks, P, d]
     fp32/bf16/fp16 (may differ from the table's dtype); task_ids: [B] int64/int32; positions: None (the
     prompt first, L = P + T) or [B, L] int64/int32 (p >= 0: input token p; p < 0: virtual token -p - 1).
-    out: optional [B, L, d] buffer in embedding_weight's dtype. All contiguous, on one device. Indices are
-    not range-checked here (the public op does it). blocks: optional (BLOCK_N, BLOCK_D) override of the
-    heuristic (output positions x columns per program).
+    out: optional [B, L, d] buffer in embedding_weight's dtype. All contiguous, on one device. Nothing is
+    checked here (the public op checks shapes, dtypes and, on CPU, index ranges). blocks: optional
+    (BLOCK_N, BLOCK_D) override of the heuristic (output positions x columns per program).
     """
-    B, T, L = _check_tokens(input_ids, embedding_weight, task_ids, positions, 0)
-    _check_rank("prompts", prompts, 3, "[n_tasks, P, d]")
-    n_tasks, P, d = prompts.shape
-    check_tensor("prompts", prompts, (n_tasks, P, embedding_weight.shape[1]), FLOAT_DTYPES, embedding_weight.device)
-    if positions is None:
-        L = P + T
-    out = _check_out(out, (B, L, d), embedding_weight.dtype, embedding_weight.device)
+    B, T = input_ids.shape
+    P, d = prompts.shape[1:]
+    L = P + T if positions is None else positions.shape[1]
+    out = _out(out, (B, L, d), embedding_weight.dtype, embedding_weight.device)
     return _launch_fwd(out, input_ids, embedding_weight, positions, task_ids, prompts, prompts, prompts,
                        B, T, L, P, d, 1, is_mpt=False, blocks=blocks)
-
-
-def _check_mpt(shared, task_cols, task_rows, device) -> tuple[int, int, int, int]:
-    _check_rank("shared", shared, 2, "[P, d]")
-    _check_rank("task_cols", task_cols, 3, "[n_tasks, P, r]")
-    _check_rank("task_rows", task_rows, 3, "[n_tasks, r, d]")
-    P, d = shared.shape
-    n_tasks, _, r = task_cols.shape
-    if r < 1:
-        raise ValueError(f"task_cols must have rank r >= 1, got {tuple(task_cols.shape)}")
-    check_tensor("shared", shared, None, FLOAT_DTYPES, device)
-    check_tensor("task_cols", task_cols, (n_tasks, P, r), FLOAT_DTYPES, device)
-    check_tensor("task_rows", task_rows, (n_tasks, r, d), FLOAT_DTYPES, device)
-    return n_tasks, P, d, r
 
 
 def mpt_prompt_embed_fwd(input_ids: torch.Tensor, embedding_weight: torch.Tensor, shared: torch.Tensor,
@@ -252,13 +204,11 @@ def mpt_prompt_embed_fwd(input_ids: torch.Tensor, embedding_weight: torch.Tensor
     mix. The prompt is computed in fp32, rounded to shared's dtype (as the reference does), then to the
     output's. Other arguments and `out` [B, L, d] (embedding_weight's dtype) as in `prompt_embed_fwd`.
     """
-    B, T, L = _check_tokens(input_ids, embedding_weight, task_ids, positions, 0)
-    n_tasks, P, d, r = _check_mpt(shared, task_cols, task_rows, embedding_weight.device)
-    if d != embedding_weight.shape[1]:
-        raise ValueError(f"shared must have d={embedding_weight.shape[1]}, got {tuple(shared.shape)}")
-    if positions is None:
-        L = P + T
-    out = _check_out(out, (B, L, d), embedding_weight.dtype, embedding_weight.device)
+    B, T = input_ids.shape
+    P, d = shared.shape
+    r = task_cols.shape[2]
+    L = P + T if positions is None else positions.shape[1]
+    out = _out(out, (B, L, d), embedding_weight.dtype, embedding_weight.device)
     return _launch_fwd(out, input_ids, embedding_weight, positions, task_ids, shared, task_cols, task_rows,
                        B, T, L, P, d, r, is_mpt=True, blocks=blocks)
 
@@ -268,12 +218,10 @@ def mpt_prompts_fwd(shared: torch.Tensor, task_cols: torch.Tensor, task_rows: to
                     blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """The MPT prompts of the given tasks: out [n, P, d] (shared's dtype) = shared ∘ (task_cols[k] @
     task_rows[k]) for k in task_ids [n] int64/int32. The forward kernel with no tokens (T = 0, L = P)."""
-    device = shared.device if isinstance(shared, torch.Tensor) else None
-    n_tasks, P, d, r = _check_mpt(shared, task_cols, task_rows, device)
-    _check_rank("task_ids", task_ids, 1, "[n]")
-    check_tensor("task_ids", task_ids, None, _INDEX_DTYPES, device)
+    P, d = shared.shape
+    r = task_cols.shape[2]
     n = task_ids.shape[0]
-    out = _check_out(out, (n, P, d), shared.dtype, device)
+    out = _out(out, (n, P, d), shared.dtype, shared.device)
     # no tokens (T = 0): the id and embedding pointers are never read; pass task_ids and shared in their place
     return _launch_fwd(out, task_ids, shared, None, task_ids, shared, task_cols, task_rows,
                        n, 0, P, P, d, r, is_mpt=True, blocks=blocks)
@@ -317,19 +265,10 @@ def prompt_grad(grad_out: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, n_
     at positions 0..P-1) or [B, L] int64/int32 as in `prompt_embed_fwd`. blocks: optional (BLOCK_R,
     BLOCK_D) override (source rows per loop step x columns per program).
     """
-    _check_rank("grad_out", grad_out, 3, "[B, L, d]")
     device = grad_out.device
     B, L, d = grad_out.shape
-    check_tensor("grad_out", grad_out, None, FLOAT_DTYPES, device)
-    check_tensor("task_ids", task_ids, (B,), _INDEX_DTYPES, device)
-    if positions is not None:
-        check_tensor("positions", positions, (B, L), _INDEX_DTYPES, device)
-    elif L < n_virtual:
-        raise ValueError(f"grad_out must have L >= P={n_virtual} without positions, got {tuple(grad_out.shape)}")
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     _check_blocks(blocks)
-    out = _check_out(out, (n_tasks, n_virtual, d), dtype, device)
+    out = _out(out, (n_tasks, n_virtual, d), dtype, device)
     if out.numel() == 0:
         return out
     src, offsets = virtual_sources(task_ids, n_tasks, n_virtual, L, positions)

@@ -85,12 +85,12 @@ def test_patches_undo_and_survive_deepcopy(family):
 def test_patched_ops_follow_the_models_backend(family, monkeypatch):
     """backend="torch" keeps the patched norms and activations off the kernels too (not only attention and
     the prompt ops); backend="triton" sends them there (the interpreter, on CPU)."""
-    from fastprompt.ops import _norms_triton
+    from fastprompt.kernels import norms as norm_kernels
 
     calls = []
     for name in ("norm_fwd", "act_fwd"):
-        real = getattr(_norms_triton.TRITON, name)
-        monkeypatch.setattr(_norms_triton.TRITON, name,
+        real = getattr(norm_kernels, name)
+        monkeypatch.setattr(norm_kernels, name,
                             lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     ids, mask, labels = batch()
     for backend, expected in (("torch", set()), ("triton", {"norm_fwd", "act_fwd"})):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastprompt.ops._prefix_attention_triton as prefix_attention_triton_module
+import fastprompt.kernels.prefix_attention as prefix_attention_kernels
 from fastprompt.backbones import KVCache
 from fastprompt.ops import prefix_attention, reference
 from tests.gpu.test_model_native import _ours, _prompt_state
@@ -46,14 +46,14 @@ def _step(family: str, method: str, state: dict[str, torch.Tensor], backend: str
 @pytest.mark.parametrize("family, method", CASES)
 def test_triton_backend_matches_torch(family, method, monkeypatch):
     kernel_calls = []
-    kernel = prefix_attention_triton_module.prefix_attention_triton
+    kernel = prefix_attention_kernels.prefix_attention_fwd
 
     def counted(*args, **kwargs):
         kernel_calls.append(args[0].shape)
         return kernel(*args, **kwargs)
 
-    # the public op imports its Triton path at call time, so the spy sees every kernel call
-    monkeypatch.setattr(prefix_attention_triton_module, "prefix_attention_triton", counted)
+    # the custom op reads the launcher from its module at call time, so the spy sees every kernel call
+    monkeypatch.setattr(prefix_attention_kernels, "prefix_attention_fwd", counted)
     state = _prompt_state(family, method, torch.float32)
     want_loss, want_logits, want_grads = _step(family, method, state, "torch")
     assert not kernel_calls, "backend='torch' must not reach the Triton kernel"

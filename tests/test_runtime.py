@@ -97,12 +97,12 @@ def test_autocast_trains_in_half_precision():
 def test_model_backend_reaches_the_mpt_prompt_op(monkeypatch):
     """PromptModel(backend="torch") keeps every op on the reference, MPT's prompt product included, even
     where the environment asks for Triton."""
-    import fastprompt.ops._prompt_embed_triton as triton_launchers
+    import fastprompt.kernels.prompt_embed as triton_launchers
 
     def refuse(*args, **kwargs):
         raise AssertionError("a Triton launcher ran under PromptModel(backend='torch')")
 
-    for name in ("prompt_embed_triton", "mpt_prompt_embed_triton", "mpt_prompts_triton"):
+    for name in ("prompt_embed_fwd", "mpt_prompt_embed_fwd", "mpt_prompts_fwd"):
         monkeypatch.setattr(triton_launchers, name, refuse)
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
     config = fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=3, num_ranks=2)

@@ -6,6 +6,13 @@ for the weight and bias, and keeps only the inputs (no fp32 copies, no normalise
 With a weight or bias that requires a gradient (and grad mode on), the reference runs instead, with
 ordinary autograd, so that it gets one.
 
+One module holds the ops: their checks (cached per new shape, see `fastprompt.ops._checks`), the PyTorch
+formulas of the input-gradient backward, and the custom ops `fastprompt::norm`, `fastprompt::norm_backward`,
+`fastprompt::activation` and `fastprompt::activation_backward` (torch.library, with fake kernels and
+autograd; `fastprompt.ops._registry`: an autograd.Function over the same functions in eager mode), whose
+`triton` flag picks the Triton launchers (`fastprompt.kernels.norms`) or the PyTorch formulas, so that both
+backends keep the input-only backward and torch.compile(fullgraph=True) traces them.
+
 Example::
 
     y = rms_norm(hidden, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
@@ -13,25 +20,102 @@ Example::
 
 from __future__ import annotations
 
-import types
+from typing import Optional
 
 import torch
 
 from fastprompt.ops import reference
-from fastprompt.ops._checks import check_float, check_same_device
+from fastprompt.ops._checks import cached, check_float, check_same_device, spec
 from fastprompt.ops._dispatch import resolve_backend
-from fastprompt.ops._norms_triton import ActFunction, NormFunction
+from fastprompt.ops._registry import autograd_op, plain_op
 
 GELU_APPROXIMATIONS = ("tanh", "none")
+ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the PyTorch path: the reference's forward, an input-gradient-only backward (same formulas as the kernels)
+# public ops
 # ----------------------------------------------------------------------------------------------------------
-def _torch_norm_fwd(x, weight, bias, eps, rms):
-    return reference.rms_norm(x, weight, eps) if rms else reference.layer_norm(x, weight, bias, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
+    """LlamaRMSNorm (Llama, Mistral, Qwen2, Qwen3 and its q/k norms): x [..., d], weight [d] (frozen).
+
+    weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), in the dtype of weight * x.
+    fp32, bf16 or fp16. Differentiable in x.
+    """
+    _check_norm(spec("x", x, "[..., d]"), spec("weight", weight, "[d]"), None)
+    if _wants_grad(weight):
+        return reference.rms_norm(x, weight, eps)
+    d = x.shape[-1]
+    y = _norm(x.reshape(-1, d), weight.detach(), None, float(eps), True,
+                                  _use_triton(backend, x, weight))
+    return y.view(*x.shape[:-1], d)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+               backend: str | None = None) -> torch.Tensor:
+    """nn.LayerNorm over the last dimension (GPT-2's ln_1, ln_2, ln_f): x [..., d]; weight, bias [d]
+    (frozen); fp32, bf16 or fp16. Statistics in fp32; returns x's dtype. Differentiable in x."""
+    _check_norm(spec("x", x, "[..., d]"), spec("weight", weight, "[d]"), spec("bias", bias, "[d]"))
+    if _wants_grad(weight, bias):
+        return reference.layer_norm(x, weight, bias, eps)
+    d = x.shape[-1]
+    y = _norm(x.reshape(-1, d), weight.detach(), None if bias is None else bias.detach(),
+                                  float(eps), False, _use_triton(backend, x, weight))
+    return y.view(x.shape)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up, as Llama's MLP (silu rounded to the input dtype, then the product): gate and up of
+    one shape and dtype (fp32, bf16 or fp16). Differentiable in both."""
+    _check_swiglu(spec("gate", gate, "[...]"), spec("up", up, "[...]"))
+    return _activation("swiglu", gate, up, _use_triton(backend, gate, up))
+
+
+def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str | None = None) -> torch.Tensor:
+    """GELU of x (any shape; fp32, bf16 or fp16), in x's dtype. approximate="tanh" (the default): GPT-2's
+    gelu_new, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); "none": the exact 0.5 x (1 + erf(x / sqrt(2)))."""
+    check_float("x", spec("x", x, "[...]"))
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    kind = "gelu_tanh" if approximate == "tanh" else "gelu"
+    return _activation(kind, x, None, _use_triton(backend, x))
+
+
+def _use_triton(backend, *tensors) -> bool:
+    return resolve_backend(backend, *tensors) == "triton"
+
+
+def _wants_grad(*params) -> bool:
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+
+
+@cached
+def _check_norm(x, weight, bias) -> None:
+    for name, s in (("x", x), ("weight", weight), ("bias", bias)):
+        if s is not None:
+            check_float(name, s)
+    if len(x.shape) < 1:
+        raise ValueError("x must have shape [..., d], got a 0-d tensor")
+    d = x.shape[-1]
+    for name, s in (("weight", weight), ("bias", bias)):
+        if s is not None and s.shape != (d,):
+            raise ValueError(f"{name} must have shape [d={d}], got {s.shape}")
+    check_same_device(x=x, weight=weight, bias=bias)
+
+
+@cached
+def _check_swiglu(gate, up) -> None:
+    check_float("gate", gate)
+    check_float("up", up)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must have one shape and dtype, got {gate.shape} {gate.dtype} and "
+                         f"{up.shape} {up.dtype}")
+    check_same_device(gate=gate, up=up)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the PyTorch formulas of the input-gradient backward (the same as the kernels')
+# ----------------------------------------------------------------------------------------------------------
 def _torch_norm_bwd(grad_y, x, weight, eps, rms):
     xf, g = x.float(), grad_y.float() * weight.float()
     xc = xf if rms else xf - xf.mean(-1, keepdim=True)
@@ -51,100 +135,99 @@ def _torch_act_bwd(kind, grad_y, a, b):
     dy, af = grad_y.float(), a.float()
     if kind == "swiglu":
         s = torch.sigmoid(af)
-        return (dy * b.float() * s * (1 + af * (1 - s))).to(a.dtype), (dy * af * s).to(a.dtype)
+        return [(dy * b.float() * s * (1 + af * (1 - s))).to(a.dtype), (dy * af * s).to(a.dtype)]
     if kind == "gelu_tanh":
         t = torch.tanh(0.7978845608028654 * (af + 0.044715 * af.pow(3)))
         d_inner = 0.7978845608028654 * (1 + 3 * 0.044715 * af * af)
-        return (dy * (0.5 * (1 + t) + 0.5 * af * (1 - t * t) * d_inner)).to(a.dtype), None
+        return [(dy * (0.5 * (1 + t) + 0.5 * af * (1 - t * t) * d_inner)).to(a.dtype)]
     cdf = 0.5 * (1 + torch.erf(af * 0.7071067811865476))
-    return (dy * (cdf + af * 0.3989422804014327 * torch.exp(-0.5 * af * af))).to(a.dtype), None
-
-
-TORCH = types.SimpleNamespace(norm_fwd=_torch_norm_fwd, norm_bwd=_torch_norm_bwd, act_fwd=_torch_act_fwd,
-                              act_bwd=_torch_act_bwd)
-
-
-def _impl(backend, *tensors):
-    if resolve_backend(backend, *tensors) == "triton":
-        from fastprompt.ops._norms_triton import TRITON
-
-        return TRITON
-    return TORCH
-
-
-def _wants_grad(*params) -> bool:
-    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    return [(dy * (cdf + af * 0.3989422804014327 * torch.exp(-0.5 * af * af))).to(a.dtype)]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# public ops
+# custom ops: the norm takes x [M, d]; each saves only its inputs for the backward (statistics recomputed)
 # ----------------------------------------------------------------------------------------------------------
-def _check_norm(x, weight, bias):
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_float(name, t)
-    if x.dim() < 1:
-        raise ValueError("x must have shape [..., d]")
-    d = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (d,):
-            raise ValueError(f"{name} must have shape [d={d}], got {tuple(t.shape)}")
-    check_same_device(x=x, weight=weight, bias=bias)
+def _norm_out_dtype(x_dtype, weight_dtype, rms):
+    """RMSNorm returns weight * (normalised in x's dtype): the promoted dtype; LayerNorm returns x's dtype."""
+    return torch.promote_types(x_dtype, weight_dtype) if rms else x_dtype
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
-    """LlamaRMSNorm (Llama, Mistral, Qwen2, Qwen3 and its q/k norms): x [..., d], weight [d] (frozen).
+def _norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, rms: bool,
+               triton: bool) -> torch.Tensor:
+    if triton:
+        from fastprompt.kernels import norms as kernels
 
-    weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), in the dtype of weight * x.
-    Differentiable in x.
-    """
-    _check_norm(x, weight, None)
-    if _wants_grad(weight):
-        return reference.rms_norm(x, weight, eps)
-    d = x.shape[-1]
-    impl = _impl(backend, x, weight)
-    y = NormFunction.apply(x.reshape(-1, d).contiguous(), weight.detach().contiguous(), None, float(eps), True, impl)
-    return y.view(*x.shape[:-1], d)
+        return kernels.norm_fwd(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                                eps, rms)
+    return reference.rms_norm(x, weight, eps) if rms else reference.layer_norm(x, weight, bias, eps)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5, *,
-               backend: str | None = None) -> torch.Tensor:
-    """nn.LayerNorm over the last dimension (GPT-2's ln_1, ln_2, ln_f): x [..., d]; weight, bias [d]
-    (frozen). Statistics in fp32; returns x's dtype. Differentiable in x."""
-    _check_norm(x, weight, bias)
-    if _wants_grad(weight, bias):
-        return reference.layer_norm(x, weight, bias, eps)
-    d = x.shape[-1]
-    impl = _impl(backend, x, weight)
-    y = NormFunction.apply(x.reshape(-1, d).contiguous(), weight.detach().contiguous(),
-                           None if bias is None else bias.detach().contiguous(), float(eps), False, impl)
-    return y.view(x.shape)
+def _norm_backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, rms: bool,
+                        triton: bool) -> torch.Tensor:
+    if triton:
+        from fastprompt.kernels import norms as kernels
+
+        return kernels.norm_bwd(grad_y.contiguous(), x.contiguous(), weight.contiguous(), eps, rms)
+    return _torch_norm_bwd(grad_y, x, weight, eps, rms)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """silu(gate) * up, as Llama's MLP (silu rounded to the input dtype, then the product): gate and up of
-    one shape and dtype. Differentiable in both."""
-    for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_float(name, t)
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"gate and up must have one shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
-                         f"{tuple(up.shape)} {up.dtype}")
-    check_same_device(gate=gate, up=up)
-    return ActFunction.apply("swiglu", gate.contiguous(), up.contiguous(), _impl(backend, gate, up))
+def _norm_setup(ctx, inputs, output):
+    x, weight, _, eps, rms, triton = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.rms, ctx.triton = eps, rms, triton
 
 
-def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str | None = None) -> torch.Tensor:
-    """GELU of x (any shape), in x's dtype. approximate="tanh" (the default): GPT-2's gelu_new,
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); "none": the exact 0.5 x (1 + erf(x / sqrt(2)))."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    check_float("x", x)
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
-    kind = "gelu_tanh" if approximate == "tanh" else "gelu"
-    return ActFunction.apply(kind, x.contiguous(), None, _impl(backend, x))
+def _norm_grad(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _norm_backward(grad_y, x, weight, ctx.eps, ctx.rms, ctx.triton)
+    return dx, None, None, None, None, None
+
+
+def _activation_impl(kind: str, a: torch.Tensor, b: Optional[torch.Tensor], triton: bool) -> torch.Tensor:
+    if triton:
+        from fastprompt.kernels import norms as kernels
+
+        return kernels.act_fwd(kind, a.contiguous(), None if b is None else b.contiguous())
+    return _torch_act_fwd(kind, a, b)
+
+
+def _activation_backward_impl(kind: str, grad_y: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
+                              triton: bool) -> list[torch.Tensor]:
+    """[d a] for GELU, [d gate, d up] for SwiGLU."""
+    if triton:
+        from fastprompt.kernels import norms as kernels
+
+        da, db = kernels.act_bwd(kind, grad_y.contiguous(), a.contiguous(), None if b is None else b.contiguous())
+        return [da] if db is None else [da, db]
+    return _torch_act_bwd(kind, grad_y, a, b)
+
+
+def _activation_setup(ctx, inputs, output):
+    kind, a, b, triton = inputs
+    ctx.save_for_backward(a, b)
+    ctx.kind, ctx.triton = kind, triton
+
+
+def _activation_grad(ctx, grad_y):
+    a, b = ctx.saved_tensors
+    grads = _activation_backward(ctx.kind, grad_y, a, b, ctx.triton)
+    return None, grads[0], grads[1] if len(grads) > 1 else None, None
+
+
+def _like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+_norm = autograd_op(
+    "fastprompt::norm", _norm_impl, setup=_norm_setup, backward=_norm_grad,
+    fake=lambda x, weight, bias, eps, rms, triton: x.new_empty(x.shape, dtype=_norm_out_dtype(x.dtype, weight.dtype,
+                                                                                              rms)))
+_norm_backward = plain_op("fastprompt::norm_backward", _norm_backward_impl,
+                          fake=lambda grad_y, x, weight, eps, rms, triton: _like(x))
+_activation = autograd_op("fastprompt::activation", _activation_impl, setup=_activation_setup,
+                          backward=_activation_grad, fake=lambda kind, a, b, triton: _like(a))
+_activation_backward = plain_op(
+    "fastprompt::activation_backward", _activation_backward_impl,
+    fake=lambda kind, grad_y, a, b, triton: [_like(a) for _ in range(2 if kind == "swiglu" else 1)])

@@ -38,7 +38,7 @@ SHAPES = [
 
 
 def _make_inputs(B, Hq, Hkv, T, S, P, D, dtype, *, n_tasks=3, seed=0, requires_grad=True):
-    """((q, k, v, prefix_k, prefix_v), task_ids, d_out): random, leaf tensors requiring grad unless told."""
+    """((q, k, v, prefix_k, prefix_v), bank_rows, d_out): random, leaf tensors requiring grad unless told."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -46,10 +46,10 @@ def _make_inputs(B, Hq, Hkv, T, S, P, D, dtype, *, n_tasks=3, seed=0, requires_g
 
     q, k, v = rand(B, Hq, T, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D)
     prefix_k, prefix_v = rand(n_tasks, Hkv, P, D), rand(n_tasks, Hkv, P, D)
-    task_ids = torch.randint(0, n_tasks, (B,), generator=gen).to(DEVICE)
-    task_ids[0] = task_ids[-1]  # at least one task shared by two rows (when B > 1)
+    bank_rows = torch.randint(0, n_tasks, (B,), generator=gen).to(DEVICE)
+    bank_rows[0] = bank_rows[-1]  # at least one task shared by two rows (when B > 1)
     d_out = torch.randn(B, Hq, T, D, generator=gen).to(device=DEVICE, dtype=dtype)
-    return (q, k, v, prefix_k, prefix_v), task_ids, d_out
+    return (q, k, v, prefix_k, prefix_v), bank_rows, d_out
 
 
 def _padding_mask(B, S, kind, *, seed=1):
@@ -76,20 +76,20 @@ def _bias(shape, dtype, *, seed=2, transposed=False):
     return (2 * torch.randn(*shape, generator=gen)).to(device=DEVICE, dtype=dtype)
 
 
-def _run(tensors, task_ids, d_out, *, backend, causal, mask, bias=None):
-    out = prefix_attention(*tensors, task_ids, causal=causal, key_padding_mask=mask, bias=bias, backend=backend)
+def _run(tensors, bank_rows, d_out, *, backend, causal, mask, bias=None):
+    out = prefix_attention(*tensors, bank_rows, causal=causal, key_padding_mask=mask, bias=bias, backend=backend)
     grads = torch.autograd.grad(out, tensors, d_out)
     return (out, *grads)
 
 
 def _check_against_reference(dims, dtype, *, causal, mask_kind=None, mask=None, n_tasks=3, bias=None):
-    tensors, task_ids, d_out = _make_inputs(*dims, dtype, n_tasks=n_tasks)
+    tensors, bank_rows, d_out = _make_inputs(*dims, dtype, n_tasks=n_tasks)
     if mask is None:
         mask = _padding_mask(dims[0], dims[4], mask_kind)
-    got = _run(tensors, task_ids, d_out, backend="triton", causal=causal, mask=mask, bias=bias)
+    got = _run(tensors, bank_rows, d_out, backend="triton", causal=causal, mask=mask, bias=bias)
     ref_inputs = tuple(t.detach().float().requires_grad_() for t in tensors)
     ref_bias = None if bias is None else bias.float()
-    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask, bias=ref_bias)
+    want = _run(ref_inputs, bank_rows, d_out.float(), backend="torch", causal=causal, mask=mask, bias=ref_bias)
     for name, a, e in zip(NAMES, got, want):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
         assert_close(name, a, e, RTOL[dtype])
@@ -110,10 +110,10 @@ def test_non_causal_with_fewer_keys_than_queries(dims, mask_kind):
 
 
 def test_causal_needs_as_many_keys_as_queries():
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 2, 2, 9, 5, 3, 32, torch.float32)
+    (q, k, v, pk, pv), bank_rows, _ = _make_inputs(2, 2, 2, 9, 5, 3, 32, torch.float32)
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match="S=5"):
-            prefix_attention(q, k, v, pk, pv, task_ids, causal=True, backend=backend)
+            prefix_attention(q, k, v, pk, pv, bank_rows, causal=True, backend=backend)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -145,9 +145,9 @@ def test_fully_padded_row(P):
 def test_single_task_and_unused_tasks():
     """All rows on one task of four: the others get zero gradients, the used one the sum over rows."""
     tensors, _, d_out = _make_inputs(3, 2, 1, 11, 11, 6, 32, torch.float32, n_tasks=4)
-    task_ids = torch.full((3,), 2, dtype=torch.int64, device=DEVICE)
-    got = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None)
-    want = _run(tuple(t.detach().requires_grad_() for t in tensors), task_ids, d_out, backend="torch",
+    bank_rows = torch.full((3,), 2, dtype=torch.int64, device=DEVICE)
+    got = _run(tensors, bank_rows, d_out, backend="triton", causal=True, mask=None)
+    want = _run(tuple(t.detach().requires_grad_() for t in tensors), bank_rows, d_out, backend="torch",
                 causal=True, mask=None)
     for name, a, e in zip(NAMES, got, want):
         assert_close(name, a, e, RTOL[torch.float32])
@@ -163,19 +163,19 @@ def test_non_contiguous_inputs():
     v = torch.randn(B, S, Hkv, D, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
     pk = torch.randn(2, Hkv, P, D, generator=gen).to(DEVICE).requires_grad_()
     pv = torch.randn(2, Hkv, P, D, generator=gen).to(DEVICE).requires_grad_()
-    task_ids = torch.tensor([1, 0], device=DEVICE)
+    bank_rows = torch.tensor([1, 0], device=DEVICE)
     d_out = torch.randn(B, Hq, T, D, generator=gen).to(DEVICE)
-    got = _run((q, k, v, pk, pv), task_ids, d_out, backend="triton", causal=True, mask=None)
-    want = _run((q, k, v, pk, pv), task_ids, d_out, backend="torch", causal=True, mask=None)
+    got = _run((q, k, v, pk, pv), bank_rows, d_out, backend="triton", causal=True, mask=None)
+    want = _run((q, k, v, pk, pv), bank_rows, d_out, backend="torch", causal=True, mask=None)
     for name, a, e in zip(NAMES, got, want):
         assert_close(name, a, e, RTOL[torch.float32])
 
 
 def test_backward_is_deterministic():
     tensors, _, d_out = _make_inputs(4, 2, 1, 15, 15, 9, 32, torch.float32, n_tasks=2)
-    task_ids = torch.tensor([1, 0, 1, 1], device=DEVICE)
-    first = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None)
-    second = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None)
+    bank_rows = torch.tensor([1, 0, 1, 1], device=DEVICE)
+    first = _run(tensors, bank_rows, d_out, backend="triton", causal=True, mask=None)
+    second = _run(tensors, bank_rows, d_out, backend="triton", causal=True, mask=None)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
@@ -187,19 +187,19 @@ def _launcher_check(dims, dtype, *, causal, mask, num_splits=None, backward=True
     from fastprompt.kernels.prefix_attention import prefix_attention_bwd, prefix_attention_fwd
 
     B, Hq, Hkv, T, S, P, D = dims
-    tensors, task_ids, d_out = _make_inputs(*dims, dtype, requires_grad=False)
+    tensors, bank_rows, d_out = _make_inputs(*dims, dtype, requires_grad=False)
     out = nan_like((B, Hq, T, D), dtype)
-    got_out, lse = prefix_attention_fwd(*tensors, task_ids, causal=causal, key_padding_mask=mask, bias=bias,
+    got_out, lse = prefix_attention_fwd(*tensors, bank_rows, causal=causal, key_padding_mask=mask, bias=bias,
                                         out=out, num_splits=num_splits)
     assert got_out.data_ptr() == out.data_ptr()
     ref_inputs = tuple(t.float().requires_grad_() for t in tensors)
-    want = _run(ref_inputs, task_ids, d_out.float(), backend="torch", causal=causal, mask=mask,
+    want = _run(ref_inputs, bank_rows, d_out.float(), backend="torch", causal=causal, mask=mask,
                 bias=None if bias is None else bias.float())
     assert_close("out", got_out, want[0], RTOL[dtype])
     if not backward:
         return
     grads = tuple(nan_like(t.shape, dtype) for t in tensors)
-    got = prefix_attention_bwd(d_out, *tensors, task_ids, got_out, lse, causal=causal,
+    got = prefix_attention_bwd(d_out, *tensors, bank_rows, got_out, lse, causal=causal,
                                key_padding_mask=mask, bias=bias, grads=grads)
     for name, a, buf, e in zip(NAMES[1:], got, grads, want[1:]):
         assert a.data_ptr() == buf.data_ptr()
@@ -328,8 +328,8 @@ def test_bias_does_not_unmask_keys(P):
     own_visible = causal_visible[None, None] & mask[:, None, None, :]
     hidden = torch.cat([own_visible.new_zeros(3, 1, 9, P), ~own_visible], dim=-1).expand_as(bias)
     other_bias = torch.where(hidden, bias + 50.0, bias)
-    tensors, task_ids, d_out = _make_inputs(*dims, torch.float32)
-    again = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=mask, bias=other_bias)
+    tensors, bank_rows, d_out = _make_inputs(*dims, torch.float32)
+    again = _run(tensors, bank_rows, d_out, backend="triton", causal=True, mask=mask, bias=other_bias)
     for name, a, e in zip(NAMES, again, got):
         assert_close(f"{name} with other bias on masked keys", a, e, RTOL[torch.float32])
     if P == 0:
@@ -340,7 +340,7 @@ def test_bias_does_not_unmask_keys(P):
 def test_reference_bias_equals_hand_softmax(causal):
     """The reference with a bias against softmax(q·kᵀ·scale + bias, masked) written out per head."""
     B, Hq, Hkv, T, S, P, D = 2, 4, 2, 5, 8, 3, 16
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32, requires_grad=False)
+    (q, k, v, pk, pv), bank_rows, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32, requires_grad=False)
     mask = _padding_mask(B, S, "left")
     bias = _bias((1, Hq, T, P + S), torch.float32)
     scale = 0.7
@@ -348,57 +348,60 @@ def test_reference_bias_equals_hand_softmax(causal):
     for b in range(B):
         for h in range(Hq):
             hk = h // (Hq // Hkv)
-            keys = torch.cat([pk[task_ids[b], hk], k[b, hk]])
-            values = torch.cat([pv[task_ids[b], hk], v[b, hk]])
+            keys = torch.cat([pk[bank_rows[b], hk], k[b, hk]])
+            values = torch.cat([pv[bank_rows[b], hk], v[b, hk]])
             scores = q[b, h] @ keys.T * scale + bias[0, h]
             for i in range(T):
                 for j in range(S):
                     if not mask[b, j] or (causal and j > i + S - T):
                         scores[i, P + j] = float("-inf")
             want[b, h] = scores.softmax(-1) @ values
-    got = reference.prefix_attention(q, k, v, pk, pv, task_ids, causal=causal, key_padding_mask=mask,
+    got = reference.prefix_attention(q, k, v, pk, pv, bank_rows, causal=causal, key_padding_mask=mask,
                                      scale=scale, bias=bias)
     assert_close("reference with bias vs hand softmax", got, want, RTOL[torch.float32])
 
 
 def test_bias_guards_name_the_argument():
-    from fastprompt.kernels.prefix_attention import prefix_attention_fwd
-
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32)
+    (q, k, v, pk, pv), bank_rows, _ = _make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32)
     for backend in ("torch", "triton"):
         for bad in (torch.randn(2, 4, 5, 6), torch.randn(2, 2, 5, 9), torch.randn(3, 4, 5, 9), torch.randn(4, 5, 9)):
             with pytest.raises(ValueError, match="bias"):
-                prefix_attention(q, k, v, pk, pv, task_ids, bias=bad.to(DEVICE), backend=backend)
+                prefix_attention(q, k, v, pk, pv, bank_rows, bias=bad.to(DEVICE), backend=backend)
         with pytest.raises(ValueError, match="bias"):
-            prefix_attention(q, k, v, pk, pv, task_ids, bias=torch.ones(2, 4, 5, 9, dtype=torch.int64,
+            prefix_attention(q, k, v, pk, pv, bank_rows, bias=torch.ones(2, 4, 5, 9, dtype=torch.int64,
                                                                          device=DEVICE), backend=backend)
         trainable = torch.randn(1, 4, 5, 9, device=DEVICE, requires_grad=True)
         with pytest.raises(ValueError, match="bias must not require grad"):
-            prefix_attention(q, k, v, pk, pv, task_ids, bias=trainable, backend=backend)
+            prefix_attention(q, k, v, pk, pv, bank_rows, bias=trainable, backend=backend)
         with torch.no_grad():  # no gradient is asked for: a bias that requires grad is only read
-            got = prefix_attention(q, k, v, pk, pv, task_ids, bias=trainable, backend=backend)
-            want = reference.prefix_attention(q, k, v, pk, pv, task_ids, bias=trainable.detach())
+            got = prefix_attention(q, k, v, pk, pv, bank_rows, bias=trainable, backend=backend)
+            want = reference.prefix_attention(q, k, v, pk, pv, bank_rows, bias=trainable.detach())
         assert_close(f"{backend} under no_grad", got, want, RTOL[torch.float32])
-    with pytest.raises(ValueError, match="bias"):
-        prefix_attention_fwd(q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), task_ids,
-                             bias=torch.randn(2, 4, 5, 8, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Guards and the reference itself
 # ----------------------------------------------------------------------------------------------------
-def test_launcher_guards_name_the_argument():
-    from fastprompt.kernels.prefix_attention import prefix_attention_fwd
-
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(2, 2, 1, 5, 5, 2, 32, torch.float32, requires_grad=False)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_public_op_names_the_bad_argument(backend):
+    """The op checks its arguments once, before either backend (the launchers trust it), naming each."""
+    (q, k, v, pk, pv), rows, _ = _make_inputs(2, 2, 1, 5, 5, 2, 32, torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match="prefix_k"):
-        prefix_attention_fwd(q, k, v, pk.half(), pv, task_ids)
-    with pytest.raises(ValueError, match="task_ids"):
-        prefix_attention_fwd(q, k, v, pk, pv, task_ids[:1])
+        prefix_attention(q, k, v, pk.half(), pv, rows, backend=backend)
+    with pytest.raises(ValueError, match=r"bank_rows must have shape \[B=2\]"):
+        prefix_attention(q, k, v, pk, pv, rows[:1], backend=backend)
+    with pytest.raises(ValueError, match=r"bank_rows must lie in \[0, 3\)"):
+        prefix_attention(q, k, v, pk, pv, torch.tensor([0, 3], device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="bank_rows must be an int64"):
+        prefix_attention(q, k, v, pk, pv, rows.float(), backend=backend)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        prefix_attention_fwd(q, k, v, pk, pv, task_ids, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="out"):
-        prefix_attention_fwd(q, k, v, pk, pv, task_ids, out=torch.empty(2, 2, 5, 31))
+        prefix_attention(q, k, v, pk, pv, rows, key_padding_mask=torch.ones(2, 4, dtype=torch.bool, device=DEVICE),
+                         backend=backend)
+    with pytest.raises(ValueError, match="q must be a torch.Tensor"):
+        prefix_attention(q.tolist(), k, v, pk, pv, rows, backend=backend)
+    # a refused shape is refused again: errors are never cached
+    with pytest.raises(ValueError, match="prefix_k"):
+        prefix_attention(q, k, v, pk.half(), pv, rows, backend=backend)
 
 
 @pytest.mark.parametrize("kv_heads", [0, 3], ids=["Hkv0", "Hkv3"])
@@ -408,21 +411,21 @@ def test_key_heads_must_divide_query_heads(kv_heads):
     q = torch.randn(2, 4, 5, 16, generator=gen).to(DEVICE)
     k, v = (torch.randn(2, kv_heads, 5, 16, generator=gen).to(DEVICE) for _ in range(2))
     pk, pv = (torch.randn(3, kv_heads, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
-    task_ids = torch.tensor([0, 2], device=DEVICE)
+    bank_rows = torch.tensor([0, 2], device=DEVICE)
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match=rf"k must have at least one head .*got Hkv={kv_heads}"):
-            prefix_attention(q, k, v, pk, pv, task_ids, backend=backend)
+            prefix_attention(q, k, v, pk, pv, bank_rows, backend=backend)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_reference_equals_sdpa_on_concatenated_keys(causal):
     """An independent check of the reference: SDPA on [prefix ; own] keys with an explicit bool mask."""
     B, Hq, Hkv, T, S, P, D = 3, 4, 2, 7, 12, 5, 16
-    (q, k, v, pk, pv), task_ids, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32, requires_grad=False)
+    (q, k, v, pk, pv), bank_rows, _ = _make_inputs(B, Hq, Hkv, T, S, P, D, torch.float32, requires_grad=False)
     mask = _padding_mask(B, S, "right")
     mask[:, -1] = True  # every causal query keeps at least its own... last key visible to the last query
-    keys = torch.cat([pk[task_ids], k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
-    values = torch.cat([pv[task_ids], v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    keys = torch.cat([pk[bank_rows], k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    values = torch.cat([pv[bank_rows], v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
     allowed = torch.zeros(B, 1, T, P + S, dtype=torch.bool, device=DEVICE)
     for b in range(B):
         for i in range(T):
@@ -430,7 +433,7 @@ def test_reference_equals_sdpa_on_concatenated_keys(causal):
             for j in range(S):
                 allowed[b, 0, i, P + j] = bool(mask[b, j]) and (not causal or j <= i + S - T)
     want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-    got = reference.prefix_attention(q, k, v, pk, pv, task_ids, causal=causal, key_padding_mask=mask)
+    got = reference.prefix_attention(q, k, v, pk, pv, bank_rows, causal=causal, key_padding_mask=mask)
     assert_close("reference vs sdpa", got, want, RTOL[torch.float32])
 
 

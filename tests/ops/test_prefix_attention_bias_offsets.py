@@ -41,15 +41,15 @@ def test_offset_width_follows_the_furthest_offset():
 ])
 def test_int64_offsets_match_int32(monkeypatch, dims, transposed):
     B, Hq, Hkv, T, S, P, D = dims
-    tensors, task_ids, d_out = _make_inputs(*dims, torch.float32)
+    tensors, bank_rows, d_out = _make_inputs(*dims, torch.float32)
     bias = _bias((B, Hq, T, P + S), torch.float32, transposed=transposed)
     assert PA._prepare_bias(bias, tensors[0], (B, Hq, T, P + S))[2] is False
-    narrow = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None, bias=bias)
+    narrow = _run(tensors, bank_rows, d_out, backend="triton", causal=True, mask=None, bias=bias)
     monkeypatch.setattr(PA, "_MAX_BLOCK", 2 ** 31)
     assert PA._prepare_bias(bias, tensors[0], (B, Hq, T, P + S))[2] is True
-    wide = _run(tensors, task_ids, d_out, backend="triton", causal=True, mask=None, bias=bias)
+    wide = _run(tensors, bank_rows, d_out, backend="triton", causal=True, mask=None, bias=bias)
     ref_inputs = tuple(t.detach().requires_grad_() for t in tensors)
-    want = _run(ref_inputs, task_ids, d_out, backend="torch", causal=True, mask=None, bias=bias)
+    want = _run(ref_inputs, bank_rows, d_out, backend="torch", causal=True, mask=None, bias=bias)
     for name, a, b, e in zip(NAMES, narrow, wide, want):
         assert torch.equal(a, b), f"{name}: int64 and int32 bias offsets differ"
         assert_close(name, b, e, RTOL[torch.float32])

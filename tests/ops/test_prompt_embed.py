@@ -269,7 +269,7 @@ def test_launchers_write_every_element(dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_small_tiles(layout):
+def test_tiles_smaller_than_the_data(layout):
     """Tiles smaller than the data: several d-blocks (the last one partial), row tiles straddling two rows,
     and several iterations of the gradient loop (a task read by 4 rows, 2 at a time)."""
     B, T, P, d, n_tasks, rank = 5, 6, 3, 40, 3, 3
@@ -307,28 +307,34 @@ def test_backward_is_deterministic():
     assert torch.equal(first, second)
 
 
-def test_launcher_guards():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_public_ops_name_the_bad_argument(backend):
+    """The ops check their arguments once, before either backend (the launchers trust them), naming each."""
     B, T, P, d, n_tasks = 2, 5, 3, 8, 2
     input_ids, weight, task_ids, gen = _tokens(B, T, d, n_tasks, [0, 1], torch.float32)
     prompts = torch.randn(n_tasks, P, d, generator=gen).to(DEVICE)
-    with pytest.raises(ValueError, match="prompts"):
-        K.prompt_embed_fwd(input_ids, weight, prompts.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :d],
-                           task_ids)
-    with pytest.raises(ValueError, match="prompts"):
-        K.prompt_embed_fwd(input_ids, weight, prompts[:, :, :-1], task_ids)
-    with pytest.raises(ValueError, match="input_ids"):
-        K.prompt_embed_fwd(input_ids.float(), weight, prompts, task_ids)
-    with pytest.raises(ValueError, match="task_ids"):
-        K.prompt_embed_fwd(input_ids, weight, prompts, task_ids[:1])
-    with pytest.raises(ValueError, match="positions"):
-        K.prompt_embed_fwd(input_ids, weight, prompts, task_ids, positions=torch.zeros(B, 4, 2).long())
-    with pytest.raises(ValueError, match="out"):
-        K.prompt_embed_fwd(input_ids, weight, prompts, task_ids, out=torch.empty(B, T + P, d, dtype=torch.float16))
+    with pytest.raises(ValueError, match="prompts must have d=8"):
+        ops.prompt_embed(input_ids, weight, prompts[:, :, :-1], task_ids, backend=backend)
+    with pytest.raises(ValueError, match="input_ids must be an int64"):
+        ops.prompt_embed(input_ids.float(), weight, prompts, task_ids, backend=backend)
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
+        ops.prompt_embed(input_ids + VOCAB, weight, prompts, task_ids, backend=backend)
+    with pytest.raises(ValueError, match=r"task_ids must have shape \[B=2\]"):
+        ops.prompt_embed(input_ids, weight, prompts, task_ids[:1], backend=backend)
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        ops.prompt_embed(input_ids, weight, prompts, task_ids + n_tasks, backend=backend)
+    with pytest.raises(ValueError, match="positions must have shape"):
+        ops.prompt_embed(input_ids, weight, prompts, task_ids, positions=torch.zeros(B, 4, 2).long().to(DEVICE),
+                         backend=backend)
+    with pytest.raises(ValueError, match=r"positions must lie in \[-3, 5\)"):
+        ops.prompt_embed(input_ids, weight, prompts, task_ids, positions=torch.full((B, 4), 5, device=DEVICE),
+                         backend=backend)
     with pytest.raises(ValueError, match="task_rows"):
-        K.mpt_prompt_embed_fwd(input_ids, weight, prompts[0], torch.randn(n_tasks, P, 2),
-                               torch.randn(n_tasks, 3, d), task_ids)
-    with pytest.raises(ValueError, match="grad_out"):
-        K.prompt_grad(torch.randn(B, T + P, d).transpose(0, 1), task_ids, n_tasks, P)
+        ops.mpt_prompt_embed(input_ids, weight, prompts[0], torch.randn(n_tasks, P, 2).to(DEVICE),
+                             torch.randn(n_tasks, 3, d).to(DEVICE), task_ids, backend=backend)
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        ops.mpt_prompts(prompts[0], torch.randn(n_tasks, P, 2).to(DEVICE), torch.randn(n_tasks, 2, d).to(DEVICE),
+                        torch.tensor([2], device=DEVICE), backend=backend)
 
 
 @pytest.mark.gpu
