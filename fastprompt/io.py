@@ -7,17 +7,27 @@ Adapter folder (PEFT's layout): `adapter_config.json` with PEFT's field names an
 Training checkpoint: everything PEFT's adapter file throws away (P-tuning encoders, the prefix MLP),
 plus optimizer, RNG and step state, so training resumes exactly.
 
-Every file is written to a temporary name in its folder and renamed into place, so a failure never
-leaves a half-written file.
+All or nothing, whole folders: `save_pretrained` and `save_training_checkpoint` write everything into a
+new sibling folder (`.<name>.<random>.tmp`) and switch it with the old folder in one atomic exchange
+(`renameat2(RENAME_EXCHANGE)` on Linux), so a reader, or a run killed at any moment, sees either the whole
+previous save or the whole new one, never files of two saves. Files of the old folder that the new save
+does not own (a tokenizer, other adapters, a run's checkpoints) are carried over as hard links. A killed
+save leaves only its sibling temporaries, which the next save into that folder removes. One writer per
+folder at a time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
+import shutil
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +40,124 @@ TRAINING_STATE_NAME = "fastprompt_training_state.safetensors"
 TRAINING_META_NAME = "fastprompt_training_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng_state.pt"
+
+
+TRAINING_NAMES = (TRAINING_STATE_NAME, TRAINING_META_NAME, OPTIMIZER_NAME, RNG_NAME)
+ADAPTER_NAMES = (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+# adapter_config.json fields and the JSON types they take (None is allowed for all but peft_type)
+_CONFIG_TYPES = {
+    "peft_type": (str,), "task_type": (str,), "prompt_tuning_init": (str,), "prompt_tuning_init_text": (str,),
+    "tokenizer_name_or_path": (str,), "encoder_reparameterization_type": (str,), "init_weights": (str,),
+    "base_model_name_or_path": (str,), "revision": (str,), "prompt_tuning_init_state_dict_path": (str,),
+    "num_virtual_tokens": (int,), "token_dim": (int,), "num_transformer_submodules": (int,),
+    "num_attention_heads": (int,), "num_layers": (int,), "encoder_hidden_size": (int,),
+    "encoder_num_layers": (int,), "prompt_tuning_init_task": (int,), "num_ranks": (int,), "num_tasks": (int,),
+    "inference_mode": (bool,), "prefix_projection": (bool,), "encoder_dropout": (int, float),
+}
+_staging = threading.local()  # the staging folders this thread is writing (see atomic_folder)
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _inside_staging(path: Path) -> bool:
+    return any(root == path or root in path.parents for root in getattr(_staging, "roots", ()))
+
+
+@contextmanager
+def atomic_folder(folder) -> Iterator[Path]:
+    """Yield an empty sibling folder to write a save into; on success it replaces `folder` in one atomic
+    exchange (the old folder's other files carried over, see the module docstring), on failure it is
+    removed and `folder` is untouched. Inside another atomic_folder's staging folder it yields `folder`
+    itself: the outer switch covers it."""
+    target = Path(os.path.abspath(folder))
+    if _inside_staging(target):
+        target.mkdir(parents=True, exist_ok=True)
+        yield target
+        return
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{str(target)!r} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # mkdtemp's folder is private (0700); the saved folder keeps the old one's mode, or the umask's default.
+    os.chmod(staging, target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~_umask())
+    roots = _staging.__dict__.setdefault("roots", [])
+    roots.append(staging)
+    try:
+        yield staging
+        if target.is_dir():
+            _carry(target, staging)
+        _switch(staging, target)
+    finally:
+        roots.remove(staging)
+        shutil.rmtree(staging, ignore_errors=True)  # the previous folder after a switch, else the failed save
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_temporaries(target: Path) -> None:
+    """What killed saves into `target` left beside it."""
+    for path in target.parent.glob(f".{target.name}.*.tmp"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _carry(old: Path, new: Path) -> None:
+    """Hard-link into `new` what `old` holds and the new save neither wrote nor owns: a written adapter
+    folder owns every adapter file name in it, a written training checkpoint every training file name (an
+    optimizer state the new save did not write must not survive from an older step), and the root's
+    adapter files too. Stray temporaries are left behind."""
+    owned = set(ADAPTER_NAMES) if (new / CONFIG_NAME).exists() else set()
+    if (new / TRAINING_META_NAME).exists():
+        owned |= set(TRAINING_NAMES) | set(ADAPTER_NAMES)
+    for entry in os.scandir(old):
+        source, dest = Path(entry.path), new / entry.name
+        if _is_temporary(entry.name) or entry.name in owned:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            dest.mkdir(exist_ok=True)
+            _carry(source, dest)
+        elif not os.path.lexists(dest):
+            if entry.is_symlink():
+                os.symlink(os.readlink(source), dest)
+            else:
+                try:
+                    os.link(source, dest)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(source, dest)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _switch(staging: Path, target: Path) -> None:
+    """Put `staging` at `target` in one step; afterwards `staging` holds what was at `target`, if anything."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(staging), _AT_FDCWD, os.fsencode(target), _RENAME_EXCHANGE) == 0:
+            return
+        errno = ctypes.get_errno()
+        if errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no exchange here; else a real failure
+            raise OSError(errno, f"could not switch {str(target)!r} to the new save: {os.strerror(errno)}")
+    # Without an atomic exchange: two renames, and a reader may find no folder between them (never a
+    # mixed one).
+    previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.rename(target, previous / "previous")
+    os.rename(staging, target)
+    os.rename(previous / "previous", staging)
+    previous.rmdir()
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -56,16 +184,25 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict |
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file (or a torch .bin/.pt state dict); ValueError if missing or corrupt."""
+    """Tensors from a .safetensors file (or a torch .bin/.pt state dict); ValueError naming the file if it
+    is missing, corrupt or not a dict of tensors."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file {str(path)!r} does not exist")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
-        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {error}") from error
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    # Unpickling garbage raises almost anything (UnpicklingError, EOFError, UnicodeDecodeError, ...): all
+    # of it means this file cannot be read.
+    except Exception as error:
+        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {type(error).__name__}: "
+                         f"{error}") from error
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"checkpoint file {str(path)!r} does not hold a dict of named tensors")
+    return tensors
 
 
 def adapter_folder(root, adapter_name: str, default_name: str = "default") -> Path:
@@ -75,14 +212,16 @@ def adapter_folder(root, adapter_name: str, default_name: str = "default") -> Pa
 
 
 def save_adapter(folder, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one adapter in PEFT's layout."""
-    folder = Path(folder)
-    write_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    write_json(folder / CONFIG_NAME, config_dict)
+    """Write one adapter in PEFT's layout, all or nothing (`atomic_folder`)."""
+    with atomic_folder(folder) as staging:
+        write_tensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_json(staging / CONFIG_NAME, config_dict)
 
 
 def load_adapter_files(folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a PEFT or fastprompt adapter folder, with errors naming the file."""
+    """(config dict, tensors) of a PEFT or fastprompt adapter folder; ValueError naming the file when a
+    file is unreadable, a config field has the wrong JSON type, or a tensor is not floating point or not
+    finite (a NaN or inf prompt gives non-finite logits to every row that reads it)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"adapter folder {str(folder)!r} does not exist")
@@ -90,33 +229,58 @@ def load_adapter_files(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     if not config_path.is_file():
         raise ValueError(f"adapter folder {str(folder)!r} has no {CONFIG_NAME}")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(config_path)!r} is not UTF-8 text: {error}") from error
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"{str(config_path)!r} is not valid JSON: {error}") from error
+    _check_config(config_path, config)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file() and (folder / LEGACY_WEIGHTS_NAME).is_file():
         weights = folder / LEGACY_WEIGHTS_NAME
-    return config, read_tensors(weights)
+    tensors = read_tensors(weights)
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{str(weights)!r}: tensor {key!r} must be floating point, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{str(weights)!r}: tensor {key!r} holds NaN or inf values")
+    return config, tensors
+
+
+def _check_config(path: Path, config) -> None:
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    for key, types in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None and key != "peft_type":
+            continue
+        # bool is an int in Python, not in JSON; a float field takes any finite number
+        if (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+                or (float in types and not math.isfinite(value))):
+            names = " or ".join({str: "a string", int: "an integer", bool: "true or false",
+                                 float: "a number"}[t] for t in types if not (t is int and float in types))
+            raise ValueError(f"{str(path)!r}: {key} must be {names}, got {value!r}")
 
 
 def save_training_checkpoint(folder, model, optimizer: torch.optim.Optimizer | None = None,
                              step: int = 0, extra: dict | None = None) -> None:
     """Everything needed to resume: full prompt-source parameters (encoders included), optimizer,
-    RNG state and step. Also writes the PEFT-format adapters beside it (`model.save_pretrained`)."""
-    folder = Path(folder)
+    RNG state and step. Also writes the PEFT-format adapters beside it (`model.save_pretrained`). All or
+    nothing (`atomic_folder`): the folder holds one step, this one or the previous save's."""
     tensors = {f"{name}.{key}": value for name, source in model.prompt_sources.items()
                for key, value in source.state_dict().items()}
-    write_tensors(folder / TRAINING_STATE_NAME, tensors)
-    if optimizer is not None:
-        atomic_write(folder / OPTIMIZER_NAME, lambda tmp: torch.save(optimizer.state_dict(), tmp))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_write(folder / RNG_NAME, lambda tmp: torch.save(rng, tmp))
     configs = {name: {**cfg.to_dict(), "inference_mode": False} for name, cfg in model.peft_config.items()}
-    write_json(folder / TRAINING_META_NAME, {"step": step, "configs": configs,
-                                             "active_adapter": model.active_adapter, "extra": extra or {}})
-    model.save_pretrained(folder)
+    with atomic_folder(folder) as staging:
+        write_tensors(staging / TRAINING_STATE_NAME, tensors)
+        if optimizer is not None:
+            atomic_write(staging / OPTIMIZER_NAME, lambda tmp: torch.save(optimizer.state_dict(), tmp))
+        atomic_write(staging / RNG_NAME, lambda tmp: torch.save(rng, tmp))
+        model.save_pretrained(staging)
+        write_json(staging / TRAINING_META_NAME, {"step": step, "configs": configs,
+                                                  "active_adapter": model.active_adapter, "extra": extra or {}})
 
 
 def load_training_checkpoint(folder, model, optimizer: torch.optim.Optimizer | None = None) -> dict:

@@ -208,12 +208,13 @@ class PromptModel(nn.Module):
 
     # checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory, selected_adapters: list[str] | None = None) -> None:
-        """PEFT's layout: the "default" adapter at the root, others in subfolders named after them."""
-        for name in selected_adapters or self.adapter_names:
-            self._check_adapter(name, "selected_adapters")
-            config = {**self.peft_config[name].to_dict(), "inference_mode": True}
-            io.save_adapter(io.adapter_folder(save_directory, name), config,
-                            self.prompt_sources[name].peft_state_dict())
+        """PEFT's layout: the "default" adapter at the root, others in subfolders named after them. All or
+        nothing (`io.atomic_folder`): the folder holds this save's adapters or the previous save's."""
+        with io.atomic_folder(save_directory) as folder:
+            for name in selected_adapters or self.adapter_names:
+                self._check_adapter(name, "selected_adapters")
+                config = {**self.peft_config[name].to_dict(), "inference_mode": True}
+                io.save_adapter(io.adapter_folder(folder, name), config, self.prompt_sources[name].peft_state_dict())
 
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         return self.prompt_sources[adapter_name].peft_state_dict()["prompt_embeddings"].cpu()

@@ -1,0 +1,145 @@
+"""kill -9 during a save, at random moments, many times: the folder always loads, and holds one save.
+
+A forked child saves in a loop, each save stamping every tensor (both adapters' prompts, the optimizer
+state) and the step metadata with its own step number; the parent kills it after a random delay of up to
+a few saves' time and checks the folder that survived. Forking keeps it quick: the child inherits the
+imported torch and the built models."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt import io
+from tests.tiny_models import tiny_model
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+KILLS = 30
+
+
+def _stamp(model, step: int) -> None:
+    with torch.no_grad():
+        for param in model.prompt_sources.parameters():
+            param.fill_(float(step))
+
+
+def _kill_while_saving(save, check, folder: Path, seconds_per_save: float) -> tuple[set, int]:
+    """KILLS times: fork a child that saves steps base, base + 1, ... in a loop, SIGKILL it at a random
+    moment, check the folder. Returns (the steps found after the kills, kills that left a save unfinished)."""
+    rng = random.Random(0)
+    found, interrupted = set(), 0
+    for kill in range(KILLS):
+        base = (kill + 1) * 1000
+        pid = os.fork()
+        if pid == 0:  # the child: save until killed
+            try:
+                torch.set_num_threads(1)
+                step = base
+                while True:
+                    save(step)
+                    step += 1
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.0, 3.0 * seconds_per_save))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        strays = list(folder.parent.glob(f".{folder.name}.*.tmp"))
+        interrupted += bool(strays)
+        assert len(strays) <= 1, strays  # the next save removed the earlier kills' leftovers
+        found.add(check())
+    return found, interrupted
+
+
+def _seconds_per_save(save) -> float:
+    start = time.perf_counter()
+    for step in range(1, 4):
+        save(step)
+    return (time.perf_counter() - start) / 3
+
+
+def test_kill_during_save_training_checkpoint(tmp_path):
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    model.add_adapter("other", fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    folder = tmp_path / "checkpoint"
+
+    def save(step):
+        _stamp(model, step)
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.full_like(p, float(-step))
+        torch.manual_seed(step)
+        fastprompt.save_training_checkpoint(folder, model, optimizer, step=step, extra={"step": step})
+
+    resumed = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    resumed.add_adapter("other", fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    resumed_params = [p for p in resumed.parameters() if p.requires_grad]
+
+    def check():
+        _stamp(resumed, -7)
+        resumed_optimizer = torch.optim.SGD(resumed_params, lr=0.1, momentum=0.9)
+        meta = fastprompt.load_training_checkpoint(folder, resumed, resumed_optimizer)
+        step = meta["step"]
+        assert meta["extra"] == {"step": step}
+        for param in resumed_params:
+            assert torch.equal(param, torch.full_like(param, float(step))), (step, param.flatten()[:3])
+            assert torch.equal(resumed_optimizer.state[param]["momentum_buffer"], torch.full_like(param, -step))
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(step).get_state())
+        # the PEFT-format adapters beside it are of the same step
+        for name, sub in (("default", folder), ("other", folder / "other")):
+            prompts = io.load_adapter_files(sub)[1]["prompt_embeddings"]
+            assert torch.equal(prompts, torch.full_like(prompts, float(step))), (name, step)
+        return step
+
+    found, interrupted = _kill_while_saving(save, check, folder, _seconds_per_save(save))
+    assert len(found) >= 5, found  # saves completed between kills: the folder moved on
+    assert interrupted >= KILLS // 3, interrupted  # and most kills landed inside a save
+    save(10**6)
+    assert check() == 10**6
+    assert not [p for p in tmp_path.rglob("*.tmp")], "stray temporaries after a completed save"
+
+
+def test_kill_during_save_pretrained_over_another_size(tmp_path):
+    base = tiny_model("llama")
+    models = {}
+    for size in (4, 7):  # every other save changes num_virtual_tokens, so mixed files would not even load
+        models[size] = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=size))
+        models[size].add_adapter("other", fastprompt.PromptTuningConfig(num_virtual_tokens=size))
+    folder = tmp_path / "adapter"
+    (tmp_path / "adapter").mkdir()
+    (folder / "tokenizer.json").write_text("{}")  # not the save's: carried over by every save
+
+    def save(step):
+        model = models[4 if step % 2 else 7]
+        _stamp(model, step)
+        model.save_pretrained(folder)
+
+    def check():
+        steps = set()
+        for name, sub in (("default", folder), ("other", folder / "other")):
+            loaded = fastprompt.from_pretrained(base, sub, adapter_name=name)
+            prompts = loaded.prompt_sources[name].peft_state_dict()["prompt_embeddings"]
+            assert prompts.shape[0] == loaded.peft_config[name].num_virtual_tokens
+            step = int(prompts.flatten()[0])
+            assert torch.equal(prompts, torch.full_like(prompts, float(step)))
+            assert prompts.shape[0] == (4 if step % 2 else 7), (name, step, prompts.shape)
+            steps.add(step)
+        assert len(steps) == 1, steps  # both adapters of one save
+        assert (folder / "tokenizer.json").read_text() == "{}"
+        return steps.pop()
+
+    found, interrupted = _kill_while_saving(save, check, folder, _seconds_per_save(save))
+    assert len(found) >= 5, found
+    assert interrupted >= KILLS // 3, interrupted
+    save(10**6 + 1)
+    assert check() == 10**6 + 1
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "other", "tokenizer.json"]
+    assert not [p for p in tmp_path.rglob("*.tmp")], "stray temporaries after a completed save"
