@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastprompt.backbones import AttentionContext, KVCache
+from fastprompt.inputs import check_generate_inputs
 
 
 def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -70,8 +71,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
              generator: torch.Generator | None = None, eos_token_id=None, pad_token_id=None) -> torch.Tensor:
     """input_ids [B, T] (left padding for batches), attention_mask [B, T] → [B, T + n] token ids, n <=
     max_new_tokens. Rows that emit an EOS are padded with pad_token_id until every row has finished."""
-    if input_ids is None or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be an int64 tensor [B, T], got {None if input_ids is None else tuple(input_ids.shape)}")
+    check_generate_inputs(model, input_ids, task_ids, adapter_names, seed, pad_token_id)
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     backbone = model.backbone
     device = backbone.device

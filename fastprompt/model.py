@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fastprompt import io
 from fastprompt.backbones import AttentionContext, get_backbone, patches
 from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING, as_fastprompt_config
+from fastprompt.inputs import check_model_inputs
 from fastprompt.methods import build_source
 from fastprompt.ops import linear_cross_entropy, prompt_embed
 
@@ -376,6 +377,7 @@ class PromptModel(nn.Module):
             raise ValueError(f"unexpected arguments to PromptModel.forward: {sorted(kwargs)}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
+        check_model_inputs(self, input_ids, task_ids, adapter_names)
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         self._check_batch_args(B, T, attention_mask, labels)
         plan = self.plan(B, task_ids, adapter_names)
@@ -497,6 +499,7 @@ class PromptModel(nn.Module):
         of them gives forward's logits, and `lm_loss` of them its loss."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
+        check_model_inputs(self, input_ids, task_ids, adapter_names)
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         self._check_batch_args(B, T, attention_mask, None)
         plan = self.plan(B, task_ids, adapter_names)

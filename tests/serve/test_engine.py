@@ -451,7 +451,7 @@ def test_decode_step_has_no_host_read_and_fixed_shapes_within_a_bucket(served, m
     the same shapes and writes the cache at the same addresses, whatever L and the rows are, and never
     reads a value back on the host. (The op's task-id range check reads ids on the host only for CPU
     tensors, skipped on CUDA; it is skipped here so the trace shows what a CUDA step does.)"""
-    monkeypatch.setattr(prefix_attention_module, "check_index", lambda *args: None)
+    monkeypatch.setattr(prefix_attention_module, "check_index_values", lambda *args: None)
     # batch buckets 1, 2, 4, 5; rows join one a step, so bucket 4 runs 3 and 4 rows
     engine = make_engine(served, names=("a", "mpt"), max_slots=5, max_prefills_per_step=1, bucketed_steps=True)
     step, traces = engine._decode_step, {}
