@@ -85,7 +85,8 @@ def prefix_attention(
         scale = q.shape[-1] ** -0.5
     use_kernel = resolve_backend(backend, q) == "triton" and (not q.is_cuda or attention_route(
         T=q.shape[2], S=k.shape[2], P=prefix_k.shape[2], grouped=q.shape[1] != k.shape[1], causal=causal,
-        has_padding_mask=key_padding_mask is not None, has_bias=bias is not None) == "kernel")
+        has_padding_mask=key_padding_mask is not None, has_bias=bias is not None,
+        compiling=torch.compiler.is_compiling()) == "kernel")
     if use_kernel:
         out, _ = _kernel_fwd(q, k, v, prefix_k, prefix_v, bank_rows, key_padding_mask, bias, bool(causal),
                              float(scale))
@@ -95,7 +96,7 @@ def prefix_attention(
 
 
 def attention_route(*, T: int, S: int, P: int, grouped: bool, causal: bool, has_padding_mask: bool,
-                    has_bias: bool) -> str:
+                    has_bias: bool, compiling: bool = False) -> str:
     """On CUDA, with the Triton backend: "kernel" (the Triton kernel) or "sdpa" (SDPA on keys concatenated
     with each row's prefix, `sdpa_on_concatenated_keys`), whichever the measurements say is faster.
 
@@ -118,26 +119,30 @@ def attention_route(*, T: int, S: int, P: int, grouped: bool, causal: bool, has_
     - T <= DECODE_MAX_T (decoding): the kernel's split-KV forward reads the bank in place, where SDPA
       would copy the whole cache with the prefix every step;
     - not causal: not measured;
-    - a prefix (P > 0) with T < 2048, or with grouped-query heads on a torch whose CausalBias lacks
-      enable_gqa.
+    - a prefix (P > 0) with T < 2048; or where SDPA cannot take the prefix's lower-right causal mask on
+      its fused path: while torch.compile traces (CausalBias breaks the graph; a dense mask would lose
+      flash: the masked column), or with grouped-query heads on a torch whose CausalBias lacks enable_gqa.
     """
     if has_bias or has_padding_mask or T <= DECODE_MAX_T or not causal:
         return "kernel"
     if P == 0:
         return "sdpa"
-    return "sdpa" if T >= 2048 and (_CAUSAL_BIAS_GQA or not grouped) else "kernel"
+    lower_right_fused = not compiling and (_CAUSAL_BIAS_GQA or not grouped)
+    return "sdpa" if T >= 2048 and lower_right_fused else "kernel"
 
 
 def sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=True, key_padding_mask=None,
-                              scale=None, bias=None) -> torch.Tensor:
+                              scale=None, bias=None, lower_right_bias: bool | None = None) -> torch.Tensor:
     """`prefix_attention` by `F.scaled_dot_product_attention` on [prefix_k[bank_rows] ; k] (arguments and
     result as there, already checked): the `backend="torch"` path, and the CUDA route `attention_route`
     picks. Plain autograd, traceable by torch.compile; gradients reach the bank through the gather.
 
     Without a padding mask or bias, causal masking needs no dense mask: `is_causal` when there is no
-    prefix and S == T, torch's lower-right CausalBias otherwise on CUDA (SDPA keeps its fused kernels).
-    Else one boolean (or, with a bias, float) mask [B or 1, 1, T, P + S]. CPU computes half dtypes in
-    fp32, as the reference does; CUDA computes in q's dtype (fp32 accumulation inside SDPA).
+    prefix and S == T, else torch's lower-right CausalBias (SDPA keeps its fused kernels) where
+    `lower_right_bias` (default: on CUDA, except while torch.compile traces, which CausalBias breaks, and
+    with grouped-query heads on a torch whose CausalBias lacks enable_gqa), else a boolean [T, P + S] mask.
+    With padding or a bias, one boolean (or float) mask [B or 1, 1, T, P + S]. CPU computes half dtypes
+    in fp32, as the reference does; CUDA computes in q's dtype (fp32 accumulation inside SDPA).
     """
     B, Hq, T, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
@@ -150,13 +155,15 @@ def sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=
         v = torch.cat([prefix_v[bank_rows], v], dim=2)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     gqa = Hq != Hkv
+    if lower_right_bias is None:
+        lower_right_bias = q.is_cuda and not torch.compiler.is_compiling() and (_CAUSAL_BIAS_GQA or not gqa)
     sees = None  # [B, 1, T, 1]: whether a query sees any key (only P == 0 with padding can see none)
     if key_padding_mask is None and bias is None:
         if not causal or T == 1:
             out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         elif L == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        elif q.is_cuda:
+        elif lower_right_bias:
             lower_right = causal_lower_right(T, L)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=scale, enable_gqa=gqa)
         else:
