@@ -3,33 +3,31 @@ MPT source training and target adaptation (`fastprompt.train.mpt`), SPoT transfe
 data-parallel and FSDP runs under torchrun (`fastprompt.train.distributed`).
 
     from fastprompt.train import Trainer, TrainingConfig, load_data, task_model
+
+Exports are imported on first use (fastprompt._lazy), so the `fastprompt` command's parser does not import
+torch.
 """
 
-from fastprompt.train.checkpoints import latest_checkpoint
-from fastprompt.train.config import TrainingConfig
-from fastprompt.train.data import Example, PromptDataset, collate, load_data, micro_batch_indices, read_records
-from fastprompt.train.distributed import Distributed
-from fastprompt.train.log import read_log
-from fastprompt.train.loss_curve import plot_loss_curve
-from fastprompt.train.optim import lr_factor, make_optimizer
-from fastprompt.train.trainer import TrainResult, Trainer, target_count, task_model
+from fastprompt._lazy import lazy_exports
 
-__all__ = [
-    "Distributed",
-    "Example",
-    "PromptDataset",
-    "TrainResult",
-    "Trainer",
-    "TrainingConfig",
-    "collate",
-    "latest_checkpoint",
-    "load_data",
-    "lr_factor",
-    "make_optimizer",
-    "micro_batch_indices",
-    "plot_loss_curve",
-    "read_log",
-    "read_records",
-    "target_count",
-    "task_model",
-]
+_EXPORTS = {
+    "latest_checkpoint": "fastprompt.train.checkpoints",
+    "TrainingConfig": "fastprompt.train.config",
+    "Example": "fastprompt.train.data",
+    "PromptDataset": "fastprompt.train.data",
+    "collate": "fastprompt.train.data",
+    "load_data": "fastprompt.train.data",
+    "micro_batch_indices": "fastprompt.train.data",
+    "read_records": "fastprompt.train.data",
+    "Distributed": "fastprompt.train.distributed",
+    "read_log": "fastprompt.train.log",
+    "plot_loss_curve": "fastprompt.train.loss_curve",
+    "lr_factor": "fastprompt.train.optim",
+    "make_optimizer": "fastprompt.train.optim",
+    "TrainResult": "fastprompt.train.trainer",
+    "Trainer": "fastprompt.train.trainer",
+    "target_count": "fastprompt.train.trainer",
+    "task_model": "fastprompt.train.trainer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
