@@ -1,10 +1,13 @@
 """PromptModel: a frozen Hugging Face causal LM plus a bank of soft-prompt adapters.
 
 Forward paths for virtual-token methods (prompt tuning, P-tuning, MPT):
-- "shared_prefix" (default): the prompt of each distinct (adapter, task) in the batch runs through the
-  backbone once; its per-layer keys/values become a bank that every row's attention reads by task id
-  (DESIGN.md, "One idea"). Equal to concatenation when the backbone has no dropout.
+- "shared_prefix": the prompt of each distinct (adapter, task) in the batch runs through the backbone once,
+  in the same pass as the rows (packed into one sequence); every row's attention reads its prompt's keys
+  and values of the layer by task id (DESIGN.md, "One idea"). Equal to concatenation when the backbone has
+  no dropout.
 - "concat": PEFT's way: the prompt is placed before every row's tokens (`fastprompt.ops.prompt_embed`).
+- "auto" (default): the cheaper of the two for the batch's shape by `path_costs`, a cost model of B, T, P
+  and the number of distinct prompts.
 Prefix tuning always reads its keys/values from the bank.
 """
 
@@ -20,12 +23,75 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastprompt import io
 from fastprompt.backbones import AttentionContext, get_backbone, patches
+from fastprompt.backbones.attention import Captures
 from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING, as_fastprompt_config
 from fastprompt.inputs import check_model_inputs
 from fastprompt.methods import build_source
 from fastprompt.ops import linear_cross_entropy, prompt_embed
 
 PATHS = ("auto", "shared_prefix", "concat")
+
+
+@dataclass(frozen=True)
+class PathCostConstants:
+    """The two device constants of `path_costs`.
+
+    flops_per_s: the backbone's achieved FLOP/s in a training step. extra_host_s_per_layer: the host time the
+    shared-prefix (packed) pass adds per decoder layer over the concat pass: a second attention call (the
+    prompts' own, causal) and the split/concatenation of queries, keys, values and outputs, forward and
+    backward.
+    """
+
+    flops_per_s: float
+    extra_host_s_per_layer: float
+
+
+PATH_COST_CONSTANTS = {
+    # Calibrated on a shared 2-core x86 CPU (fp32, one thread, tiny Llama: hidden 64, 2 layers, B4 T16, one
+    # prompt): the shared-prefix step was 1.23-1.36x the concat step at P=5, 1.0-1.04x at P=20, 0.96x at
+    # P=50 and 0.70-0.84x at P=100, a crossover near P=20-50 that these constants place at P~35.
+    "cpu": PathCostConstants(flops_per_s=40e9, extra_host_s_per_layer=0.6e-3),
+    # H200, bf16, Llama-3.2-1B shape (shared/measurements/2026-12-04-h200): PEFT's step ran at MFU 0.35 of
+    # 989 TFLOP/s; the host spends ~60 us per launch (129 ms for ~2,200 launches), and the packed pass adds
+    # about two launches' worth per layer (SDPA's causal path for the prompts, the copies).
+    "cuda": PathCostConstants(flops_per_s=0.35 * 989e12, extra_host_s_per_layer=120e-6),
+}
+
+
+def path_costs(backbone, batch: int, seq_len: int, num_virtual: int, n_prompts: int,
+               device_type: str) -> dict[str, float]:
+    """Estimated seconds by which each path's training step (forward + input-gradient backward of the frozen
+    backbone) differs, for B = batch rows of T = seq_len tokens, P = num_virtual virtual tokens and
+    n = n_prompts distinct prompts (tasks) in the batch; {"shared_prefix": s, "concat": s}.
+
+    A path's cost is its arithmetic at the device's achieved FLOP/s (`PATH_COST_CONSTANTS`; devices other
+    than "cuda" use the CPU's) plus, for the shared-prefix path, the host time its packed pass adds per layer.
+    Arithmetic per layer: 4 FLOPs per token and weight of the layer's matmuls (2 forward, 2 for the input
+    gradient) and 12·Hq·D per attended query-key pair (QK^T and PV forward, twice that backward):
+    - shared prefix: tokens n·P + B·T; pairs n·P(P+1)/2 (prompts, causal) + B·(T·P + T(T+1)/2);
+    - concat: tokens B·(P+T); pairs B·(P+T)(P+T+1)/2.
+    With n < B the shared prefix does less of both, so it wins once the saving outweighs its host time; with
+    n = B (every row its own prompt) both do the same arithmetic and concat wins. The two costs are additive
+    (the host time is not hidden behind the device's): on a CPU a step is serial, and on a GPU the step is
+    host-bound at these sizes (shared/measurements/2026-12-04-h200: the GPU idles 85% of a T=128 step).
+    """
+    constants = PATH_COST_CONSTANTS["cuda" if device_type == "cuda" else "cpu"]
+    B, T, P, n = batch, seq_len, num_virtual, n_prompts
+    d, D = backbone.hidden_size, backbone.head_dim
+    Hq, Hkv = backbone.num_heads, backbone.num_kv_heads
+    config = backbone.config
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
+    mlp_matrices = 3 if hasattr(config, "intermediate_size") else 2  # SwiGLU's gate/up/down, GPT-2's fc/proj
+    weights = d * (Hq + 2 * Hkv) * D + Hq * D * d + mlp_matrices * d * intermediate
+
+    def layer_flops(tokens: int, pairs: int) -> float:
+        return 4 * weights * tokens + 12 * Hq * D * pairs
+
+    L = backbone.num_layers
+    shared = L * layer_flops(n * P + B * T, n * P * (P + 1) // 2 + B * (T * P + T * (T + 1) // 2))
+    concat = L * layer_flops(B * (P + T), B * (P + T) * (P + T + 1) // 2)
+    return {"shared_prefix": shared / constants.flops_per_s + L * constants.extra_host_s_per_layer,
+            "concat": concat / constants.flops_per_s}
 
 
 def resolve_config(config, backbone):
@@ -112,6 +178,7 @@ class PromptModel(nn.Module):
         self.active_adapter: str | None = None
         self._plans: dict[tuple, BankPlan] = {}  # `plan`'s cache, by routing inputs; emptied on adapter changes
         self._positions: dict[tuple, torch.Tensor] = {}  # packed position ids by (n, P, B, T, device)
+        self._auto_paths: dict[tuple, str] = {}  # path="auto"'s choice by (B, T, P, n prompts, device type)
         # Instance patches of the frozen backbone (backbones/patches.py), undone by `unpatch()`.
         self._frozen_ops = patches.patch_frozen_ops(self.backbone, backend) if fused_ops else None
         self._checkpointing = None
@@ -349,7 +416,7 @@ class PromptModel(nn.Module):
             return keys, values, None
         prompts = self.bank_prompts(plan)
         n, P = prompts.shape[:2]
-        ctx = AttentionContext("capture", backend=self.backend)
+        ctx = AttentionContext("capture", backend=self.backend, captured=Captures())
         positions = torch.arange(P, device=prompts.device)[None].expand(n, P)
         hidden = self.backbone.hidden_states(inputs_embeds=prompts, position_ids=positions, ctx=ctx)
         layers = range(self.backbone.num_layers)
@@ -414,13 +481,27 @@ class PromptModel(nn.Module):
                                     backend=self.backend)
         return loss if num_items_in_batch is None else loss / num_items_in_batch
 
-    def _choose_path(self, path: str | None, plan: BankPlan) -> str:
+    def _choose_path(self, path: str | None, plan: BankPlan, batch: int, seq_len: int) -> str:
+        """The path a forward takes: prefix tuning always the bank's (shared prefix); "auto" the cheaper of
+        the two by `path_costs` (memoised per shape: it depends on nothing else)."""
         path = path or self.path
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        if plan.kind == "kv" or path == "auto":
+        if plan.kind == "kv":
             return "shared_prefix"
-        return path
+        if path != "auto":
+            return path
+        n_prompts = sum(len(entries) for _, entries in plan.sources)
+        device_type = self.backbone.device.type
+        key = (batch, seq_len, plan.num_virtual_tokens, n_prompts, device_type)
+        choice = self._auto_paths.get(key)
+        if choice is None:
+            costs = path_costs(self.backbone, batch, seq_len, plan.num_virtual_tokens, n_prompts, device_type)
+            choice = min(costs, key=costs.get)
+            if len(self._auto_paths) >= self.MAX_CACHED_PLANS:
+                self._auto_paths.clear()
+            self._auto_paths[key] = choice
+        return choice
 
     def _check_batch_args(self, B, T, attention_mask, labels) -> None:
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
@@ -443,6 +524,12 @@ class PromptModel(nn.Module):
     def _shared_prefix_hidden(self, plan, input_ids, inputs_embeds, attention_mask, position_ids):
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        if (key_padding_mask is not None and not key_padding_mask.is_cuda and not torch.compiler.is_compiling()
+                and bool(key_padding_mask.all())):
+            # A mask that hides nothing is dropped, so attention can take its unmasked (fused causal) route;
+            # checked only where reading it is free (on CUDA it would be a host sync, as it is in HF's own
+            # SDPA mask).
+            key_padding_mask = None
         if plan.kind == "tokens":
             if position_ids is not None:
                 warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
@@ -506,7 +593,8 @@ class PromptModel(nn.Module):
         return self._hidden(plan, path, input_ids, inputs_embeds, attention_mask, None)
 
     def _hidden(self, plan, path, input_ids, inputs_embeds, attention_mask, position_ids):
-        if self._choose_path(path, plan) == "concat":
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if self._choose_path(path, plan, B, T) == "concat":
             return self._concat_hidden(plan, input_ids, inputs_embeds, attention_mask)
         return self._shared_prefix_hidden(plan, input_ids, inputs_embeds, attention_mask, position_ids)
 

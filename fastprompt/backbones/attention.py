@@ -15,7 +15,7 @@ A backbone layer calls it like any attention function; what to do comes in the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -98,7 +98,7 @@ class AttentionContext:
     key_padding_mask: torch.Tensor | None = None  # [B, S] over the row's own keys (cache included)
     cache: KVCache | None = None
     backend: str | None = None
-    captured: Captures = field(default_factory=Captures)
+    captured: Captures | None = None  # mode "capture": where the layers record their keys/values
     prefix_bias: torch.Tensor | None = None  # [B, P] float added to each row's prefix scores (serving:
     # -1e9 on the padding of a prefix shorter than the bank's P), 0 over the row's own keys
     packed: tuple[int, int, int, int] | None = None  # mode "packed": (n prompts, P, B rows, T)
@@ -176,7 +176,9 @@ def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window)
         return prompt.unflatten(1, (n, P)).transpose(0, 1), row.unflatten(1, (B, T)).transpose(0, 1)
 
     (prompt_q, row_q), (prompt_k, row_k), (prompt_v, row_v) = parts(query), parts(key), parts(value)
-    empty = prompt_k[:1, :, :0]
+    # No prefix for the prompts: a fresh empty bank (a slice of prompt_k would carry autograd history and
+    # make the op concatenate it).
+    empty = prompt_k.new_zeros(1, prompt_k.shape[1], 0, prompt_k.shape[3])
     prompt_out = prefix_attention(prompt_q, prompt_k, prompt_v, empty, empty, ctx.task_ids.new_zeros(n),
                                   causal=True, scale=scaling, backend=ctx.backend)
     row_out = prefix_attention(row_q, row_k, row_v, prompt_k, prompt_v, ctx.task_ids,
