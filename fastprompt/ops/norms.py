@@ -27,7 +27,7 @@ import torch
 from fastprompt.ops import reference
 from fastprompt.ops._checks import cached, check_float, check_same_device, spec
 from fastprompt.ops._dispatch import resolve_backend
-from fastprompt.ops._registry import autograd_op, plain_op
+from fastprompt.ops._registry import autograd_op, plain_op, public_op
 
 GELU_APPROXIMATIONS = ("tanh", "none")
 ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu")
@@ -36,6 +36,7 @@ ACTIVATIONS = ("swiglu", "gelu_tanh", "gelu")
 # ----------------------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------------------
+@public_op
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
     """LlamaRMSNorm (Llama, Mistral, Qwen2, Qwen3 and its q/k norms): x [..., d], weight [d] (frozen).
 
@@ -51,6 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     return y.view(*x.shape[:-1], d)
 
 
+@public_op
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                backend: str | None = None) -> torch.Tensor:
     """nn.LayerNorm over the last dimension (GPT-2's ln_1, ln_2, ln_f): x [..., d]; weight, bias [d]
@@ -64,6 +66,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return y.view(x.shape)
 
 
+@public_op
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up, as Llama's MLP (silu rounded to the input dtype, then the product): gate and up of
     one shape and dtype (fp32, bf16 or fp16). Differentiable in both."""
@@ -71,6 +74,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     return _activation("swiglu", gate, up, _use_triton(backend, gate, up))
 
 
+@public_op
 def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str | None = None) -> torch.Tensor:
     """GELU of x (any shape; fp32, bf16 or fp16), in x's dtype. approximate="tanh" (the default): GPT-2's
     gelu_new, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); "none": the exact 0.5 x (1 + erf(x / sqrt(2)))."""

@@ -22,7 +22,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from fastprompt.ops._checks import (
     cached, check_float, check_index_dtype, check_index_values, check_rank, check_same_device, spec)
 from fastprompt.ops._dispatch import resolve_backend
-from fastprompt.ops._registry import autograd_op, plain_op
+from fastprompt.ops._registry import autograd_op, plain_op, public_op
 
 # The forward's split-KV decode kernel serves T <= DECODE_MAX_T (kernels.prefix_attention.DECODE_MAX_T).
 DECODE_MAX_T = 16
@@ -31,6 +31,7 @@ DECODE_MAX_T = 16
 _CAUSAL_BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 
 
+@public_op
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -26,9 +26,10 @@ from fastprompt.ops import reference
 from fastprompt.ops._checks import (
     cached, check_float, check_index_dtype, check_index_values, check_rank, check_same_device, spec)
 from fastprompt.ops._dispatch import resolve_backend
-from fastprompt.ops._registry import autograd_op, plain_op
+from fastprompt.ops._registry import autograd_op, plain_op, public_op
 
 
+@public_op
 def prompt_embed(
     input_ids: torch.Tensor,
     embedding_weight: torch.Tensor,
@@ -59,6 +60,7 @@ def prompt_embed(
     return reference.prompt_embed(input_ids, embedding_weight, prompts, task_ids, positions=positions)
 
 
+@public_op
 def mpt_prompt_embed(
     input_ids: torch.Tensor,
     embedding_weight: torch.Tensor,
@@ -86,6 +88,7 @@ def mpt_prompt_embed(
                                       task_ids, positions=positions)
 
 
+@public_op
 def mpt_prompts(shared, task_cols, task_rows, task_ids, *, backend: str | None = None) -> torch.Tensor:
     """The prompts of the given MPT tasks only: [n, P, d] (shared's dtype) = shared ∘ (task_cols[k] @
     task_rows[k]) for k in task_ids [n] int64 (or int32); shared [P, d], task_cols [n_tasks, P, r],
