@@ -104,6 +104,42 @@ def time_steps_ms(fn: Callable[[], object], device: torch.device, *, warmup: int
     return {"ms": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item()}
 
 
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
+                        reps: int) -> dict[str, dict | Exception]:
+    """`time_steps_ms` of several functions at once, interleaved: each of `warmup + reps` rounds calls every
+    function once, each call timed on its own between two device synchronisations. On a shared machine the
+    load drifts over seconds; interleaving gives every function the same share of it, so their ratios hold
+    where timing one after another moved them by +-30%. A function that raises is dropped from the rounds
+    and gets its exception instead of a timing."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    failed: dict[str, Exception] = {}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                fn()
+                synchronize(device)
+            except Exception as error:  # reported in the result, the others go on
+                failed[name] = error
+                continue
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    quantiles = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    result: dict[str, dict | Exception] = {}
+    for name in fns:
+        if name in failed:
+            result[name] = failed[name]
+            continue
+        q = torch.tensor(samples[name], dtype=torch.float64).quantile(quantiles)
+        result[name] = {"ms": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item()}
+    return result
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Call `fn` once; return the peak device memory during the call above what was allocated before it
     (MiB), or None off CUDA (the call still runs, so callers may collect what it produces)."""

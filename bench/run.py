@@ -37,8 +37,10 @@ DEFAULTS = {
     "models": ("llama-3.2-1b,gpt2-medium", "tiny-llama,tiny-gpt2"),
     "batch": (8, 4),
     "seq_len": (512, 16),
-    "warmup": (5, 1),
-    "steps": (20, 3),
+    "warmup": (5, 3),
+    # --quick judges the CPU targets: a tiny step is a few milliseconds on a shared machine, so a median of
+    # 3 moved the ratios by +-30%; 15 steps keep the suite under a minute.
+    "steps": (20, 15),
     "sweep_seq_lens": ("128,256,512,1024,2048", "8,16,32"),
     "sweep_batches": ("1,2,4,8,16,32", "1,2,4"),
     "serve_rows": (64, 8),

@@ -23,7 +23,9 @@ loss is checked against the backbone's fp32 loss. A provider over the bar is ref
 the error message and no timing.
 
 Timing: `steps` optimizer steps (forward, backward, AdamW on the trainable parameters) after `warmup`
-ones, each between device synchronisations; median and p20/p80. Memory: the CUDA peak of one step above
+ones, each between device synchronisations; median and p20/p80. The providers that passed the check are
+timed together, one step of each in turn (bench.harness.time_interleaved_ms), so a shared machine's
+drifting load falls on all of them alike; their models are all resident meanwhile. Memory: the CUDA peak of one step above
 what was allocated before it (model and optimizer state included in "before"), and on every device the
 activations autograd saves for the backward (fastprompt.audit.saved_bytes). tokens/s counts the rows'
 B·T tokens (virtual tokens are not data). MFU (bench/flops.py): against the device's peak measured once
@@ -44,7 +46,7 @@ from torch import nn
 import fastprompt
 from bench.flops import measured_peak_flops, mfu, peak_flops, train_step_flops
 from bench.harness import (RTOL, WrongOutput, add_ratios, device_name, failure_status, peak_memory_mb,
-                           relative_error, release_memory, time_steps_ms)
+                           relative_error, release_memory, time_interleaved_ms)
 from bench.models import build_model, max_positions, model_shape
 from fastprompt.audit import saved_bytes
 
@@ -315,21 +317,37 @@ class Settings:
     peak_flops: float | None = None   # measured FLOP/s for the MFU; `run` measures it when None
 
 
-def measure(runner: Runner, batch: Batch, settings: Settings) -> dict:
-    """Step time (median, p20, p80 ms), CUDA peak MB of one step, and MB of activations saved for backward."""
-    optimizer = torch.optim.AdamW(list(runner.params.values()), lr=1e-4)
+def measure(runners: dict[str, Runner], batch: Batch, settings: Settings) -> dict[str, dict | Exception]:
+    """Per runner: step time (median, p20, p80 ms; the runners' steps interleaved, `time_interleaved_ms`),
+    CUDA peak MB of one step, and MB of activations saved for backward; or the exception it raised."""
+    optimizers = {name: torch.optim.AdamW(list(r.params.values()), lr=1e-4) for name, r in runners.items()}
 
-    def step():
-        runner.loss(batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def stepper(runner, optimizer):
+        def step():
+            runner.loss(batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
 
-    timing = time_steps_ms(step, settings.device, warmup=settings.warmup, reps=settings.steps)
-    peak = peak_memory_mb(step, settings.device)
-    saved = saved_bytes(lambda: runner.loss(batch).backward(), exclude=list(runner.module.parameters()))
-    optimizer.zero_grad(set_to_none=True)
-    return {"step_ms": timing["ms"], "step_ms_p20": timing["ms_p20"], "step_ms_p80": timing["ms_p80"],
-            "peak_mb": peak, "saved_mb": saved.activation_bytes / 2**20}
+    steps = {name: stepper(runners[name], optimizers[name]) for name in runners}
+    timings = time_interleaved_ms(steps, settings.device, warmup=settings.warmup, reps=settings.steps)
+    results: dict[str, dict | Exception] = {}
+    for name, timing in timings.items():
+        if isinstance(timing, Exception):
+            results[name] = timing
+            continue
+        runner = runners[name]
+        try:
+            peak = peak_memory_mb(steps[name], settings.device)
+            saved = saved_bytes(lambda: runner.loss(batch).backward(), exclude=list(runner.module.parameters()))
+        except Exception as error:  # reported in the provider's row
+            results[name] = error
+            continue
+        finally:
+            optimizers[name].zero_grad(set_to_none=True)
+        results[name] = {"step_ms": timing["ms"], "step_ms_p20": timing["ms_p20"], "step_ms_p80": timing["ms_p80"],
+                         "peak_mb": peak, "saved_mb": saved.activation_bytes / 2**20}
+    return results
 
 
 def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[str, Builder],
@@ -352,32 +370,44 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
         status, message = failure_status(error)
         return [_row(common, provider=name, status=status, error=f"reference: {message}") for name in providers]
 
-    rows = []
+    # Build and check every provider first, then time those that passed together (interleaved), so that
+    # their ratios see the same machine load.
+    rows: dict[str, dict] = {}
+    runners: dict[str, Runner] = {}
+    checked: dict[str, dict] = {}
     for name, build in providers.items():
-        runner = None
         try:
             runner = build(base, case.method, state)
-            errors = check(name, runner, batch, ref, settings.dtype)
-            timing = measure(runner, batch, settings)
-            step_flops = flops if runner.has_prompt else lora_flops
-            rows.append(_row(common, provider=name, status="ok", **errors, **timing,
-                             tokens_per_s=case.batch * case.seq_len / (timing["step_ms"] / 1e3),
-                             flops_per_step=step_flops, **_mfu(step_flops, timing["step_ms"], settings.peak_flops,
-                                                               datasheet)))
+            checked[name] = check(name, runner, batch, ref, settings.dtype)
+            runners[name] = runner
         except NotApplicable as reason:
-            rows.append(_row(common, provider=name, status="n/a", error=str(reason)))
+            rows[name] = _row(common, provider=name, status="n/a", error=str(reason))
         except WrongOutput as error:
-            rows.append(_row(common, provider=name, status="refused", error=str(error)))
+            rows[name] = _row(common, provider=name, status="refused", error=str(error))
         except Exception as error:  # OOM, or a failure: reported in the row, the next provider runs
             status, message = failure_status(error)
-            rows.append(_row(common, provider=name, status=status, error=message))
-        finally:
-            del runner
-            release_memory(settings.device)
-        row = rows[-1]
+            rows[name] = _row(common, provider=name, status=status, error=message)
+    try:
+        measured = measure(runners, batch, settings) if runners else {}
+    except Exception as error:  # e.g. out of memory holding the optimizers: every checked provider reports it
+        measured = dict.fromkeys(runners, error)
+    for name, result in measured.items():
+        if isinstance(result, Exception):
+            status, message = failure_status(result)
+            rows[name] = _row(common, provider=name, status=status, error=message)
+            continue
+        step_flops = flops if runners[name].has_prompt else lora_flops
+        rows[name] = _row(common, provider=name, status="ok", **checked[name], **result,
+                          tokens_per_s=case.batch * case.seq_len / (result["step_ms"] / 1e3),
+                          flops_per_step=step_flops, **_mfu(step_flops, result["step_ms"], settings.peak_flops,
+                                                            datasheet))
+    del runners, measured
+    release_memory(settings.device)
+    for name in providers:
+        row = rows[name]
         log(f"training {case.model} {case.method.label} B{case.batch} T{case.seq_len} {name}: {row['status']}"
             + (f" {row['step_ms']:.1f} ms/step" if row["status"] == "ok" else f" ({row['error']})"))
-    return rows
+    return [rows[name] for name in providers]
 
 
 def _mfu(flops: int, step_ms: float, measured: float | None, datasheet: float | None) -> dict:

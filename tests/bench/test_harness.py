@@ -70,3 +70,20 @@ def test_check_or_refuse_refuses_a_wrong_output_only():
     harness.check_or_refuse("close", expected * (1 + 3e-5), expected, 1e-4)
     with pytest.raises(harness.WrongOutput, match="wrong: output differs"):
         harness.check_or_refuse("wrong", expected.roll(1, dims=1), expected, 1e-4)
+
+
+def test_interleaved_timing_takes_turns_and_reports_a_failure_in_place():
+    from bench.harness import time_interleaved_ms
+
+    calls = []
+
+    def fails():
+        calls.append("b")
+        raise RuntimeError("broken step")
+
+    result = time_interleaved_ms({"a": lambda: calls.append("a"), "b": fails, "c": lambda: calls.append("c")},
+                                 torch.device("cpu"), warmup=1, reps=2)
+    assert calls == ["a", "b", "c", "a", "c", "a", "c"]   # turns; a failed function leaves the rounds
+    assert isinstance(result["b"], RuntimeError) and str(result["b"]) == "broken step"
+    for name in ("a", "c"):
+        assert result[name]["ms_p20"] <= result[name]["ms"] <= result[name]["ms_p80"]
