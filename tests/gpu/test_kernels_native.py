@@ -21,7 +21,8 @@ from fastprompt.ops import reference
 from tests.helpers import DEVICE, RTOL, assert_close, nan_like
 from tests.ops.test_linear_cross_entropy import _case as lce_case
 from tests.ops.test_linear_cross_entropy import _reference as lce_reference
-from tests.ops.test_prefix_attention import _launcher_check, _padding_mask, _shape
+from tests.ops.test_compile import _cases as op_cases
+from tests.ops.test_prefix_attention import _check_against_reference, _launcher_check, _padding_mask, _shape
 from tests.ops.test_prompt_embed import _template
 from tests.ops.test_prompt_embed import check_launchers as check_prompt_embed_launchers
 
@@ -73,6 +74,34 @@ def _decode_mask(B, S):
 def test_prefix_attention_decode(dims, dtype, num_splits):
     _launcher_check(dims, dtype, causal=True, mask=_decode_mask(dims[0], dims[4]), num_splits=num_splits,
                     backward=False)
+
+
+@pytest.mark.parametrize("dims", [_shape(2, 8, 2, 2048, 2048, 100, 64),    # SDPA with a lower-right CausalBias
+                                  _shape(2, 8, 8, 600, 600, 0, 128)])     # SDPA is_causal
+def test_prefix_attention_sdpa_route(dims):
+    """Training shapes the route sends to SDPA on concatenated keys (flash / efficient kernels here): equal
+    to the fp32 reference, outputs and all five gradients, in bf16."""
+    from fastprompt.ops.prefix_attention import attention_route
+
+    B, Hq, Hkv, T, S, P, D = dims
+    assert attention_route(T=T, S=S, P=P, grouped=Hq != Hkv, causal=True, has_padding_mask=False,
+                           has_bias=False) == "sdpa"
+    _check_against_reference(dims, torch.bfloat16, causal=True, mask=None, mask_kind=None)
+
+
+def test_ops_never_sync_with_the_host():
+    """Every op's forward and backward, after a first call has filled the shape caches, under
+    torch.cuda.set_sync_debug_mode("error"): a host sync anywhere in them raises."""
+    for name, (fn, inputs) in op_cases("triton").items():
+        fn(*inputs).sum().backward()
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        grad = torch.ones_like(fn(*leaves))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn(*leaves).backward(grad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 # ----------------------------------------------------------------------------------------------------

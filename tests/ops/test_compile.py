@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) through every op, forward and backward, equals eager; the custom ops'
-registrations pass torch.library.opcheck; prefix attention's route between the kernel and SDPA.
+"""torch.compile(fullgraph=True) through every op, forward and backward, equals eager, and so does a whole
+training step of a tiny Llama; the custom ops' registrations pass torch.library.opcheck; prefix attention's
+route between the kernel and SDPA.
 
 The compiled runs use the "aot_eager" backend: AOTAutograd traces the forward and the backward through
 the custom ops' fake kernels and registered autograd (what fullgraph needs), without Inductor's C++
@@ -170,3 +171,36 @@ def test_both_routes_give_the_same_outputs_and_gradients(S, P, padded):
         assert_close(f"{name} out", out, want_out, RTOL[torch.float32])
         for i, (got, want) in enumerate(zip(grads, want_grads)):
             assert_close(f"{name} d input {i}", got, want, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("method, backend", [("prefix_tuning", "triton"), ("prompt_tuning", "torch"),
+                                             ("mpt", "triton")])
+def test_fullgraph_compile_of_a_training_step(method, backend):
+    """A whole training step of a tiny Llama (padded batch) compiled with fullgraph=True: the same loss and
+    prompt gradients as eager. Fails on a graph break anywhere in the step, the model's code included."""
+    import fastprompt
+    from tests.tiny_models import batch, tiny_model
+
+    config = {"prefix_tuning": lambda: fastprompt.PrefixTuningConfig(num_virtual_tokens=6),
+              "prompt_tuning": lambda: fastprompt.PromptTuningConfig(num_virtual_tokens=6),
+              "mpt": lambda: fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=5, num_tasks=3,
+                                                                    num_ranks=2)}[method]()
+    model = fastprompt.get_peft_model(tiny_model("llama"), config, backend=backend)
+    ids, mask, labels = batch(3, 9)
+    extra = {"task_ids": torch.tensor([2, 0, 2])} if method == "mpt" else {}
+
+    def step(ids, mask, labels):
+        return model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
+
+    results = []
+    torch._dynamo.reset()
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        model.zero_grad()
+        loss = fn(ids, mask, labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.prompt_sources.named_parameters()}))
+    (want_loss, want_grads), (loss, grads) = results
+    assert_close("loss", loss, want_loss, RTOL[torch.float32])
+    assert sorted(grads) == sorted(want_grads) and grads
+    for name, grad in grads.items():
+        assert_close(f"d {name}", grad, want_grads[name], RTOL[torch.float32])
