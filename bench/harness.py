@@ -115,20 +115,28 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
         raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     samples: dict[str, list[float]] = {name: [] for name in fns}
     failed: dict[str, Exception] = {}
-    for i in range(warmup + reps):
-        for name, fn in fns.items():
-            if name in failed:
-                continue
-            synchronize(device)
-            start = time.perf_counter()
-            try:
-                fn()
+    # Python's cyclic garbage collector off while timing (as timeit does): a collection costs milliseconds
+    # with several models resident, and since it fires after a fixed count of allocations it fell on the
+    # same function of every round, making one of two identical functions 1.7x slower.
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(warmup + reps):
+            for name, fn in fns.items():
+                if name in failed:
+                    continue
                 synchronize(device)
-            except Exception as error:  # reported in the result, the others go on
-                failed[name] = error
-                continue
-            if i >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                try:
+                    fn()
+                    synchronize(device)
+                except Exception as error:  # reported in the result, the others go on
+                    failed[name] = error
+                    continue
+                if i >= warmup:
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        gc.enable()
     quantiles = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
     result: dict[str, dict | Exception] = {}
     for name in fns:
