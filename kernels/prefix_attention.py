@@ -577,6 +577,27 @@ def _prepare_bias(bias, q, shape):
     return bias, strides, furthest >= 2 ** 31
 
 
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(B, Hq, Hkv, T, L, D, dtype, has_bias, num_splits, sm_count, interpret):
+    """What a forward's shape decides, computed once per new shape: (BLOCK_M, BLOCK_N, num_warps,
+    num_stages, D_PAD, split_len, num_splits, grid). `sm_count` (0 unless needed) sizes the decode split."""
+    d_pad = max(16, triton.next_power_of_2(D))
+    decode = T <= DECODE_MAX_T
+    block_m, block_n, warps, stages = _fwd_config(d_pad, dtype, decode, has_bias)
+    n_m = triton.cdiv((Hq // Hkv) * T, block_m)
+    if num_splits is None:
+        if not decode:
+            num_splits = 1
+        elif interpret:
+            num_splits = triton.cdiv(L, block_n)
+        else:
+            num_splits = min(triton.cdiv(2 * sm_count, n_m * B * Hkv), triton.cdiv(L, block_n), 128)
+    num_splits = max(1, min(int(num_splits), triton.cdiv(L, block_n)))
+    split_len = triton.cdiv(triton.cdiv(L, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(L, split_len)
+    return block_m, block_n, warps, stages, d_pad, split_len, num_splits, (n_m, B * Hkv, num_splits)
+
+
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=True, key_padding_mask=None,
                          scale=None, bias=None, out=None, num_splits=None):
     """Forward. Returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32, base 2).
@@ -601,30 +622,18 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=True,
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    interpret = _interpret()
+    sm_count = 0 if interpret or T > DECODE_MAX_T or num_splits is not None else _sm_count(q.device.index or 0)
+    plan = _fwd_plan(B, Hq, Hkv, T, P + S, D, q.dtype, bias is not None, num_splits, sm_count, interpret)
+    block_m, block_n, warps, stages, d_pad, split_len, num_splits, grid = plan
     G = Hq // Hkv
-    d_pad = max(16, triton.next_power_of_2(D))
-    decode = T <= DECODE_MAX_T
-    block_m, block_n, warps, stages = _fwd_config(d_pad, q.dtype, decode, bias is not None)
-    n_m = triton.cdiv(G * T, block_m)
-    L = P + S
-    if num_splits is None:
-        if not decode:
-            num_splits = 1
-        elif _interpret():
-            num_splits = triton.cdiv(L, block_n)
-        else:
-            want = triton.cdiv(2 * _sm_count(q.device.index or 0), n_m * B * Hkv)
-            num_splits = min(want, triton.cdiv(L, block_n), 128)
-    num_splits = max(1, min(int(num_splits), triton.cdiv(L, block_n)))
-    split_len = triton.cdiv(triton.cdiv(L, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(L, split_len)
     split = num_splits > 1
     if split:
         o_part = torch.empty((B * Hq * T, num_splits, d_pad), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B * Hq * T, num_splits), dtype=torch.float32, device=q.device)
     else:
         o_part, lse_part = out, lse  # unused
-    _fwd_kernel[(n_m, B * Hkv, num_splits)](
+    _fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, bank_rows, mask if mask is not None else bank_rows, bias_arg, out, lse,
         o_part, lse_part, *_strides(q, k, v, prefix_k, prefix_v), *bias_strides,
         T, S, P, G, Hkv, D, scale * _LOG2E, split_len, num_splits,
