@@ -3,7 +3,9 @@
     python bench/bench_prefix_attention.py --quick     # tiny shapes on the CPU, torch backend only
 
 Providers (each checked against the fp32 reference on row 0 before it is timed; refused if wrong):
-  fastprompt   fastprompt.ops.prefix_attention (Triton on CUDA; the torch reference with --quick)
+  fastprompt   fastprompt.ops.prefix_attention (Triton backend on CUDA, routed by shape to the kernel or to
+               SDPA on concatenated keys; the torch backend with --quick)
+  fastprompt-kernel  the Triton kernel itself, whatever the route (CUDA only)
   sdpa-concat  torch SDPA on keys/values concatenated with the row's prefix beforehand (not timed),
                causal aligned to the end (torch.nn.attention.bias.causal_lower_right)
   sdpa-mask    SDPA with an explicit boolean [B, 1, T, P + S] mask (what PEFT's prefix path forces)
@@ -81,6 +83,14 @@ def build_providers(q, k, v, pk, pv, bank_rows, mask, *, quick):
         lambda q_, k_, v_, pk_, pv_: prefix_attention(q_, k_, v_, pk_, pv_, bank_rows, causal=True,
                                                       key_padding_mask=mask, backend=backend),
         (q, k, v, pk, pv))
+    if not quick:
+        # The Triton kernel whatever the op's route picks (attention_route sends some shapes to SDPA), so
+        # that the kernel's own speed stays measured while it is tuned.
+        from fastprompt.ops.prefix_attention import _kernel_fwd
+
+        providers["fastprompt-kernel"] = (
+            lambda q_, k_, v_, pk_, pv_: _kernel_fwd(q_, k_, v_, pk_, pv_, bank_rows, mask, None, True, D ** -0.5)[0],
+            (q, k, v, pk, pv))
 
     # Concatenated beforehand (not timed); GQA expanded beforehand as well.
     keys = torch.cat([pk[bank_rows], k], dim=2).repeat_interleave(G, dim=1).detach().requires_grad_()

@@ -1,4 +1,6 @@
-"""Public ops. Each dispatches to a Triton kernel (fastprompt.kernels) or to the reference."""
+"""Public ops. Each module holds one op's API, checks and autograd, and dispatches to its Triton kernel
+(fastprompt.kernels, registered as torch.library custom ops) or to its PyTorch path (fastprompt.ops.reference
+defines correct)."""
 
 from fastprompt.ops.prefix_attention import prefix_attention
 from fastprompt.ops.prompt_embed import mpt_prompt_embed, mpt_prompts, prompt_embed
