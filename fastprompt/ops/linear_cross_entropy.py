@@ -1,17 +1,47 @@
-"""Public op: cross-entropy of a frozen LM head's logits without materialising the [N, V] logits."""
+"""Public op: cross-entropy of a frozen LM head's logits at the cost of two vocabulary matmuls.
+
+`linear_cross_entropy(hidden, weight, labels)` walks the tokens in chunks. Per chunk: logits =
+hidden_chunk @ weight.T (one matmul over the vocabulary), the per-token loss from the logits' fp32
+log-sum-exp, and, when hidden needs a gradient, d loss / d logits = softmax - onehot(label) formed from the
+same logits and multiplied straight away by the weight: G_chunk = d logits @ weight (the second matmul),
+d loss_i / d hidden_i for each token of the chunk. The loss is the graph's last op and each token's loss
+depends on its own hidden state only, so G [N, d] is the whole backward: the backward scales G's rows by
+the incoming gradient. Two vocabulary matmuls per token, as unfused autograd (logits forward, d hidden
+backward), not three (a fused kernel that recomputes the logits in its backward); no weight gradient.
+
+Backends (the same structure; `fastprompt.ops._dispatch`):
+- "triton": both matmuls on cuBLAS (torch.mm into one reused [chunk, V] buffer of the model's dtype), then
+  one Triton kernel per chunk (`fastprompt.kernels.linear_cross_entropy.lce_chunk`) computes the fp32
+  log-sum-exp, the loss and overwrites the buffer with d logits in place.
+- "torch": the same per chunk in PyTorch (logits upcast to fp32, logsumexp, softmax in place).
+
+Chunking: `chunk_rows` picks the number of tokens per chunk from a memory budget for the [chunk, V] block
+(CHUNK_BYTES: 256 MiB of the model's dtype on CUDA; on the CPU, 128 MiB of fp32), so the memory beyond the
+inputs is the loss [N] fp32, G [N, d] (hidden's dtype; it becomes d hidden in place) and one chunk block.
+Llama-3.2-1B's head (V 128256, bf16): 1046 tokens per chunk, 256 MiB. Cached per (N, V, dtype, device).
+
+The op is the custom op `fastprompt::linear_cross_entropy` (torch.library, fake kernel and autograd;
+`fastprompt.ops._registry`: an autograd.Function over the same functions in eager mode), so that
+torch.compile(fullgraph=True) traces it. Input checks run once, here (cached per new shape); the kernel
+launcher does not re-check.
+"""
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastprompt.ops import reference
-from fastprompt.ops._checks import check_float, check_same_device
+from fastprompt.ops._checks import cached, check_float, check_index_dtype, check_same_device, spec
 from fastprompt.ops._dispatch import resolve_backend
+from fastprompt.ops._registry import autograd_op
 
 REDUCTIONS = ("mean", "sum", "none")
-# elements of one fp32 [chunk, V] logits block in the PyTorch path (128 MiB)
-CHUNK_ELEMENTS = 1 << 25
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}      # as ATen's nll_loss numbers them
+# bytes of one [chunk, V] logits block: the model's dtype on CUDA (cuBLAS writes it), fp32 on the CPU
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}
 
 
 def linear_cross_entropy(
@@ -33,13 +63,11 @@ def linear_cross_entropy(
 
     reduction: "mean" over the tokens whose label is not ignore_index, "sum", or "none" ([N], 0 at ignored
     tokens). A batch in which every label is ignored gives 0 for "mean" (F.cross_entropy gives NaN) and
-    for "sum", with a zero gradient. The loss is fp32 whatever the input dtype (logits are accumulated in
-    fp32).
+    for "sum", with a zero gradient. The loss is fp32 whatever the input dtype (log-sum-exp in fp32 of the
+    logits as the matmul returns them, the bias added in fp32).
 
-    Backends: the Triton kernel walks the vocabulary in tiles with an online log-sum-exp and recomputes
-    the logits tile by tile in the backward; the PyTorch path processes the tokens in chunks of
-    CHUNK_ELEMENTS // V (one fp32 [chunk, V] block at a time) and, when hidden requires a gradient, forms
-    d loss / d hidden [N, d] in the forward from the same block, so its backward is a row scaling.
+    Cost: two matmuls over the vocabulary (see the module docstring); d hidden is formed in the forward
+    when hidden requires a gradient (and grad mode is on), and not at all otherwise.
 
     Example::
 
@@ -47,108 +75,206 @@ def linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    hidden2d, labels1d = _check(hidden, weight, labels, bias, ignore_index)
-    frozen = not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
-    if not frozen:
+    _check(spec("hidden", hidden, "[N, d]"), spec("weight", weight, "[V, d]"), spec("labels", labels, "[N]"),
+           spec("bias", bias, "[V]"))
+    V, d = weight.shape
+    hidden2d = hidden.reshape(-1, d)
+    labels1d = labels.reshape(-1)
+    _check_label_values(labels1d, V, ignore_index)
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return reference.linear_cross_entropy(hidden2d, weight, labels1d, bias=bias, ignore_index=ignore_index,
                                               reduction=reduction)
-    if resolve_backend(backend, hidden2d, weight) == "triton":
-        from fastprompt.ops._linear_cross_entropy_triton import linear_cross_entropy_losses_triton
-
-        losses = linear_cross_entropy_losses_triton(hidden2d, weight, labels1d, bias, ignore_index)
-    else:
-        losses = chunked_linear_cross_entropy_losses(hidden2d, weight, labels1d, bias, ignore_index)
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / (labels1d != ignore_index).sum().clamp_min(1)
+    triton = resolve_backend(backend, hidden2d, weight) == "triton"
+    loss, _ = _lce(hidden2d, weight.detach(), None if bias is None else bias.detach(), labels1d.contiguous(),
+                   int(ignore_index), _REDUCTION_CODES[reduction], 0, grad_mode and hidden.requires_grad, triton)
+    return loss
 
 
 def chunked_linear_cross_entropy_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                         bias: torch.Tensor | None = None, ignore_index: int = -100,
-                                        chunk_size: int | None = None) -> torch.Tensor:
-    """The PyTorch path: per-token losses [N] fp32 of hidden [N, d] against a frozen weight [V, d], in
-    chunks of `chunk_size` tokens (default CHUNK_ELEMENTS // V). Differentiable in hidden only."""
-    V = weight.shape[0]
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // max(V, 1))
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight.detach(), None if bias is None else bias.detach(),
-                                            labels, int(ignore_index), int(chunk))
+                                        chunk_size: int | None = None, backend: str = "torch",
+                                        reduction: str = "none") -> torch.Tensor:
+    """The op on hidden [N, d], a frozen weight [V, d] and labels [N], unchecked, in chunks of `chunk_size`
+    tokens (default: `chunk_rows`): per-token losses [N] fp32, or their mean / sum. Differentiable in
+    hidden only."""
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    loss, _ = _lce(hidden, weight.detach(), None if bias is None else bias.detach(), labels.contiguous(),
+                   int(ignore_index), _REDUCTION_CODES[reduction], int(chunk_size or 0), with_grad,
+                   backend == "triton")
+    return loss
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # the matmul in the model's dtype (fp32 accumulation on GPU), the logits then in fp32
-    return torch.nn.functional.linear(h, weight, bias.to(weight.dtype) if bias is not None else None).float()
+@functools.lru_cache(maxsize=256)
+def chunk_rows(N: int, V: int, itemsize: int, device_type: str) -> int:
+    """Tokens per chunk: as many [., V] rows as CHUNK_BYTES holds (at least 1, at most N). On CUDA the
+    buffer has the model's dtype (`itemsize` bytes) and the count is rounded down to a multiple of 128
+    (whole cuBLAS tiles) when that leaves at least 128; on the CPU the block is fp32."""
+    if device_type == "cuda":
+        rows = CHUNK_BYTES["cuda"] // (V * itemsize)
+        rows = rows // 128 * 128 if rows >= 256 else rows
+    else:
+        rows = CHUNK_BYTES["cpu"] // (V * 4)
+    return max(1, min(N, rows))
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token losses; the gradient is formed in the forward, from the same logits block.
-
-    The loss is the graph's last op and each token's loss depends on its hidden state alone, so
-    d loss_i / d hidden_i = (softmax_i - onehot_i) @ weight can be computed while the chunk's logits are at
-    hand and kept as G [N, d]; the backward only scales G's rows by the incoming gradient. Two matmuls
-    over the vocabulary per token (as unfused autograd), not three (forward, recomputed logits, d hidden).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk):
-        N = hidden.shape[0]
-        with_grad = ctx.needs_input_grad[0]
-        losses = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        per_token_grad = torch.empty_like(hidden) if with_grad else None
-        valid = labels != ignore_index
-        safe = torch.where(valid, labels, 0).long()
-        for s in range(0, N, chunk):
-            e = min(N, s + chunk)
-            logits = _chunk_logits(hidden[s:e], weight, bias)
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, safe[s:e, None])[:, 0]
-            losses[s:e] = torch.where(valid[s:e], lse - target, 0.0)
-            if with_grad:
-                p = torch.exp_(logits.sub_(lse[:, None]))                                  # softmax, in place
-                p.scatter_add_(1, safe[s:e, None], -torch.ones_like(lse)[:, None])           # - one-hot
-                p.mul_(valid[s:e, None])
-                per_token_grad[s:e] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-            del logits
-        ctx.save_for_backward(per_token_grad)
-        return losses
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_losses):
-        (per_token_grad,) = ctx.saved_tensors
-        d_hidden = per_token_grad * grad_losses.to(per_token_grad.dtype)[:, None]
-        return d_hidden, None, None, None, None, None
-
-
-def _check(hidden, weight, labels, bias, ignore_index):
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, d], got {tuple(weight.shape)}")
+# ----------------------------------------------------------------------------------------------------------
+# checks (once per new shape; label values on CPU tensors only: a host read)
+# ----------------------------------------------------------------------------------------------------------
+@cached
+def _check(hidden, weight, labels, bias) -> None:
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must have shape [V, d], got {weight.shape}")
     V, d = weight.shape
-    if hidden.dim() not in (2, 3) or hidden.shape[-1] != d:
-        raise ValueError(f"hidden must have shape [N, d={d}] or [B, T, d={d}], got {tuple(hidden.shape)}")
+    if len(hidden.shape) not in (2, 3) or hidden.shape[-1] != d:
+        raise ValueError(f"hidden must have shape [N, d={d}] or [B, T, d={d}], got {hidden.shape}")
     check_float("hidden", hidden)
     check_float("weight", weight)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden must have weight's dtype {weight.dtype}, got {hidden.dtype}")
-    hidden2d = hidden.reshape(-1, d)
-    N = hidden2d.shape[0]
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
-    if labels.numel() != N or labels.dim() not in (1, hidden.dim() - 1):
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} or [{N}], got {tuple(labels.shape)}")
+    check_index_dtype("labels", labels)
+    N = 1
+    for n in hidden.shape[:-1]:
+        N *= n
+    numel = 1
+    for n in labels.shape:
+        numel *= n
+    if numel != N or len(labels.shape) not in (1, len(hidden.shape) - 1):
+        raise ValueError(f"labels must have shape {hidden.shape[:-1]} or [{N}], got {labels.shape}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
-            raise ValueError(f"bias must be a torch.Tensor [V={V}], got {getattr(bias, 'shape', type(bias))}")
+        if bias.shape != (V,):
+            raise ValueError(f"bias must have shape [V={V}], got {bias.shape}")
         check_float("bias", bias)
+    if V == 0 or d == 0:
+        raise ValueError(f"weight must have V >= 1 and d >= 1, got {weight.shape}")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    labels1d = labels.reshape(-1)
-    if not labels1d.is_cuda and N:       # as check_index: no host sync on CUDA
-        bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= V))
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, got "
-                             f"{int(labels1d[bad][0])}")
-    return hidden2d, labels1d
+
+
+def _check_label_values(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """labels in [0, V) or == ignore_index: one aminmax over the labels with ignore_index read as 0; CPU
+    tensors only and not while compiling (`fastprompt.ops._checks`: a host read)."""
+    if labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(labels.masked_fill(labels == ignore_index, 0))
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= V:
+        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, got "
+                         f"{lo if lo < 0 else hi}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the custom op: (loss, G): loss [N] fp32 per token ("none") or the fp32 scalar ("mean", "sum"); G [N, d] the
+# gradient of that loss (for "none": of each token's loss) in hidden, or [0, d] without a gradient
+# ----------------------------------------------------------------------------------------------------------
+def _lce_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+              ignore_index: int, reduction: int, chunk: int, with_grad: bool,
+              triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    N, d = hidden.shape
+    chunk = chunk or chunk_rows(N, weight.shape[0], weight.element_size(), hidden.device.type)
+    run = _chunks_triton if triton else _chunks_torch
+    loss, grad = run(hidden, weight, bias, labels, ignore_index, reduction, max(chunk, 1), with_grad)
+    return loss, (grad if grad is not None else hidden.new_empty(0, d))
+
+
+def _count(labels, ignore_index):
+    """Non-ignored tokens as an fp32 0-d tensor, at least 1 (the mean's divisor; no host read)."""
+    return (labels != ignore_index).sum(dtype=torch.float32).clamp_min_(1)
+
+
+def _chunks_triton(hidden, weight, bias, labels, ignore_index, reduction, chunk, with_grad):
+    """cuBLAS logits into one [chunk, V] buffer, the kernel turns them into d logits in place, cuBLAS G."""
+    from fastprompt.kernels import linear_cross_entropy as kernels
+
+    N, d = hidden.shape
+    losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    grad = torch.empty(N, d, dtype=hidden.dtype, device=hidden.device) if with_grad else None
+    count = _count(labels, ignore_index) if reduction == 1 else None
+    scale = count.reciprocal() if with_grad and count is not None else None
+    bias = None if bias is None else bias.contiguous()
+    buffer = torch.empty(min(chunk, N), weight.shape[0], dtype=weight.dtype, device=weight.device)
+    weight_t = weight.t()
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        logits = buffer[: e - s]
+        torch.mm(hidden[s:e], weight_t, out=logits)
+        kernels.lce_chunk(logits, labels[s:e], losses[s:e], bias, ignore_index, with_grad, scale)
+        if with_grad:
+            torch.mm(logits, weight, out=grad[s:e])
+    if reduction == 0:
+        return losses, grad
+    total = losses.sum()
+    return (total if count is None else total / count), grad
+
+
+def _chunks_torch(hidden, weight, bias, labels, ignore_index, reduction, chunk, with_grad):
+    """The same in PyTorch, with ATen's own cross-entropy pieces per chunk: fp32 logits, log_softmax,
+    nll_loss, and (with a gradient) nll_loss_backward + _log_softmax_backward_data, which give
+    (softmax - onehot) of the non-ignored tokens (divided by their count for "mean") in one pass each."""
+    N, d = hidden.shape
+    target = labels.long()
+    count = _count(target, ignore_index) if reduction == 1 else None
+    # the loss's own gradient: ones per token ("none") or 1 ("mean" / "sum")
+    one = torch.ones((), dtype=torch.float32, device=hidden.device)
+    upstream = one.expand(min(chunk, N)) if reduction == 0 else one
+    bias32 = None if bias is None else bias.float()
+    if N <= chunk:
+        loss, grad = _torch_chunk(hidden, weight, bias32, target, ignore_index, reduction, count, upstream,
+                                  with_grad)
+        return (loss if count is None else loss / count), grad
+    losses = torch.empty(N if reduction == 0 else 0, dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty(N, d, dtype=hidden.dtype, device=hidden.device) if with_grad else None
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        up = upstream[: e - s] if reduction == 0 else upstream
+        loss, _ = _torch_chunk(hidden[s:e], weight, bias32, target[s:e], ignore_index, reduction, count, up,
+                               with_grad, None if grad is None else grad[s:e])
+        if reduction == 0:
+            losses[s:e] = loss
+        else:
+            total += loss
+    return (losses if reduction == 0 else total if count is None else total / count), grad
+
+
+def _torch_chunk(hidden, weight, bias32, target, ignore_index, reduction, count, upstream, with_grad, out=None):
+    logits = torch.mm(hidden, weight.t()).float()
+    if bias32 is not None:
+        logits = logits + bias32
+    lsm = torch.log_softmax(logits, 1)
+    del logits
+    # "mean" is summed per chunk and divided by the whole count by the caller; its gradient (of the mean)
+    # comes out of nll_loss_backward divided by the count already
+    loss = torch.nn.functional.nll_loss(lsm, target, ignore_index=ignore_index,
+                                        reduction="none" if reduction == 0 else "sum")
+    grad = None
+    if with_grad:
+        total_weight = count if count is not None else upstream.reshape(-1)[0]
+        d_nll = torch.ops.aten.nll_loss_backward(upstream, lsm, target, None, reduction, ignore_index, total_weight)
+        d_logits = torch._log_softmax_backward_data(d_nll, lsm, 1, torch.float32)
+        del lsm, d_nll
+        d_logits = d_logits.to(weight.dtype)
+        grad = torch.mm(d_logits, weight) if out is None else torch.mm(d_logits, weight, out=out)
+    return loss, grad
+
+
+def _lce_fake(hidden, weight, bias, labels, ignore_index, reduction, chunk, with_grad, triton):
+    N, d = hidden.shape
+    loss = hidden.new_empty(N if reduction == 0 else (), dtype=torch.float32)
+    return loss, hidden.new_empty(N if with_grad else 0, d)
+
+
+def _lce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _lce_grad(ctx, grad_loss, _grad_g):
+    """d hidden = G scaled by the incoming gradient: per row ("none") or by the scalar."""
+    (g,) = ctx.saved_tensors
+    d_hidden = None
+    if grad_loss is not None and g.shape[0]:
+        d_hidden = g * (grad_loss.to(g.dtype)[:, None] if grad_loss.dim() else grad_loss.to(g.dtype))
+    return d_hidden, None, None, None, None, None, None, None, None
+
+
+_lce = autograd_op("fastprompt::linear_cross_entropy", _lce_impl, fake=_lce_fake, setup=_lce_setup,
+                   backward=_lce_grad)

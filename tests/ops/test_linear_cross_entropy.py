@@ -1,4 +1,5 @@
-"""Fused LM-head cross-entropy: Triton kernels and the chunked PyTorch path vs the unchunked reference.
+"""Fused LM-head cross-entropy: the Triton path (cuBLAS matmuls + the chunk kernel, through the interpreter)
+and the chunked PyTorch path vs the unchunked reference.
 
 Losses and d hidden are compared with the reference run in fp32 on the same inputs upcast; the frozen
 weight and bias must get no gradient. Vocabulary sizes are not multiples of the tile (1000, 997).
@@ -42,7 +43,7 @@ def _reference(hidden, weight, bias, labels, grad, reduction="none", ignore_inde
     ref = reference.linear_cross_entropy(leaf, weight.float(), labels,
                                          bias=None if bias is None else bias.float(),
                                          ignore_index=ignore_index, reduction=reduction)
-    ref.backward(grad if reduction == "none" else None)
+    ref.backward(grad)
     return ref.detach(), leaf.grad
 
 
@@ -98,31 +99,82 @@ def test_all_ignored_is_zero(backend):
         assert float(reference.linear_cross_entropy(hidden, weight, labels, reduction=reduction)) == 0.0
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_chunked_torch_path(chunk):
+def test_chunked_paths(chunk, backend, reduction):
+    """Several chunks (the last one partial), a bias, both backends, each reduction (a mean's divisor
+    counts the whole batch's tokens): the Triton path's logits buffer is reused from chunk to chunk."""
     N, V, d = 19, 997, 40
-    hidden, weight, b, labels, grad = _case(N, V, d, torch.float32, bias=True)
+    hidden, weight, b, labels, grad = _case(N, V, d, torch.float32, bias=True, ignore=(3, 4, 11))
+    grad = grad if reduction == "none" else torch.tensor(0.7)
     leaf = hidden.clone().requires_grad_(True)
-    losses = chunked_linear_cross_entropy_losses(leaf, weight, labels, b, chunk_size=chunk)
-    ref, ref_grad = _reference(hidden, weight, b, labels, grad)
+    losses = chunked_linear_cross_entropy_losses(leaf, weight, labels, b, chunk_size=chunk, backend=backend,
+                                                 reduction=reduction)
+    ref, ref_grad = _reference(hidden, weight, b, labels, grad, reduction)
     assert_close("losses", losses, ref, RTOL[torch.float32])
     losses.backward(grad)
     assert_close("d hidden", leaf.grad, ref_grad, RTOL[torch.float32])
 
 
+def _dlogits_reference(logits, bias, labels, ignore_index=-100):
+    x = logits.float() + (0 if bias is None else bias.float())
+    valid = labels != ignore_index
+    p = torch.softmax(x, -1) - F.one_hot(torch.where(valid, labels, 0).long(), x.shape[1]).float()
+    loss = torch.where(valid, torch.logsumexp(x, -1) - x.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0],
+                       0.0)
+    return loss, p * valid[:, None]
+
+
+@pytest.mark.parametrize("with_grad", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_launchers_small_tiles_nan_prefilled(dtype):
-    """Several vocabulary and d tiles (16 x 64 x 16) and NaN-filled outputs: every element written."""
-    N, V, d = 21, 1000, 40
-    hidden, weight, b, labels, grad = _case(N, V, d, dtype, bias=True)
-    loss, lse = K.lce_fwd(hidden, weight, labels, b, loss=nan_like((N,), torch.float32),
-                          lse=nan_like((N,), torch.float32), blocks=(16, 64, 16))
-    ref, ref_grad = _reference(hidden, weight, b, labels, grad)
-    assert_close("loss", loss, ref, RTOL[dtype])
-    ref_lse = torch.logsumexp(hidden.float() @ weight.float().T + b.float(), -1)
-    assert_close("lse", lse, ref_lse, RTOL[dtype])
-    dh = K.lce_bwd(hidden, weight, labels, lse, grad, b, out=nan_like((N, d), dtype), blocks=(16, 64, 16))
-    assert_close("d hidden", dh, ref_grad, RTOL[dtype])
+def test_chunk_kernel_small_tiles_nan_prefilled(dtype, bias, with_grad):
+    """The kernel alone on 21 rows x 1000 logits in 4 x 64 tiles (partial row block and vocabulary tile),
+    int32 labels with ignored rows and the last vocabulary entry: the loss into a NaN-filled buffer, every
+    logit overwritten with d loss / d logits in place (or left alone without a gradient)."""
+    N, V = 21, 1000
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(N, V, generator=gen) * 3).to(DEVICE, dtype)
+    b = torch.randn(V, generator=gen).to(DEVICE, dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=gen).to(DEVICE, torch.int32)
+    labels[[0, 7, 20]] = -100
+    labels[5] = V - 1
+    want_loss, want_dlogits = _dlogits_reference(logits, b, labels)
+    original = logits.clone()
+    loss = K.lce_chunk(logits, labels, nan_like((N,), torch.float32), b, -100, with_grad, blocks=(4, 64))
+    assert_close("loss", loss, want_loss, RTOL[dtype])
+    assert loss[0] == 0 and loss[20] == 0
+    if with_grad:
+        assert_close("d logits", logits, want_dlogits.to(dtype), RTOL[dtype])
+        assert torch.equal(logits[7], torch.zeros_like(logits[7]))
+    else:
+        assert torch.equal(logits, original)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_kernel_default_blocks(dtype):
+    """The launcher's own block sizes; 3 rows, V not a power of two; d logits sum to 0 over each row."""
+    N, V = 3, 997
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(N, V, generator=gen).to(DEVICE, dtype)
+    labels = torch.tensor([4, 996, 0], device=DEVICE)
+    want_loss, want_dlogits = _dlogits_reference(logits, None, labels)
+    loss = K.lce_chunk(logits, labels, nan_like((N,), torch.float32))
+    assert_close("loss", loss, want_loss, RTOL[dtype])
+    assert_close("d logits", logits, want_dlogits.to(dtype), RTOL[dtype])
+
+
+def test_chunk_rows_rule():
+    """Tokens per chunk from the memory budget: Llama-3.2-1B's head in bf16 on CUDA takes 1024-token
+    chunks (256 MiB of logits), never more tokens than there are, at least one."""
+    from fastprompt.ops.linear_cross_entropy import CHUNK_BYTES, chunk_rows
+    assert chunk_rows(4096, 128256, 2, "cuda") == 1024
+    assert chunk_rows(4096, 128256, 2, "cuda") * 128256 * 2 <= CHUNK_BYTES["cuda"]
+    assert chunk_rows(100, 128256, 2, "cuda") == 100
+    assert chunk_rows(64, 1000, 4, "cpu") == 64
+    assert chunk_rows(10**6, 1000, 4, "cpu") * 1000 * 4 <= CHUNK_BYTES["cpu"]
+    assert chunk_rows(5, 10**9, 4, "cpu") == 1
 
 
 def test_trainable_weight_falls_back_to_reference():
@@ -161,3 +213,9 @@ def test_errors():
         ops.linear_cross_entropy(hidden, weight, labels.float())
     with pytest.raises(ValueError, match="bias"):
         ops.linear_cross_entropy(hidden, weight, labels, bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="labels"):
+        ops.linear_cross_entropy(hidden, weight, torch.full_like(labels, -5))
+    with pytest.raises(ValueError, match="labels"):
+        ops.linear_cross_entropy(hidden, weight, labels[:4])
+    with pytest.raises(ValueError, match="weight"):
+        ops.linear_cross_entropy(hidden, weight[0], labels)
