@@ -36,7 +36,7 @@ import torch
 from fastprompt.ops import reference
 from fastprompt.ops._checks import cached, check_float, check_index_dtype, check_same_device, spec
 from fastprompt.ops._dispatch import resolve_backend
-from fastprompt.ops._registry import autograd_op
+from fastprompt.ops._registry import autograd_op, public_op
 
 REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}      # as ATen's nll_loss numbers them
@@ -44,6 +44,7 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}      # as ATen's nll_loss nu
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}
 
 
+@public_op
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -75,12 +76,12 @@ def linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check(spec("hidden", hidden, "[N, d]"), spec("weight", weight, "[V, d]"), spec("labels", labels, "[N]"),
+    _check_shapes(spec("hidden", hidden, "[N, d]"), spec("weight", weight, "[V, d]"), spec("labels", labels, "[N]"),
            spec("bias", bias, "[V]"))
     V, d = weight.shape
     hidden2d = hidden.reshape(-1, d)
     labels1d = labels.reshape(-1)
-    _check_label_values(labels1d, V, ignore_index)
+    _check(labels1d, V, ignore_index)
     grad_mode = torch.is_grad_enabled()
     if grad_mode and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return reference.linear_cross_entropy(hidden2d, weight, labels1d, bias=bias, ignore_index=ignore_index,
@@ -122,7 +123,7 @@ def chunk_rows(N: int, V: int, itemsize: int, device_type: str) -> int:
 # checks (once per new shape; label values on CPU tensors only: a host read)
 # ----------------------------------------------------------------------------------------------------------
 @cached
-def _check(hidden, weight, labels, bias) -> None:
+def _check_shapes(hidden, weight, labels, bias) -> None:
     if len(weight.shape) != 2:
         raise ValueError(f"weight must have shape [V, d], got {weight.shape}")
     V, d = weight.shape
@@ -150,7 +151,7 @@ def _check(hidden, weight, labels, bias) -> None:
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
 
 
-def _check_label_values(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+def _check(labels: torch.Tensor, V: int, ignore_index: int) -> None:
     """labels in [0, V) or == ignore_index: one aminmax over the labels with ignore_index read as 0; CPU
     tensors only and not while compiling (`fastprompt.ops._checks`: a host read)."""
     if labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():

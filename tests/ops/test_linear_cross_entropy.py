@@ -7,6 +7,8 @@ weight and bias must get no gradient. Vocabulary sizes are not multiples of the 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,39 @@ def test_errors():
         ops.linear_cross_entropy(hidden, weight, labels[:4])
     with pytest.raises(ValueError, match="weight"):
         ops.linear_cross_entropy(hidden, weight[0], labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_equals_eager(backend):
+    """torch.compile(fullgraph=True) of a function calling the op (the custom op's fake kernel and
+    registered autograd; aot_eager: no Inductor C++ build on the CPU): each reduction, with a bias, the
+    same loss and d hidden as eager. backend="triton": the chunk kernel through the interpreter."""
+    torch._dynamo.reset()
+    B, T, V, d = 2, 9, 997, 40
+    hidden, weight, b, labels, _ = _case(B * T, V, d, torch.float32, bias=True, ignore=(1, 4))
+    for reduction in ("mean", "sum", "none"):
+        def fn(h, reduction=reduction):
+            return ops.linear_cross_entropy(h.tanh(), weight, labels.view(B, T), bias=b, reduction=reduction,
+                                            backend=backend) * 1.5
+        results = []
+        for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            leaf = hidden.view(B, T, d).clone().requires_grad_(True)
+            out = f(leaf)
+            out.backward(torch.linspace(0.5, 1.5, out.numel()).view(out.shape).to(DEVICE))
+            results.append((out.detach(), leaf.grad))
+        (want, want_grad), (got, got_grad) = results
+        assert_close(f"{reduction} loss", got, want, RTOL[torch.float32])
+        assert_close(f"{reduction} d hidden", got_grad, want_grad, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+def test_custom_op_registration_passes_opcheck(triton):
+    """Schema, fake kernel and autograd registration of fastprompt::linear_cross_entropy."""
+    op = importlib.import_module("fastprompt.ops.linear_cross_entropy")._lce.op
+    hidden, weight, b, labels, _ = _case(6, 97, 24, torch.float32, bias=True, ignore=(2,))
+    leaf = hidden.clone().requires_grad_(True)
+    for reduction in (0, 1, 2):
+        torch.library.opcheck(op, (leaf, weight, b, labels, -100, reduction, 4, True, triton),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        torch.library.opcheck(op, (hidden, weight, None, labels, -100, reduction, 0, False, triton),
+                              test_utils=("test_schema", "test_faketensor"))
