@@ -2,7 +2,7 @@
 
 Triton's interpreter (how the CPU test suite runs the kernels) enforces none of the GPU compile rules:
 tl.dot tile sizes, shared-memory limits, register pressure, layouts. This module checks them without a
-device: it runs the real launchers (`prefix_attention_fwd`, `lce_bwd`, ...) on fake CUDA tensors
+device: it runs the real launchers (`prefix_attention_fwd`, `lce_chunk`, ...) on fake CUDA tensors
 (torch's FakeTensorMode: shapes, dtypes and strides, no storage), intercepts each kernel launch, and
 compiles exactly what the launch would have compiled (same arguments, so the same specialisation, block
 sizes, num_warps and num_stages from the launchers' own config functions, which see the target's compute
@@ -117,16 +117,18 @@ def _prefix_attention(dtype, D, T, causal, mask, bias, backward):
     return call
 
 
-def _lce(dtype, D, bias):
-    """An LM head of 32000 entries over 2048 tokens, forward and backward."""
-    N, V = 2048, 32000
+def _lce(dtype, V, bias):
+    """The loss's chunk kernel on a 1024-token chunk of logits over V entries, as the op launches it:
+    with d logits and a mean's scale (training) and without (no gradient)."""
+    N = 1024
 
     def call():
-        h, w = _randn(N, D, dtype=dtype), _randn(V, D, dtype=dtype)
+        logits = _randn(N, V, dtype=dtype)
         labels = torch.zeros(N, dtype=torch.int64, device="cuda")
+        loss = torch.empty(N, dtype=torch.float32, device="cuda")
         b = _randn(V, dtype=dtype) if bias else None
-        _, lse = LCE.lce_fwd(h, w, labels, b)
-        LCE.lce_bwd(h, w, labels, lse, torch.empty(N, dtype=torch.float32, device="cuda"), b)
+        LCE.lce_chunk(logits, labels, loss, b, -100, True, torch.empty((), dtype=torch.float32, device="cuda"))
+        LCE.lce_chunk(logits, labels, loss, b, -100, False)
     return call
 
 
@@ -171,21 +173,21 @@ def cases(sweep: bool, only: str = "") -> list[tuple[str, Callable[[], object]]]
     if sweep:
         every = [c for dname, dtype in DTYPES.items() for c in _cases_for(
             dname, dtype, HEAD_DIMS, [(c, m, b) for c in (True, False) for m in (True, False) for b in (True, False)],
-            lce_dims=(64, 4096), lce_bias=(True, False), embed_dims=(768, 4096, 5120), norm_dims=(768, 4096, 8192))]
+            lce_vocabs=(32000, 128256), lce_bias=(True, False), embed_dims=(768, 4096, 5120), norm_dims=(768, 4096, 8192))]
     else:
         every = _cases_for("bf16", torch.bfloat16, (128,), [(True, True, False), (True, True, True)],
-                           lce_dims=(4096,), lce_bias=(True,), embed_dims=(4096,), norm_dims=(8192,))
+                           lce_vocabs=(128256,), lce_bias=(True,), embed_dims=(4096,), norm_dims=(8192,))
     return [(name, call) for name, call in every if only in name]
 
 
-def _cases_for(dname, dtype, dims, flags, lce_dims, lce_bias, embed_dims, norm_dims):
+def _cases_for(dname, dtype, dims, flags, lce_vocabs, lce_bias, embed_dims, norm_dims):
     out = []
     for D in dims:
         for causal, mask, bias in flags:
             tag = f"{dname} D={D} causal={causal:d} mask={mask:d} bias={bias:d}"
             out.append((f"prefix_attention train {tag}", _prefix_attention(dtype, D, 300, causal, mask, bias, True)))
             out.append((f"prefix_attention decode {tag}", _prefix_attention(dtype, D, 1, causal, mask, bias, False)))
-    out += [(f"linear_cross_entropy {dname} d={d} bias={b:d}", _lce(dtype, d, b)) for d in lce_dims for b in lce_bias]
+    out += [(f"linear_cross_entropy {dname} V={v} bias={b:d}", _lce(dtype, v, b)) for v in lce_vocabs for b in lce_bias]
     out += [(f"prompt_embed {dname} d={d} positions={p:d}", _prompt_embed(dtype, d, p))
             for d in embed_dims for p in (True, False)]
     out += [(f"norms {dname} d={d}", _norms(dtype, d)) for d in norm_dims]

@@ -11,6 +11,8 @@ op, bf16 decode; bf16 prompt embedding through the op) are not repeated.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -27,6 +29,7 @@ from tests.ops.test_prompt_embed import _template
 from tests.ops.test_prompt_embed import check_launchers as check_prompt_embed_launchers
 
 pytestmark = pytest.mark.gpu
+LCE_OP = importlib.import_module("fastprompt.ops.linear_cross_entropy")   # fastprompt.ops re-exports the function
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16")]
@@ -140,37 +143,58 @@ def test_mpt_prompt_embed_op_gradients(dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# linear cross-entropy: a real vocabulary (32000, 128256), NaN-filled loss, lse and d hidden
+# linear cross-entropy: cuBLAS logits of a real vocabulary (32000, 50257, 128256), the chunk kernel with
+# its own GPU block sizes (NaN-filled loss, d logits in place), the op through several chunks, no syncs
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("N, V, d", [pytest.param(2047, 32000, 2048, id="N2047-V32000-d2048"),
                                      pytest.param(1001, 128256, 2048, id="N1001-V128256-d2048"),
                                      pytest.param(515, 50257, 1024, id="N515-V50257-d1024")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_cross_entropy_launchers(dtype, N, V, d, bias):
-    hidden, weight, b, labels, grad = lce_case(N, V, d, dtype, bias, ignore=(0, 3, N // 2))
-    loss, lse = LCE.lce_fwd(hidden, weight, labels, b, loss=nan_like((N,), torch.float32),
-                            lse=nan_like((N,), torch.float32))
-    ref, ref_grad = lce_reference(hidden, weight, b, labels, grad)
-    assert_close("loss", loss, ref, RTOL[dtype])
-    logits = hidden.float() @ weight.float().T + (0 if b is None else b.float())
-    assert_close("lse", lse, torch.logsumexp(logits, -1), RTOL[dtype])
-    dh = LCE.lce_bwd(hidden, weight, labels, lse, grad, b, out=nan_like((N, d), dtype))
-    assert_close("d hidden", dh, ref_grad, RTOL[dtype])
+def test_linear_cross_entropy_chunk_kernel(dtype, N, V, d, bias):
+    hidden, weight, b, labels, _ = lce_case(N, V, d, dtype, bias, ignore=(0, 3, N // 2))
+    logits = hidden @ weight.T
+    x = logits.float() + (0 if b is None else b.float())
+    valid = labels != -100
+    safe = torch.where(valid, labels, 0)
+    want_loss = torch.where(valid, torch.logsumexp(x, -1) - x.gather(1, safe[:, None])[:, 0], 0.0)
+    want_dlogits = (torch.softmax(x, -1) - torch.nn.functional.one_hot(safe, V).float()) * valid[:, None]
+    del x
+    loss = LCE.lce_chunk(logits, labels, nan_like((N,), torch.float32), b, -100, True)
+    assert_close("loss", loss, want_loss, RTOL[dtype])
+    assert_close("d logits", logits, want_dlogits.to(dtype), RTOL[dtype])
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_cross_entropy_op(dtype, reduction):
-    """The public op as the LM loss uses it: [B, T, d] hidden, [B, T] labels, a reduction, d hidden."""
+def test_linear_cross_entropy_op(dtype, reduction, monkeypatch):
+    """The public op as the LM loss uses it: [B, T, d] hidden, [B, T] labels, a reduction, d hidden; a
+    16 MiB chunk budget, so that the 999 tokens take several chunks (the last partial)."""
+    monkeypatch.setitem(LCE_OP.CHUNK_BYTES, "cuda", 16 << 20)
+    LCE_OP.chunk_rows.cache_clear()
     B, T, V, d = 3, 333, 32000, 1024
-    hidden, weight, _, labels, _ = lce_case(B * T, V, d, dtype, ignore=(5, 6, 7))
+    hidden, weight, _, labels, grad = lce_case(B * T, V, d, dtype, ignore=(5, 6, 7))
+    grad = grad if reduction == "none" else torch.tensor(0.7, device=DEVICE)
     leaf = hidden.view(B, T, d).clone().requires_grad_(True)
     loss = ops.linear_cross_entropy(leaf, weight, labels.view(B, T), reduction=reduction, backend="triton")
-    ref, ref_grad = lce_reference(hidden, weight, None, labels, None, reduction)
+    ref, ref_grad = lce_reference(hidden, weight, None, labels, grad, reduction)
     assert_close("loss", loss, ref, RTOL[dtype])
-    loss.backward()
+    loss.backward(grad.view(loss.shape))
     assert_close("d hidden", leaf.grad.view(-1, d), ref_grad, RTOL[dtype])
+    LCE_OP.chunk_rows.cache_clear()
+
+
+def test_linear_cross_entropy_no_host_sync():
+    """Forward and backward of the op on CUDA never wait for the device (no .item(), nonzero, bool(t))."""
+    hidden, weight, _, labels, _ = lce_case(1000, 32000, 1024, torch.bfloat16, ignore=(5,))
+    leaf = hidden.clone().requires_grad_(True)
+    ops.linear_cross_entropy(leaf, weight, labels).backward()        # warm: compile, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.linear_cross_entropy(leaf, weight, labels).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ----------------------------------------------------------------------------------------------------
