@@ -207,55 +207,60 @@ def _chunks_triton(hidden, weight, bias, labels, ignore_index, reduction, chunk,
     return (total if count is None else total / count), grad
 
 
+_NLL = torch.ops.aten.nll_loss_forward.default             # (loss, total weight = non-ignored count)
+_NLL_BACKWARD = torch.ops.aten.nll_loss_backward.default
+
+
 def _chunks_torch(hidden, weight, bias, labels, ignore_index, reduction, chunk, with_grad):
     """The same in PyTorch, with ATen's own cross-entropy pieces per chunk: fp32 logits, log_softmax,
     nll_loss, and (with a gradient) nll_loss_backward + _log_softmax_backward_data, which give
     (softmax - onehot) of the non-ignored tokens (divided by their count for "mean") in one pass each."""
     N, d = hidden.shape
     target = labels.long()
-    count = _count(target, ignore_index) if reduction == 1 else None
-    # the loss's own gradient: ones per token ("none") or 1 ("mean" / "sum")
     one = torch.ones((), dtype=torch.float32, device=hidden.device)
-    upstream = one.expand(min(chunk, N)) if reduction == 0 else one
     bias32 = None if bias is None else bias.float()
-    if N <= chunk:
-        loss, grad = _torch_chunk(hidden, weight, bias32, target, ignore_index, reduction, count, upstream,
-                                  with_grad)
-        return (loss if count is None else loss / count), grad
+    summed = 0 if reduction == 0 else 2                         # a mean is a sum divided by the count
+    if N <= chunk:                  # one chunk: a mean's count comes with the loss (nll_loss's total weight)
+        lsm = _log_probs(hidden, weight, bias32)
+        loss, count = _NLL(lsm, target, None, summed, ignore_index)
+        if reduction == 1:
+            count = count.clamp_min(1)
+            loss = loss / count
+        grad = _torch_grad(lsm, target, weight, ignore_index, reduction, one, count) if with_grad else None
+        return loss, grad
+    count = _count(target, ignore_index) if reduction == 1 else None
     losses = torch.empty(N if reduction == 0 else 0, dtype=torch.float32, device=hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad = torch.empty(N, d, dtype=hidden.dtype, device=hidden.device) if with_grad else None
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        up = upstream[: e - s] if reduction == 0 else upstream
-        loss, _ = _torch_chunk(hidden[s:e], weight, bias32, target[s:e], ignore_index, reduction, count, up,
-                               with_grad, None if grad is None else grad[s:e])
+        lsm = _log_probs(hidden[s:e], weight, bias32)
+        loss, _ = _NLL(lsm, target[s:e], None, summed, ignore_index)
         if reduction == 0:
             losses[s:e] = loss
         else:
             total += loss
+        if with_grad:
+            _torch_grad(lsm, target[s:e], weight, ignore_index, reduction, one, count, out=grad[s:e])
+        del lsm
     return (losses if reduction == 0 else total if count is None else total / count), grad
 
 
-def _torch_chunk(hidden, weight, bias32, target, ignore_index, reduction, count, upstream, with_grad, out=None):
+def _log_probs(hidden, weight, bias32):
+    """fp32 log-softmax of the chunk's logits (the matmul in the model's dtype, then fp32)."""
     logits = torch.mm(hidden, weight.t()).float()
     if bias32 is not None:
         logits = logits + bias32
-    lsm = torch.log_softmax(logits, 1)
-    del logits
-    # "mean" is summed per chunk and divided by the whole count by the caller; its gradient (of the mean)
-    # comes out of nll_loss_backward divided by the count already
-    loss = torch.nn.functional.nll_loss(lsm, target, ignore_index=ignore_index,
-                                        reduction="none" if reduction == 0 else "sum")
-    grad = None
-    if with_grad:
-        total_weight = count if count is not None else upstream.reshape(-1)[0]
-        d_nll = torch.ops.aten.nll_loss_backward(upstream, lsm, target, None, reduction, ignore_index, total_weight)
-        d_logits = torch._log_softmax_backward_data(d_nll, lsm, 1, torch.float32)
-        del lsm, d_nll
-        d_logits = d_logits.to(weight.dtype)
-        grad = torch.mm(d_logits, weight) if out is None else torch.mm(d_logits, weight, out=out)
-    return loss, grad
+    return torch.log_softmax(logits, 1)
+
+
+def _torch_grad(lsm, target, weight, ignore_index, reduction, one, count, out=None):
+    """d loss / d hidden of the chunk: (softmax - onehot) @ weight, 0 for ignored tokens; for a mean
+    divided by `count` (nll_loss_backward divides by its total weight)."""
+    upstream = one.expand(target.shape[0]) if reduction == 0 else one
+    d_nll = _NLL_BACKWARD(upstream, lsm, target, None, reduction, ignore_index, count if reduction == 1 else one)
+    d_logits = torch._log_softmax_backward_data(d_nll, lsm, 1, torch.float32).to(weight.dtype)
+    return torch.mm(d_logits, weight) if out is None else torch.mm(d_logits, weight, out=out)
 
 
 def _lce_fake(hidden, weight, bias, labels, ignore_index, reduction, chunk, with_grad, triton):
