@@ -16,9 +16,11 @@ Backends (the same structure; `fastprompt.ops._dispatch`):
 - "torch": the same per chunk in PyTorch (logits upcast to fp32, logsumexp, softmax in place).
 
 Chunking: `chunk_rows` picks the number of tokens per chunk from a memory budget for the [chunk, V] block
-(CHUNK_BYTES: 256 MiB of the model's dtype on CUDA; on the CPU, 128 MiB of fp32), so the memory beyond the
-inputs is the loss [N] fp32, G [N, d] (hidden's dtype; it becomes d hidden in place) and one chunk block.
-Llama-3.2-1B's head (V 128256, bf16): 1046 tokens per chunk, 256 MiB. Cached per (N, V, dtype, device).
+(CHUNK_BYTES: 256 MiB of the model's dtype on CUDA; on the CPU, 128 MiB of fp32), cached per (N, V,
+dtype size, device type). Memory beyond the inputs: the loss, G [N, d] (hidden's dtype; the backward
+returns G scaled) and, on CUDA, the one reused block (Llama-3.2-1B's head, V 128256 bf16: 1024 tokens per
+chunk, 250 MiB). The PyTorch path holds up to three fp32 blocks of a chunk at once (log-probabilities,
+nll_loss's gradient, d logits).
 
 The op is the custom op `fastprompt::linear_cross_entropy` (torch.library, fake kernel and autograd;
 `fastprompt.ops._registry`: an autograd.Function over the same functions in eager mode), so that
