@@ -77,7 +77,7 @@ class AdapterStore:
         model = PromptModel(self.base_model, backend=self.backend)
         try:
             model.load_adapter(adapter_dir, name)
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
             raise InvalidRequest("adapter_path", f"could not load an adapter from {str(adapter_dir)!r}: "
                                                  f"{error}") from error
         return self.add_from_model(name, model, name, source=str(adapter_dir))
@@ -97,6 +97,10 @@ class AdapterStore:
         plan = model.plan(n, task_ids=torch.arange(n) if mpt else None, adapter_names=[adapter_name] * n)
         assert plan.row_entry.tolist() == list(range(n))
         keys, values, _ = model.bank_kv(plan)
+        # A finite prompt can still overflow in the backbone; what is refused here never reaches the bank.
+        if not all(bool(torch.isfinite(t).all()) for t in (*keys, *values)):
+            raise InvalidRequest("adapter_path" if source else "adapter_name",
+                                 f"adapter {name!r} gives non-finite (NaN or inf) prefix keys/values; refused")
         stored = StoredAdapter(name, config.peft_type, P, n, [k.detach().contiguous() for k in keys],
                                [v.detach().contiguous() for v in values], source)
         self.adapters[name] = stored

@@ -21,6 +21,10 @@ def add_commands(subparsers) -> None:
                        help="padded prompt tokens prefilled together in one step (default 8192)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    serve.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                       help="larger request bodies are refused with 413 (default 2 MiB)")
+    serve.add_argument("--max-prompt-chars", type=int, default=None,
+                       help="longer text prompts are refused with 400 before tokenizing (default 32 x --max-len)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--no-adapter-loading", action="store_true",
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = build_engine(args)
     app = create_app(engine, request_timeout_s=args.request_timeout,
-                     allow_adapter_loading=not args.no_adapter_loading)
+                     allow_adapter_loading=not args.no_adapter_loading, max_body_bytes=args.max_body_bytes,
+                     max_prompt_chars=args.max_prompt_chars)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -244,12 +244,13 @@ class Engine:
         request.params.validate(self.backbone.vocab_size)
         ids = request.prompt_ids
         vocab = self.backbone.vocab_size
+        # The length first: it costs nothing, and a huge prompt is refused before its ids are read.
+        if isinstance(ids, (list, tuple)) and len(ids) >= self.max_len:
+            raise InvalidRequest("prompt", f"is {len(ids)} tokens; at most {self.max_len - 1} fit (max_len="
+                                           f"{self.max_len} counts prompt and generated tokens)")
         if (not isinstance(ids, (list, tuple)) or not ids
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)):
             raise InvalidRequest("prompt", f"must be a non-empty list of token ids in [0, {vocab})")
-        if len(ids) >= self.max_len:
-            raise InvalidRequest("prompt", f"is {len(ids)} tokens; at most {self.max_len - 1} fit (max_len="
-                                           f"{self.max_len} counts prompt and generated tokens)")
         if len(ids) + request.params.max_tokens > self.max_len:
             raise InvalidRequest("max_tokens", f"{request.params.max_tokens} new tokens after a {len(ids)}-token "
                                                f"prompt exceed max_len={self.max_len}; at most "
@@ -452,6 +453,10 @@ class Engine:
         if T > self.L:
             self._rebase(max([T] + [r.length for r in self.rows]))
         slot, L = len(self.rows), self.L
+        # A new row reads its whole key window, masked columns included, so its slot starts from zeros: what
+        # an earlier occupant or a pad row left there must not reach it (0 * NaN is NaN).
+        for buf in self.keys + self.values:
+            buf[slot:slot + k].zero_()
         cache = KVCache([key[slot:slot + k, :, L - T:L] for key in self.keys],
                         [value[slot:slot + k, :, L - T:L] for value in self.values], length=0)
         pads = torch.tensor([T - n for n in lengths], device=self.device)
@@ -524,9 +529,13 @@ class Engine:
                                 cache=cache, backend=self.backend, prefix_bias=bias)
 
     # rows and slots ---------------------------------------------------------------------------
-    def _emit(self, row: _Row, token: int) -> bool:
-        """Record a sampled token, tell the client, and return whether the row has finished."""
+    def _emit(self, row: _Row, token: int | None) -> bool:
+        """Record a sampled token, tell the client, and return whether the row has finished. token None: the
+        row's logits were not finite, which ends it alone with an error."""
         request, params = row.request, row.request.params
+        if token is None:
+            self._finish(request, "error", f"adapter {request.adapter!r} produced non-finite logits (NaN or inf)")
+            return True
         request.output_ids.append(token)
         now = time.monotonic()
         if request.first_token_time is None:
@@ -560,8 +569,10 @@ class Engine:
         request.finish_time = time.monotonic()
         self.metrics.finished(reason)
         self.metrics.observe(self.metrics.e2e, request.finish_time - request.arrival)
-        self._notify(request, update or RequestUpdate([], "", True, reason))
+        # Done before the update: a waiter woken by the update must find the request finished, or it sleeps
+        # a poll interval before looking again.
         request.done.set()
+        self._notify(request, update or RequestUpdate([], "", True, reason))
 
     @staticmethod
     def _notify(request: Request, update: RequestUpdate) -> None:
@@ -575,11 +586,11 @@ class Engine:
         """Free slot i at once: the last active row moves into it, so rows stay packed."""
         last = len(self.rows) - 1
         if i != last:
-            moved = self.rows[last]
-            lo, hi = self.L - moved.length, self.L
+            # The whole slot, not only the moved row's tokens: the freed row's leftovers (NaN, if its adapter
+            # overflowed) would sit under the moved row's mask, and a masked NaN still poisons 0 * value.
             for buf in self.keys + self.values:
-                buf[i, :, lo:hi] = buf[last, :, lo:hi]
-            self.rows[i] = moved
+                buf[i].copy_(buf[last])
+            self.rows[i] = self.rows[last]
         self.rows.pop()
         if not self.rows:
             self.L = 0

@@ -43,14 +43,13 @@ class SamplingParams:
         """Normalise in place and raise InvalidRequest naming the first bad field."""
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
-                or not math.isfinite(self.temperature) or not 0 <= self.temperature <= 100):
+        temperature, top_p = _finite(self.temperature), _finite(self.top_p)
+        if temperature is None or not 0 <= temperature <= 100:
             raise InvalidRequest("temperature", f"must be a number in [0, 100], got {self.temperature!r}")
-        self.temperature = float(self.temperature)
-        if (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1):
+        self.temperature = temperature
+        if top_p is None or not 0 < top_p <= 1:
             raise InvalidRequest("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
-        self.top_p = float(self.top_p)
+        self.top_p = top_p
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequest("top_k", f"must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
         self.top_k = max(self.top_k, 0)
@@ -88,14 +87,30 @@ class SamplingParams:
         return generator
 
 
+def _finite(value) -> float | None:
+    """value as a float if it is a finite real number (not a bool), else None; an integer too large for a
+    float is not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> list[int]:
+                generators: list[torch.Generator | None]) -> list[int | None]:
     """Next token per row of logits [n, V]: one argmax for all greedy rows, then each sampled row with its
     own generator (so a seeded request draws the same tokens whatever else shares the batch, and the same
-    as `PromptModel.generate(..., seed=...)` run on it alone)."""
-    chosen = logits.argmax(dim=-1).tolist()
+    as `PromptModel.generate(..., seed=...)` run on it alone). None for a row whose logits are not all
+    finite: it has no next token, and sampling it would fail the whole batch."""
+    # One host read for both: the argmax and each row's finiteness.
+    chosen, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()]).tolist()
     for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
+        if not finite[i]:
+            chosen[i] = None
+        elif not p.greedy:
             chosen[i] = int(sample_next(logits[i:i + 1], do_sample=True, temperature=p.temperature, top_k=p.top_k,
                                         top_p=p.top_p, generator=g)[0])
     return chosen

@@ -4,8 +4,13 @@
 extra field `task_id`. Endpoints: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has a
 chat template), GET /v1/models, POST /v1/load_adapter, POST /v1/unload_adapter, GET /health, GET /metrics.
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 naming the field for bad
-input, 404 for an unknown route, 429 with Retry-After when the queue is full, 503/504 when a request is
-aborted or times out.
+input, 404 for an unknown route, 413 for a body over `max_body_bytes`, 429 with Retry-After when the queue
+is full, 503/504 when a request is aborted or times out. A 500 (a bug) is answered like any other error and
+keeps the connection open.
+
+One client never stalls the others: the body is bounded before it is read in full, a text prompt's length
+is bounded before it is tokenized, and parsing, tokenizing and validating run in worker threads, off the
+event loop that answers every other client.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,21 +33,95 @@ from fastprompt.serve.sampling import InvalidRequest, SamplingParams
 logger = logging.getLogger("fastprompt.serve")
 
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+# A text prompt of more than max_len * CHARS_PER_TOKEN characters is refused before it is tokenized: the
+# tokenizer's work grows with the text, and hardly any text needs more characters per token.
+CHARS_PER_TOKEN = 32
+MAX_MESSAGE_CHARS = 1000  # an error message echoes the bad value, cut to this length
 UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                "n": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
                "top_logprobs": (None, 0)}
 
 
+def _error_body(status: int, message: str, param: str | None, kind: str) -> bytes:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    # ASCII: a message may quote a client's string, and a lone surrogate in it cannot be encoded as UTF-8.
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                      ensure_ascii=True).encode()
+
+
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status, headers=headers)
+           headers: dict | None = None) -> Response:
+    return Response(_error_body(status, message, param, kind), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware around the whole app: refuses a body over `max_body_bytes` (at once from its
+    Content-Length, else as soon as the bytes received pass the limit) with 413, and answers an unhandled
+    exception with a 500 instead of re-raising it, which would make the server drop the connection."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, started = self.max_body_bytes, False
+        too_large = f"the request body is larger than the server's limit of {limit} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await self._send_error(send, 413, too_large, close=True)
+        received = 0
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._send_error(send, 413, too_large, close=True)
+        except Exception as error:
+            if started:  # a stream already under way: nothing else can be said on it
+                raise
+            logger.exception("unhandled error")
+            await self._send_error(send, 500, f"internal error: {type(error).__name__}")
+
+    @staticmethod
+    async def _send_error(send, status: int, message: str, close: bool = False):
+        body = _error_body(status, message, None, "invalid_request_error" if status < 500 else "server_error")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:  # the unread rest of the body cannot be skipped on a kept-alive connection
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry_after_s: int = 1,
-               start_engine: bool = True, allow_adapter_loading: bool = True) -> FastAPI:
+               start_engine: bool = True, allow_adapter_loading: bool = True,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_chars: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With start_engine, the app starts the engine's background loop on
-    startup and stops it on shutdown."""
+    startup and stops it on shutdown. max_body_bytes: larger request bodies get 413; max_prompt_chars: a
+    longer text prompt (or chat, all messages together) gets 400 before it is tokenized (default
+    CHARS_PER_TOKEN * engine.max_len)."""
+    max_chars = max_prompt_chars or CHARS_PER_TOKEN * engine.max_len
 
     @asynccontextmanager
     async def lifespan(app):
@@ -56,6 +135,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
 
     app = FastAPI(title="fastprompt", lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(_Guard, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_, error: InvalidRequest):
@@ -69,11 +149,6 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, error: StarletteHTTPException):
         return _error(error.status_code, str(error.detail), None, "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def internal(_, error: Exception):
-        logger.exception("unhandled error")
-        return _error(500, f"internal error: {type(error).__name__}", None, "server_error")
 
     # endpoints --------------------------------------------------------------------------------
     @app.get("/health")
@@ -123,7 +198,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
         adapter, task = _model(body)
         if "prompt" not in body:
             raise InvalidRequest("prompt", "is required")
-        prompts = [_tokenize(engine, p) for p in _prompt_list(body["prompt"])]
+        prompts = await run_in_threadpool(_prompts, engine, body["prompt"], max_chars)
         return await _run(http, body, adapter, task, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -133,16 +208,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InvalidRequest("messages", "this model's tokenizer has no chat template; use /v1/completions")
-        messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise InvalidRequest("messages", "must be a non-empty list of {\"role\": str, \"content\": str}")
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as error:
-            raise InvalidRequest("messages", f"the chat template failed: {error}") from error
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = await run_in_threadpool(_chat_prompt, tokenizer, body.get("messages"), max_chars)
         if "max_tokens" not in body and "max_completion_tokens" in body:
             body["max_tokens"] = body["max_completion_tokens"]
         return await _run(http, body, adapter, task, [ids], chat=True)
@@ -174,7 +240,8 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
                 loop.call_soon_threadsafe(updates.put_nowait, (index, update))
 
             requests.append(Request(ids, adapter, params, task, on_update=on_update, timeout_s=request_timeout_s))
-        engine.submit_many(requests)  # InvalidRequest -> 400, QueueFull -> 429
+        # InvalidRequest -> 400, QueueFull -> 429; in a thread, as validating reads every token id
+        await run_in_threadpool(engine.submit_many, requests)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if stream:
@@ -275,14 +342,29 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
 
 # request parsing ------------------------------------------------------------------------------
 async def _json_body(http: HTTPRequest) -> dict:
-    raw = await http.body()
+    return await run_in_threadpool(_parse_json, await http.body())
+
+
+def _parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: deep nesting
+    # ValueError covers bad JSON, bad UTF-8 and an integer of more digits than Python converts;
+    # RecursionError, deep nesting
+    except (ValueError, RecursionError) as error:
         raise InvalidRequest("body", f"malformed JSON: {error}") from error
     if not isinstance(body, dict):
         raise InvalidRequest("body", f"must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _text(field: str, value: str) -> str:
+    """value, if it is valid Unicode: JSON lets a lone surrogate (\\ud800) through, and tokenizers and file
+    paths fail on one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(field, f"is not valid Unicode text (a lone surrogate at index {error.start})") from None
+    return value
 
 
 def _string(body: dict, names: tuple[str, ...]) -> str:
@@ -291,7 +373,7 @@ def _string(body: dict, names: tuple[str, ...]) -> str:
             value = body[name]
             if not isinstance(value, str) or not value:
                 raise InvalidRequest(name, f"must be a non-empty string, got {value!r}")
-            return value
+            return _text(name, value)
     raise InvalidRequest(names[0], "is required")
 
 
@@ -321,14 +403,41 @@ def _prompt_list(prompt) -> list:
                                    "of token ids (at most 256 prompts)")
 
 
-def _tokenize(engine: Engine, prompt) -> list[int]:
+def _prompts(engine: Engine, prompt, max_chars: int) -> list[list[int]]:
+    """The token ids of each prompt of a completion request (a worker thread's job: it may tokenize)."""
+    return [_tokenize(engine, p, max_chars) for p in _prompt_list(prompt)]
+
+
+def _tokenize(engine: Engine, prompt, max_chars: int) -> list[int]:
     if isinstance(prompt, list):
         return prompt
     if engine.tokenizer is None:
         raise InvalidRequest("prompt", "this server has no tokenizer: send token ids")
     if not prompt:
         raise InvalidRequest("prompt", "must not be empty")
-    return engine.tokenizer(prompt)["input_ids"]
+    if len(prompt) > max_chars:
+        raise InvalidRequest("prompt", f"is {len(prompt)} characters; at most {max_chars} are tokenized")
+    return engine.tokenizer(_text("prompt", prompt))["input_ids"]
+
+
+def _chat_prompt(tokenizer, messages, max_chars: int) -> list[int]:
+    """The token ids of a chat request's messages through the tokenizer's chat template."""
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in messages)):
+        raise InvalidRequest("messages", "must be a non-empty list of {\"role\": str, \"content\": str}")
+    chars = 0
+    for i, m in enumerate(messages):
+        _text(f"messages[{i}].role", m["role"])
+        _text(f"messages[{i}].content", m["content"])
+        chars += len(m["role"]) + len(m["content"])
+    if chars > max_chars:
+        raise InvalidRequest("messages", f"hold {chars} characters; at most {max_chars} are tokenized")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:
+        raise InvalidRequest("messages", f"the chat template failed: {error}") from error
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _params(body: dict, engine: Engine, prompt_len: int) -> SamplingParams:
