@@ -535,12 +535,13 @@ class PromptModel(nn.Module):
                 warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
             return self._packed_hidden(plan, input_ids, inputs_embeds, key_padding_mask)
         keys, values, _ = self.bank_kv(plan)
-        if position_ids is None:
-            position_ids = torch.arange(T, device=self.backbone.device)[None].expand(B, T)
+        P = plan.num_virtual_tokens
+        # [1, T]: every row's positions P..P+T-1 (broadcast over the rows, as HF's own default)
+        position_ids = self._packed_positions(0, P, 1, T) if position_ids is None else position_ids + P
         ctx = AttentionContext("prefix", keys, values, plan.row_entry, backend=self.backend,
                                key_padding_mask=key_padding_mask)
         hidden = self.backbone.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                             position_ids=position_ids + plan.num_virtual_tokens, ctx=ctx)
+                                             position_ids=position_ids, ctx=ctx)
         return hidden, None
 
     def _packed_hidden(self, plan, input_ids, inputs_embeds, key_padding_mask):
@@ -566,7 +567,8 @@ class PromptModel(nn.Module):
         return row_hidden.view(B, T, d), last_virtual
 
     def _packed_positions(self, n: int, P: int, B: int, T: int) -> torch.Tensor:
-        """Position ids [1, n·P + B·T] of a packed pass (cached per shape: they depend on nothing else)."""
+        """Position ids [1, n·P + B·T] of a packed pass: n prompts at 0..P-1, then B rows at P..P+T-1 (n = 0,
+        B = 1: one row's [1, T]). Cached per shape: they depend on nothing else."""
         device = self.backbone.device
         key = (n, P, B, T, device)
         positions = self._positions.get(key)

@@ -133,7 +133,7 @@ class Backbone:
     @contextmanager
     def attention_implementation(self, name: str):
         """Switch the model's attention implementation for the duration of a call, then restore it."""
-        configs = {id(c): c for c in self.attention_configs()}.values()
+        configs = self._distinct_attention_configs()
         previous = [(c, c._attn_implementation) for c in configs]
         for c in configs:
             c._attn_implementation = name
@@ -142,6 +142,13 @@ class Backbone:
         finally:
             for c, impl in previous:
                 c._attn_implementation = impl
+
+    def _distinct_attention_configs(self) -> list:
+        # Found once: every training forward switches them, and a transformers config's attribute reads
+        # cost microseconds each.
+        if "_attention_configs" not in self.__dict__:
+            self._attention_configs = list({id(c): c for c in self.attention_configs()}.values())
+        return self._attention_configs
 
     def attention_configs(self) -> list:
         """The config objects whose `_attn_implementation` the model's attention layers read."""

@@ -24,8 +24,14 @@ def test_within_the_window_equals_peft_beyond_it_refused(method):
     actual = ours(input_ids=input_ids, attention_mask=mask).logits
     assert_close("logits", actual, expected, RTOL[torch.float32])
     longer_ids, longer_mask, _ = batch(3, WINDOW - P + 1, padding="left")
+    # The shared prefix's attention applies no window, so it refuses; the concat path (not prefix tuning's)
+    # is PEFT's own, the model's windowed attention, and equals it beyond the window too.
     with pytest.raises(ValueError, match=f"sliding_window={WINDOW}"):
-        ours(input_ids=longer_ids, attention_mask=longer_mask)
+        ours(input_ids=longer_ids, attention_mask=longer_mask, path="shared_prefix")
+    if method != "prefix":
+        expected = peft_model(input_ids=longer_ids, attention_mask=longer_mask).logits[:, -(WINDOW - P + 1):]
+        actual = ours(input_ids=longer_ids, attention_mask=longer_mask, path="concat").logits
+        assert_close("logits", actual, expected, RTOL[torch.float32])
     with pytest.raises(ValueError, match=f"sliding_window={WINDOW}.*at most 2"):
         ours.generate(input_ids=input_ids[:, -3:], max_new_tokens=3)
     ours.generate(input_ids=input_ids[:, -3:], max_new_tokens=2, eos_token_id=[])
