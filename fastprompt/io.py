@@ -19,6 +19,7 @@ folder at a time.
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
 import math
 import os
@@ -103,7 +104,7 @@ def _umask() -> int:
 
 def _remove_temporaries(target: Path) -> None:
     """What killed saves into `target` left beside it."""
-    for path in target.parent.glob(f".{target.name}.*.tmp"):
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
