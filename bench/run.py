@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("training")
     g.add_argument("--models", help="comma-separated, from bench/models.py (sweeps and serving use the first)")
     g.add_argument("--methods", help="comma-separated labels, e.g. prompt_tuning-P100,mpt-P100 (default: all)")
+    g.add_argument("--providers", help="comma-separated, from bench/training.py's PROVIDERS (default: all; "
+                                       "peft-sdpa, the baseline of every ratio, always runs)")
     g.add_argument("--batch", type=int)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--warmup", type=int, help="untimed steps before timing")
@@ -116,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     args.device = torch.device(args.device)
     args.methods = _methods(p, args.methods)
+    args.providers = _providers(p, args.providers)
     for name in ("batch", "seq_len", "steps", "serve_rows", "serve_prompt_len", "serve_virtual", "serve_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -132,6 +135,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     return args
+
+
+def _providers(parser: argparse.ArgumentParser, text: str | None) -> dict:
+    """The training providers named (in PROVIDERS' order), the baseline always among them."""
+    if text is None:
+        return training.PROVIDERS
+    names = {t.strip() for t in text.split(",") if t.strip()}
+    unknown = sorted(names - set(training.PROVIDERS))
+    if unknown or not names:
+        parser.error(f"--providers: unknown {unknown or text!r}; choose from {', '.join(training.PROVIDERS)}")
+    names.add(training.BASELINE)
+    return {name: build for name, build in training.PROVIDERS.items() if name in names}
 
 
 def _methods(parser: argparse.ArgumentParser, text: str | None) -> tuple[training.Method, ...]:
@@ -192,7 +207,7 @@ def _run_suites(args) -> int:
             continue
         if suite == "training":
             rows = training.run(args.training_cases, training.Settings(args.device, args.dtype, args.warmup,
-                                                                         args.steps), log=log)
+                                                                         args.steps), args.providers, log=log)
         else:
             rows = serving.run(args.serving_cases, serving.Settings(args.device, args.dtype, args.serve_reps), log=log)
         columns = TRAINING_COLUMNS if suite == "training" else SERVING_COLUMNS

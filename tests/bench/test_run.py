@@ -36,6 +36,7 @@ def test_quick_training_run_prints_ratios_and_writes_a_dated_quick_json(tmp_path
     (["--models", "tiny-gpt2", "--seq-len", "500"], "exceeds tiny-gpt2's 512 positions"),
     (["--models", "llama-9b"], "model must be one of"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--providers", "fastprompt,peft-sdpa2"], "--providers: unknown ['peft-sdpa2']"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -115,3 +116,9 @@ def test_a_kernel_script_that_refuses_makes_the_run_fail(monkeypatch, capsys):
     assert list(seen) == list(run.KERNEL_SCRIPTS)
     assert all(argv == ["--quick", "--dtype", "bfloat16", "--threads", "1"] for argv in seen.values())
     assert "REFUSED: kernels bench/bench_prompt_embed.py refused a provider" in capsys.readouterr().err
+
+
+def test_providers_are_chosen_in_suite_order_with_the_baseline(tmp_path):
+    args = run.parse_args(["--quick", "--device", "cpu", "--providers", "fastprompt-concat, fastprompt"])
+    assert list(args.providers) == ["peft-sdpa", "fastprompt", "fastprompt-concat"]
+    assert run.parse_args(["--quick", "--device", "cpu"]).providers is run.training.PROVIDERS
