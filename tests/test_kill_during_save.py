@@ -3,13 +3,17 @@
 A forked child saves in a loop, each save stamping every tensor (both adapters' prompts, the optimizer
 state) and the step metadata with its own step number; the parent kills it after a random delay of up to
 a few saves' time and checks the folder that survived. Forking keeps it quick: the child inherits the
-imported torch and the built models."""
+imported torch and the built models. The parent is a fresh process that never starts torch's thread pool
+(pytest's own process has, and a child forked from it can hang in its first parallel op)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +26,24 @@ from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 KILLS = 30
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, str]:
+    """Both cases run in one fresh process (one torch import): {case: "ok" or its traceback}."""
+    root = tmp_path_factory.mktemp("kills")
+    done = subprocess.run([sys.executable, "-m", "tests.test_kill_during_save", str(root)],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((root / "outcomes.json").read_text())
+
+
+def test_kill_during_save_training_checkpoint(outcomes):
+    assert outcomes["training_checkpoint"] == "ok", outcomes["training_checkpoint"]
+
+
+def test_kill_during_save_pretrained_over_another_size(outcomes):
+    assert outcomes["save_pretrained"] == "ok", outcomes["save_pretrained"]
 
 
 def _stamp(model, step: int) -> None:
@@ -40,7 +62,6 @@ def _kill_while_saving(save, check, folder: Path, seconds_per_save: float) -> tu
         pid = os.fork()
         if pid == 0:  # the child: save until killed
             try:
-                torch.set_num_threads(1)
                 step = base
                 while True:
                     save(step)
@@ -64,7 +85,7 @@ def _seconds_per_save(save) -> float:
     return (time.perf_counter() - start) / 3
 
 
-def test_kill_during_save_training_checkpoint(tmp_path):
+def kill_during_save_training_checkpoint(tmp_path: Path) -> None:
     model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
     model.add_adapter("other", fastprompt.PromptTuningConfig(num_virtual_tokens=4))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +127,7 @@ def test_kill_during_save_training_checkpoint(tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")], "stray temporaries after a completed save"
 
 
-def test_kill_during_save_pretrained_over_another_size(tmp_path):
+def kill_during_save_pretrained(tmp_path: Path) -> None:
     base = tiny_model("llama")
     models = {}
     for size in (4, 7):  # every other save changes num_virtual_tokens, so mixed files would not even load
@@ -143,3 +164,19 @@ def test_kill_during_save_pretrained_over_another_size(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                         "other", "tokenizer.json"]
     assert not [p for p in tmp_path.rglob("*.tmp")], "stray temporaries after a completed save"
+
+
+if __name__ == "__main__":
+    import traceback
+
+    torch.set_num_threads(1)  # before any op: no thread pool for the forked children to inherit
+    root, results = Path(sys.argv[1]), {}
+    for case, run in (("training_checkpoint", kill_during_save_training_checkpoint),
+                      ("save_pretrained", kill_during_save_pretrained)):
+        (root / case).mkdir()
+        try:
+            run(root / case)
+            results[case] = "ok"
+        except Exception:
+            results[case] = traceback.format_exc()
+    (root / "outcomes.json").write_text(json.dumps(results))
