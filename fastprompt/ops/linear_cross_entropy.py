@@ -81,15 +81,15 @@ def linear_cross_entropy(
     _check_shapes(spec("hidden", hidden, "[N, d]"), spec("weight", weight, "[V, d]"), spec("labels", labels, "[N]"),
            spec("bias", bias, "[V]"))
     V, d = weight.shape
-    hidden2d = hidden.reshape(-1, d)
     labels1d = labels.reshape(-1)
     _check(labels1d, V, ignore_index)
     grad_mode = torch.is_grad_enabled()
     if grad_mode and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return reference.linear_cross_entropy(hidden2d, weight, labels1d, bias=bias, ignore_index=ignore_index,
+        return reference.linear_cross_entropy(hidden, weight, labels1d, bias=bias, ignore_index=ignore_index,
                                               reduction=reduction)
-    triton = resolve_backend(backend, hidden2d, weight) == "triton"
-    loss, _ = _lce(hidden2d, weight.detach(), None if bias is None else bias.detach(), labels1d.contiguous(),
+    triton = resolve_backend(backend, hidden, weight) == "triton"
+    # hidden goes in unflattened (the op flattens it: no view node in the autograd graph)
+    loss, _ = _lce(hidden, weight.detach(), None if bias is None else bias.detach(), labels1d.contiguous(),
                    int(ignore_index), _REDUCTION_CODES[reduction], 0, grad_mode and hidden.requires_grad, triton)
     return loss
 
@@ -166,17 +166,20 @@ def _check(labels: torch.Tensor, V: int, ignore_index: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the custom op: (loss, G): loss [N] fp32 per token ("none") or the fp32 scalar ("mean", "sum"); G [N, d] the
-# gradient of that loss (for "none": of each token's loss) in hidden, or [0, d] without a gradient
+# the custom op: hidden [..., d] (N tokens), labels [N] -> (loss, G): loss [N] fp32 per token ("none") or the
+# fp32 scalar ("mean", "sum"); G (hidden's shape) the gradient of that loss (for "none": of each token's
+# loss) in hidden, or [0, d] without a gradient
 # ----------------------------------------------------------------------------------------------------------
 def _lce_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
               ignore_index: int, reduction: int, chunk: int, with_grad: bool,
               triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    N, d = hidden.shape
+    d = hidden.shape[-1]
+    flat = hidden.reshape(-1, d)
+    N = flat.shape[0]
     chunk = chunk or chunk_rows(N, weight.shape[0], weight.element_size(), hidden.device.type)
     run = _chunks_triton if triton else _chunks_torch
-    loss, grad = run(hidden, weight, bias, labels, ignore_index, reduction, max(chunk, 1), with_grad)
-    return loss, (grad if grad is not None else hidden.new_empty(0, d))
+    loss, grad = run(flat, weight, bias, labels, ignore_index, reduction, max(chunk, 1), with_grad)
+    return loss, (grad.view(hidden.shape) if grad is not None else hidden.new_empty(0, d))
 
 
 def _count(labels, ignore_index):
@@ -266,12 +269,12 @@ def _torch_grad(lsm, target, weight, ignore_index, reduction, one, count, out=No
 
 
 def _lce_fake(hidden, weight, bias, labels, ignore_index, reduction, chunk, with_grad, triton):
-    N, d = hidden.shape
-    loss = hidden.new_empty(N if reduction == 0 else (), dtype=torch.float32)
-    return loss, hidden.new_empty(N if with_grad else 0, d)
+    loss = hidden.new_empty(labels.shape[0] if reduction == 0 else (), dtype=torch.float32)
+    return loss, (hidden.new_empty(hidden.shape) if with_grad else hidden.new_empty(0, hidden.shape[-1]))
 
 
 def _lce_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])      # G is for this backward only: no gradient flows into it
     ctx.save_for_backward(output[1])
 
 
@@ -279,8 +282,9 @@ def _lce_grad(ctx, grad_loss, _grad_g):
     """d hidden = G scaled by the incoming gradient: per row ("none") or by the scalar."""
     (g,) = ctx.saved_tensors
     d_hidden = None
-    if grad_loss is not None and g.shape[0]:
-        d_hidden = g * (grad_loss.to(g.dtype)[:, None] if grad_loss.dim() else grad_loss.to(g.dtype))
+    if grad_loss is not None and g.numel():
+        scale = grad_loss.to(g.dtype)
+        d_hidden = g * (scale.view(*g.shape[:-1], 1) if scale.dim() else scale)
     return d_hidden, None, None, None, None, None, None, None, None
 
 
