@@ -3,8 +3,8 @@
 - `patch_frozen_ops`: the backbone's norms and MLP activations run through `fastprompt.ops` (rms_norm,
   layer_norm, swiglu, gelu), whose backward computes only the input gradient and keeps only the inputs
   (HF's own modules keep fp32 copies and normalised activations for a weight gradient nobody asks for).
-  On the PyTorch path LayerNorm and GELU take torch's native functions instead, and fp32 RMSNorm the
-  reference formula, which keep the same and cost a fraction of the host time.
+  On the PyTorch path LayerNorm and GELU take torch's native functions instead, which keep the same and
+  cost a fraction of the host time.
 - `checkpoint_layers`: each decoder layer recomputes its activations in the backward instead of keeping
   them (`torch.utils.checkpoint`, non-reentrant, so gradients reach the bank through the attention context).
 
@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
 from fastprompt import ops
-from fastprompt.ops import reference
 from fastprompt.ops._dispatch import resolve_backend
 
 
@@ -68,14 +67,8 @@ def patch_forwards(replacements: list[tuple[nn.Module, Callable]]) -> PatchHandl
 
 # frozen norms and activations ------------------------------------------------------------------------
 def rms_norm_forward(module: nn.Module, hidden_states: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """LlamaRMSNorm-like module (weight [d], variance_epsilon) → ops.rms_norm; fp32 inputs on the PyTorch
-    path take the reference formula with plain autograd instead.
-
-    In fp32 the formula keeps what ops.rms_norm keeps for the backward (x, and one rstd per row: x.float()
-    is x itself, and a frozen weight's product keeps only the weight), at 67 us against 95 us per
-    forward + backward of [64, 64] on a CPU core; in half precision it would keep an fp32 copy of x."""
-    if hidden_states.dtype == torch.float32 and resolve_backend(backend, hidden_states) == "torch":
-        return reference.rms_norm(hidden_states, module.weight, module.variance_epsilon)
+    """LlamaRMSNorm-like module (weight [d], variance_epsilon) → ops.rms_norm (on every path: its host cost
+    per call is budgeted by tests/test_host_cost.py)."""
     return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon, backend=backend)
 
 
