@@ -13,7 +13,10 @@ Backends (the same structure; `fastprompt.ops._dispatch`):
 - "triton": both matmuls on cuBLAS (torch.mm into one reused [chunk, V] buffer of the model's dtype), then
   one Triton kernel per chunk (`fastprompt.kernels.linear_cross_entropy.lce_chunk`) computes the fp32
   log-sum-exp, the loss and overwrites the buffer with d logits in place.
-- "torch": the same per chunk in PyTorch (logits upcast to fp32, logsumexp, softmax in place).
+- "torch": the same per chunk in PyTorch (logits upcast to fp32; ATen's log_softmax, nll_loss,
+  nll_loss_backward and _log_softmax_backward_data, the pieces F.cross_entropy runs).
+Reductions are inside the op: for "mean" the count of non-ignored tokens stays on the device and scales
+d logits (no host read); the backward multiplies G by the incoming scalar (or per row for "none").
 
 Chunking: `chunk_rows` picks the number of tokens per chunk from a memory budget for the [chunk, V] block
 (CHUNK_BYTES: 256 MiB of the model's dtype on CUDA; on the CPU, 128 MiB of fp32), cached per (N, V,
