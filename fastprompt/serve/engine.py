@@ -29,6 +29,9 @@ Design (what is where, and why it is exact):
 - **Slots.** Active rows are kept packed in slots `0..n-1` (a decode step reads a view `[:nb]` of the
   cache, so slots `n..nb-1` hold the pad rows): a row that finishes frees its slot at once, the last row
   moving into it.
+- **Isolation.** A row reads its whole key window, masked columns included, and a masked NaN still
+  poisons `0 * value`: so a new row's slot is zeroed at admission, a freed slot takes its new occupant's
+  whole slot, and a row whose logits are not finite ends alone with finish_reason "error".
 - **Sampling.** Per row: greedy rows share one argmax, sampled rows draw from their own seeded
   `torch.Generator` with `fastprompt.generation.sample_next`, so a request's tokens do not depend on what
   shares its batch, and equal `PromptModel.generate` for the same adapter, prompt and seed.
