@@ -72,7 +72,7 @@ def atomic_folder(folder) -> Iterator[Path]:
     exchange (the old folder's other files carried over, see the module docstring), on failure it is
     removed and `folder` is untouched. Inside another atomic_folder's staging folder it yields `folder`
     itself: the outer switch covers it."""
-    target = Path(os.path.abspath(folder))
+    target = Path(os.path.realpath(folder))  # through a symlink: the folder it names is switched, not the link
     if _inside_staging(target):
         target.mkdir(parents=True, exist_ok=True)
         yield target
@@ -90,7 +90,10 @@ def atomic_folder(folder) -> Iterator[Path]:
         yield staging
         if target.is_dir():
             _carry(target, staging)
+        cwd = os.getcwd()
         _switch(staging, target)
+        if cwd == str(target) or cwd.startswith(str(target) + os.sep):
+            os.chdir(cwd)  # the process stood in the old folder, about to be removed: move it to the new one
     finally:
         roots.remove(staging)
         shutil.rmtree(staging, ignore_errors=True)  # the previous folder after a switch, else the failed save

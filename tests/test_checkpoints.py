@@ -1,7 +1,9 @@
 """Adapter files round-trip with PEFT both ways; training checkpoints resume; writes are atomic."""
 
 import json
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +139,20 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_into_the_working_folder_and_through_a_symlink(tmp_path, monkeypatch):
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    model.save_pretrained(".")
+    model.save_pretrained(".")
+    assert os.getcwd() == str(tmp_path / "run") and Path("adapter_config.json").is_file()
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    with torch.no_grad():
+        model.prompt_sources["default"].embedding.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(saved, model.prompt_sources["default"].embedding.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run"]
