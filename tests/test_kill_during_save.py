@@ -1,8 +1,8 @@
 """kill -9 during a save, at random moments, many times: the folder always loads, and holds one save.
 
 A forked child saves in a loop, each save stamping every tensor (both adapters' prompts, the optimizer
-state) and the step metadata with its own step number; the parent kills it after a random delay of up to
-a few saves' time and checks the folder that survived. Forking keeps it quick: the child inherits the
+state) and the step metadata with its own step number; the parent lets it complete a few saves, kills it
+at a random moment of the next and checks the folder that survived. Forking keeps it quick: the child inherits the
 imported torch and the built models. The parent is a fresh process that never starts torch's thread pool
 (pytest's own process has, and a child forked from it can hang in its first parallel op)."""
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -53,28 +54,42 @@ def _stamp(model, step: int) -> None:
 
 
 def _kill_while_saving(save, check, folder: Path, seconds_per_save: float) -> tuple[set, int]:
-    """KILLS times: fork a child that saves steps base, base + 1, ... in a loop, SIGKILL it at a random
-    moment, check the folder. Returns (the steps found after the kills, kills that left a save unfinished)."""
+    """KILLS times: fork a child that saves steps base, base + 1, ... in a loop, let it finish one to three
+    saves (it reports each through a pipe), SIGKILL it at a random moment of the next one, check the folder.
+    Waiting on the child's reports rather than on the clock keeps this true on a slow or loaded machine,
+    where a fork's first save can take many times the parent's. Returns (the steps found after the kills,
+    kills that left a save unfinished)."""
     rng = random.Random(0)
     found, interrupted = set(), 0
     for kill in range(KILLS):
         base = (kill + 1) * 1000
+        reports, report = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child: save until killed
+        if pid == 0:  # the child: save until killed, one byte down the pipe after each save
             try:
+                os.close(reports)
                 step = base
                 while True:
                     save(step)
+                    os.write(report, b".")
                     step += 1
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 3.0 * seconds_per_save))
+        os.close(report)
+        completed = rng.randint(1, 3)
+        for _ in range(completed):
+            ready, _, _ = select.select([reports], [], [], 120)
+            assert ready and os.read(reports, 1) == b".", "the saving child stopped reporting"
+        time.sleep(rng.uniform(0.0, seconds_per_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(reports)
         strays = list(folder.parent.glob(f".{folder.name}.*.tmp"))
         interrupted += bool(strays)
         assert len(strays) <= 1, strays  # the next save removed the earlier kills' leftovers
-        found.add(check())
+        step = check()
+        assert step >= base + completed - 1, (step, base, completed)  # at least the saves it reported
+        found.add(step)
     return found, interrupted
 
 
@@ -120,7 +135,7 @@ def kill_during_save_training_checkpoint(tmp_path: Path) -> None:
         return step
 
     found, interrupted = _kill_while_saving(save, check, folder, _seconds_per_save(save))
-    assert len(found) >= 5, found  # saves completed between kills: the folder moved on
+    assert len(found) == KILLS, found  # every kill's folder holds that child's own saves
     assert interrupted >= KILLS // 3, interrupted  # and most kills landed inside a save
     save(10**6)
     assert check() == 10**6
@@ -157,7 +172,7 @@ def kill_during_save_pretrained(tmp_path: Path) -> None:
         return steps.pop()
 
     found, interrupted = _kill_while_saving(save, check, folder, _seconds_per_save(save))
-    assert len(found) >= 5, found
+    assert len(found) == KILLS, found
     assert interrupted >= KILLS // 3, interrupted
     save(10**6 + 1)
     assert check() == 10**6 + 1
