@@ -57,14 +57,30 @@ def _script(name: str, *args: str) -> tuple[str, ...]:
     return (PY, f"bench/{name}.py", *args)
 
 
+# The providers worth the lease: PEFT's two baselines and fastprompt on each path (peft-eager and
+# fastprompt-torch were measured on 2026-12-04 and only explain, they set no target).
+TRAINING_PROVIDERS = "peft-sdpa,peft-lora-r16,fastprompt,fastprompt-shared,fastprompt-concat"
+
+
 def _training(seq_len: int, method: str, limit_s: int) -> Step:
-    """One training-suite case at the Llama-3.2-1B shape, bf16, B8: every provider, 2 warm-up + 6 timed
+    """One training-suite case at the Llama-3.2-1B shape, bf16, B8: TRAINING_PROVIDERS, 2 warm-up + 6 timed
     steps. One process per case, so a time-out costs that case alone."""
     return Step(f"train-T{seq_len}-{method}",
                 _bench("--suite", "training", "--models", MODEL, "--methods", method, "--batch", "8", "--seq-len",
-                       str(seq_len), "--warmup", "2", "--steps", "6", "--out", "{scratch}"), limit_s,
+                       str(seq_len), "--providers", TRAINING_PROVIDERS, "--warmup", "2", "--steps", "6",
+                       "--out", "{scratch}"), limit_s,
                 _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", method,
-                       "--out", "{scratch}"))
+                       "--providers", TRAINING_PROVIDERS, "--out", "{scratch}"))
+
+
+def _profile(seq_len: int, method: str, limit_s: int) -> Step:
+    """Host time against device time and the costliest ops of one step (bench/profile_training.py), into
+    the log: what the next optimisation should aim at."""
+    return Step(f"profile-T{seq_len}-{method}",
+                _script("profile_training", "--model", MODEL, "--method", method, "--seq-len", str(seq_len),
+                        "--providers", "fastprompt,peft-sdpa"), limit_s,
+                _script("profile_training", "--model", "tiny-llama", "--method", method, "--seq-len", "32",
+                        "--device", "cpu", "--rows", "5"))
 
 
 VERSIONS = ("import torch, triton, transformers, fastprompt; "
@@ -72,23 +88,26 @@ VERSIONS = ("import torch, triton, transformers, fastprompt; "
             "'transformers', transformers.__version__, 'fastprompt', fastprompt.__path__[0]); "
             "print(torch.cuda.get_device_properties(0) if torch.cuda.is_available() else 'no CUDA')")
 
-# In order of worth: a kernel that fails its native test makes the timings moot; serving is last, as it was
-# measured already (shared/measurements, 2026-12-04) and takes what is left.
+# In order of worth: the headline training case first (it checks every provider's loss and gradients
+# against fp32 before timing), then the native tests (a failing kernel explains a refused provider), the
+# other training cases and a profile of the step; serving was measured on 2026-12-04 and the prefix
+# attention kernel is off the training path on CUDA (attention_route), so they take what is left.
 STEPS: tuple[Step, ...] = (
     Step("versions", (PY, "-c", VERSIONS), 40, (PY, "-c", VERSIONS)),
+    _training(512, "prompt_tuning-P100", 75),
     Step("native-tests", (PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "-n", "8",
-                          "--junitxml={out}/{stage}-junit.xml", "tests"), 180),
-    _training(128, "prompt_tuning-P100", 60),
-    _training(512, "prompt_tuning-P100", 60),
-    _training(512, "prefix-P100", 50),
-    _training(512, "mpt-P100", 55),
+                          "--junitxml={out}/{stage}-junit.xml", "tests"), 160),
+    _training(512, "prefix-P100", 55),
+    _training(512, "mpt-P100", 60),
+    _profile(512, "prompt_tuning-P100", 45),
+    _training(128, "prompt_tuning-P100", 50),
     Step("loss", _script("bench_linear_cross_entropy", "--device", "cuda", "--reps", "5", "--out", "{scratch}"), 40,
          _script("bench_linear_cross_entropy", "--quick", "--out", "{scratch}")),
-    Step("prefix-attention", _script("bench_prefix_attention", "--device", "cuda", "--out", "{scratch}"), 50,
-         _script("bench_prefix_attention", "--quick", "--out", "{scratch}")),
-    Step("serving", _bench("--suite", "serving", "--models", MODEL, "--serve-tasks", "1,8,64", "--serve-reps", "1",
-                           "--out", "{scratch}"), 90,
+    Step("serving", _bench("--suite", "serving", "--models", MODEL, "--serve-tasks", "1,8", "--serve-reps", "1",
+                           "--out", "{scratch}"), 70,
          _bench("--quick", "--suite", "serving", "--out", "{scratch}")),
+    Step("prefix-attention", _script("bench_prefix_attention", "--device", "cuda", "--out", "{scratch}"), 60,
+         _script("bench_prefix_attention", "--quick", "--out", "{scratch}")),
 )
 STAGES = {"all": tuple(s.name for s in STEPS),
           "train": ("versions", "train-T128-prompt_tuning-P100", "train-T512-prompt_tuning-P100",
