@@ -60,6 +60,7 @@ def _prompt_cases(backend):
     ids = torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     emb = _randn(50, d, seed=1, requires_grad=False)
     rows = torch.tensor([2, 0, 2], device=DEVICE)
+    entries = torch.tensor([2, 0], device=DEVICE)  # made here: a host-to-device copy inside a case would sync
     positions = torch.cat([torch.arange(T)[:2], -torch.arange(1, P + 1), torch.arange(2, T)]).expand(B, -1).to(DEVICE)
     shared, cols, trows = _randn(P, d, seed=2), _randn(n_tasks, P, r, seed=3), _randn(n_tasks, r, d, seed=4)
     return {
@@ -69,7 +70,7 @@ def _prompt_cases(backend):
                                    (_randn(n_tasks, P, d, seed=5),)),
         "mpt_prompt_embed": (lambda s, c, t: ops.mpt_prompt_embed(ids, emb, s, c, t, rows, backend=backend),
                              (shared, cols, trows)),
-        "mpt_prompts": (lambda s, c, t: ops.mpt_prompts(s, c, t, torch.tensor([2, 0], device=DEVICE), backend=backend),
+        "mpt_prompts": (lambda s, c, t: ops.mpt_prompts(s, c, t, entries, backend=backend),
                         (shared, cols, trows)),
     }
 
