@@ -51,10 +51,12 @@ PATH_COST_CONSTANTS = {
     # prompt): the shared-prefix step was 1.23-1.36x the concat step at P=5, 1.0-1.04x at P=20, 0.96x at
     # P=50 and 0.70-0.84x at P=100, a crossover near P=20-50 that these constants place at P~35.
     "cpu": PathCostConstants(flops_per_s=40e9, extra_host_s_per_layer=0.6e-3),
-    # H200, bf16, Llama-3.2-1B shape (shared/measurements/2026-12-04-h200): PEFT's step ran at MFU 0.35 of
-    # 989 TFLOP/s; the host spends ~60 us per launch (129 ms for ~2,200 launches), and the packed pass adds
-    # about two launches' worth per layer (SDPA's causal path for the prompts, the copies).
-    "cuda": PathCostConstants(flops_per_s=0.35 * 989e12, extra_host_s_per_layer=120e-6),
+    # H200, bf16, Llama-3.2-1B shape, B8, P100 (bench/results/training-nvidia-h200-2026-12-04.json): the
+    # concat step ran at MFU 0.37-0.42 of the measured peak; the shared-prefix step was 30.0 ms (T512),
+    # 24.1 ms (T128) and 33.6 ms (MPT, 4 tasks, T512) slower than concat although it did 4.5-7.9 ms less
+    # arithmetic: 2.0-2.4 ms of host time a layer (the packed pass's attention kernel launches and copies,
+    # forward and backward; the step is host-bound: bench/profile_training.py issued it in 85 of its 85 ms).
+    "cuda": PathCostConstants(flops_per_s=0.35 * 989e12, extra_host_s_per_layer=2.2e-3),
 }
 
 
@@ -72,8 +74,8 @@ def path_costs(backbone, batch: int, seq_len: int, num_virtual: int, n_prompts: 
     - concat: tokens B·(P+T); pairs B·(P+T)(P+T+1)/2.
     With n < B the shared prefix does less of both, so it wins once the saving outweighs its host time; with
     n = B (every row its own prompt) both do the same arithmetic and concat wins. The two costs are additive
-    (the host time is not hidden behind the device's): on a CPU a step is serial, and on a GPU the step is
-    host-bound at these sizes (shared/measurements/2026-12-04-h200: the GPU idles 85% of a T=128 step).
+    (the host time is not hidden behind the device's): on a CPU a step is serial, and on a GPU the packed
+    pass's step is host-bound at these sizes (on an H200 at B8 the host issues it no faster than it runs).
     """
     constants = PATH_COST_CONSTANTS["cuda" if device_type == "cuda" else "cpu"]
     B, T, P, n = batch, seq_len, num_virtual, n_prompts
