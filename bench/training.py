@@ -12,6 +12,10 @@ backbone, loads the same prompt parameters, and is checked before it is timed:
   fastprompt-concat fastprompt on the concatenation path (path="concat"); prefix tuning has none (its
                     keys/values are parameters read from the bank): status "n/a", no timing
   fastprompt-torch  fastprompt's default with kernels off (backend="torch": the PyTorch references)
+  fastprompt-graphed fastprompt's default, the loss's forward and backward replayed from CUDA graphs
+                    (fastprompt.train.CudaGraphLoss; CUDA only, "n/a" elsewhere). Its peak_mb is None:
+                    its memory is the graph pool's, held from capture on, which the step's peak above
+                    what was allocated before cannot see
 
 Check (on the first batch, before any optimizer step): the loss and every prompt-parameter gradient
 against an fp32 reference, PEFT with eager attention on the same weights upcast, computed row by row
@@ -140,6 +144,8 @@ class Runner:
     params: dict[str, nn.Parameter]           # trainable, named as in PEFT's prompt encoder
     loss: Callable[[Batch], torch.Tensor]     # the step's scalar loss on a batch
     has_prompt: bool = True                   # False for LoRA: no prompt (its loss is the backbone's)
+    eager_loss: Callable[[Batch], torch.Tensor] | None = None   # a graph replay's eager twin: what the
+                                              # saved-activations audit traces (a replay runs no Python)
 
 
 Builder = Callable[[nn.Module, Method, "dict | None"], Runner]
@@ -208,6 +214,21 @@ def fastprompt_model(backend: str | None, path: str = "auto") -> Builder:
     return build
 
 
+def fastprompt_graphed(base, method, state) -> Runner:
+    """fastprompt's default (path="auto") with its loss replayed from CUDA graphs (`CudaGraphLoss`, captured
+    on the first batch)."""
+    from fastprompt.train.cuda_graphs import CudaGraphLoss
+
+    if next(base.parameters()).device.type != "cuda":
+        raise NotApplicable("CUDA graphs need a CUDA device")
+    eager = fastprompt_model(None)(base, method, state)
+    graphed = CudaGraphLoss(eager.module)
+
+    def loss(batch: Batch) -> torch.Tensor:
+        return graphed(batch.input_ids, batch.attention_mask, batch.labels, batch.task_ids)
+    return Runner(eager.module, eager.params, loss, eager_loss=eager.loss)
+
+
 PROVIDERS: dict[str, Builder] = {
     "peft-sdpa": peft_prompt("sdpa"),
     "peft-eager": peft_prompt("eager"),
@@ -216,6 +237,7 @@ PROVIDERS: dict[str, Builder] = {
     "fastprompt-shared": fastprompt_model(None, "shared_prefix"),
     "fastprompt-concat": fastprompt_model(None, "concat"),
     "fastprompt-torch": fastprompt_model("torch"),
+    "fastprompt-graphed": fastprompt_graphed,
 }
 # The providers that stand for fastprompt in the issue's "every method, on each path" target.
 PATH_PROVIDERS = ("fastprompt", "fastprompt-shared", "fastprompt-concat")
@@ -338,8 +360,9 @@ def measure(runners: dict[str, Runner], batch: Batch, settings: Settings) -> dic
             continue
         runner = runners[name]
         try:
-            peak = peak_memory_mb(steps[name], settings.device)
-            saved = saved_bytes(lambda: runner.loss(batch).backward(), exclude=list(runner.module.parameters()))
+            peak = peak_memory_mb(steps[name], settings.device) if runner.eager_loss is None else None
+            traced = runner.eager_loss or runner.loss
+            saved = saved_bytes(lambda: traced(batch).backward(), exclude=list(runner.module.parameters()))
         except Exception as error:  # reported in the provider's row
             results[name] = error
             continue

@@ -12,6 +12,7 @@ from fastprompt._lazy import lazy_exports
 
 _EXPORTS = {
     "latest_checkpoint": "fastprompt.train.checkpoints",
+    "CudaGraphLoss": "fastprompt.train.cuda_graphs",
     "TrainingConfig": "fastprompt.train.config",
     "Example": "fastprompt.train.data",
     "PromptDataset": "fastprompt.train.data",

@@ -1,0 +1,73 @@
+"""CudaGraphLoss on CUDA: each replay equals an eager step (loss and every prompt gradient) on new inputs,
+after optimizer updates, on a second shape, for prompt tuning, prefix tuning and MPT with task ids; the
+gradients it hands to .grad do not silently accumulate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt.train import CudaGraphLoss
+from tests.helpers import DEVICE, assert_close
+from tests.peft_pairs import METHODS
+from tests.tiny_models import batch, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def _model(method: str):
+    torch.manual_seed(0)
+    model = fastprompt.get_peft_model(tiny_model("llama"), METHODS[method]()).to(DEVICE)
+    with torch.no_grad():
+        for p in model.prompt_sources.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _inputs(method: str, B: int, T: int, seed: int):
+    ids, mask, labels = (t.to(DEVICE) for t in batch(B, T, padding="left", seed=seed))
+    task_ids = torch.arange(B, device=DEVICE) % 3 if method == "mpt" else None
+    return ids, mask, labels, task_ids
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert grads, "no trainable parameter got a gradient"
+    return grads
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix", "mpt"])
+def test_replays_equal_eager_steps(method):
+    model = _model(method)
+    graphed = CudaGraphLoss(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step, (B, T) in enumerate([(5, 23), (5, 23), (5, 23), (3, 11)]):   # new values, an update, a new shape
+        inputs = _inputs(method, B, T, seed=step)
+        loss = graphed(*inputs)
+        loss.backward()
+        got_loss, got = loss.detach().clone(), _grads(model)
+        ids, mask, labels, task_ids = inputs
+        want_loss = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids).loss
+        want_loss.backward()
+        want = _grads(model)
+        assert_close(f"step {step} loss", got_loss, want_loss.detach(), 1e-5)
+        assert sorted(got) == sorted(want)
+        for name, grad in want.items():
+            assert_close(f"step {step} grad {name}", got[name], grad, 1e-4)
+        for name, p in model.named_parameters():
+            if name in got:
+                p.grad = got[name]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert len(graphed._graphed) == 2   # one capture per shape
+
+
+def test_gradients_left_in_grad_are_refused():
+    model = _model("prompt_tuning")
+    graphed = CudaGraphLoss(model)
+    inputs = _inputs("prompt_tuning", 4, 9, seed=0)
+    graphed(*inputs).backward()
+    with pytest.raises(ValueError, match="clear the gradients before each CudaGraphLoss call"):
+        graphed(*inputs)
