@@ -82,6 +82,8 @@ def add_training_options(parser) -> None:
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     parser.add_argument("--progress", choices=("auto", "tqdm", "print", "none"), default="auto")
     parser.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA: replay each step's loss from CUDA graphs (batches padded to bucketed lengths)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the frozen decoder layers across the ranks (FSDP2)")
 
@@ -97,7 +99,8 @@ def training_config(args):
         max_grad_norm=args.max_grad_norm or None, precision=args.precision, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score)
+        log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score,
+        cuda_graphs=args.cuda_graphs)
 
 
 def add_data_options(parser) -> None:

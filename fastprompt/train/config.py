@@ -40,6 +40,8 @@ class TrainingConfig:
     progress: str = "auto"                # "auto" (tqdm on a terminal, else lines), "tqdm", "print", "none"
     plot: bool = True                     # loss-curve PNG at the end (skipped, with a note, without matplotlib)
     score: str = "sum"                    # classification: "sum" or "mean" log-probability of the verbalizer
+    cuda_graphs: bool = False             # CUDA: replay each micro-batch's loss from a graph (batches padded
+                                          # to bucketed lengths; see fastprompt.train.trainer)
 
     def __post_init__(self):
         checks = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,

@@ -62,6 +62,11 @@ class PromptDataset:
     def has_classification(self) -> bool:
         return any(e.kind == CLASSIFICATION for e in self.examples)
 
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest example (0 when empty)."""
+        return max((len(e.input_ids) for e in self.examples), default=0)
+
 
 def read_records(path) -> list[tuple[int, dict]]:
     """(line number, record) pairs of a JSON-lines file (``.jsonl``/``.json``/other) or a CSV/TSV file
@@ -216,20 +221,38 @@ def _tokenise(source, record, file_task, encode, verbalizers, separator, max_len
     return Example(prompt + target, [-100] * len(prompt) + target, task, kind, source, len(prompt), label)
 
 
-def collate(examples: list[Example], pad_token_id: int = 0) -> dict:
+def collate(examples: list[Example], pad_token_id: int = 0, *, rows: int | None = None,
+            length: int | None = None) -> dict:
     """Right-padded batch: input_ids, attention_mask, labels (-100 on input and padding) [B, T], and
-    ``tasks`` (the rows' task names; the trainer turns them into adapter_names or task_ids)."""
-    T = max(len(e.input_ids) for e in examples)
-    B = len(examples)
+    ``tasks`` (the rows' task names; the trainer turns them into adapter_names or task_ids).
+
+    B = len(examples) and T = the longest example, or at least `rows` and `length` where given (a CUDA-graph
+    run pads every batch to a few fixed shapes, `bucket_length`). Filler rows repeat the first example with
+    every label -100 (a row of real tokens: no fully masked attention row) and so add nothing to the loss."""
+    T = max(max(len(e.input_ids) for e in examples), length or 0)
+    B = max(len(examples), rows or 0)
     ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
-    for row, e in enumerate(examples):
+    for row in range(B):
+        e = examples[row] if row < len(examples) else examples[0]
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tasks": [e.task for e in examples]}
+        if row < len(examples):
+            labels[row, :n] = torch.tensor(e.labels)
+    tasks = [e.task for e in examples] + [examples[0].task] * (B - len(examples))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tasks": tasks}
+
+
+def bucket_length(length: int, longest: int) -> int:
+    """The padded length of a batch whose longest example has `length` tokens, in a run whose longest has
+    `longest`: the next of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x them: at most 50% padding,
+    two shapes per doubling), never past `longest`."""
+    bucket = 16
+    while bucket < length:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return min(bucket, max(longest, length))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -24,6 +24,14 @@ Subclasses change the objective through two hooks: `normalizers` (global counts 
 The backbone keeps its mode (``from_pretrained`` gives eval mode: no backbone dropout); the prompt
 sources are put in train mode while training.
 
+CUDA graphs (``cuda_graphs=True``, CUDA only): each micro-batch's loss, forward and backward, is replayed
+from a graph (`fastprompt.train.cuda_graphs.CudaGraphLoss`), so the host no longer sets the pace of a step.
+Batches are padded to fixed shapes for that: ``batch_size`` rows (filler rows carry no labels) and a length
+from `data.bucket_length` (16, 24, 32, 48, 64, ...: at most 50% padding), one capture per length. The graph
+computes the micro-batch's token-mean loss; its share of the step is that mean times its target tokens over
+the step's, the same number as the eager share up to rounding. Rows go to one adapter, or to the tasks of
+one MPT adapter (routing by adapter name is a per-row list of strings, which a graph cannot take).
+
 This module holds the loop and evaluation; beside it: the options (`config`), the optimizer and learning-rate
 schedule (`optim`), the checkpoint folders (`checkpoints`), the JSON-lines log (`log`), the loss-curve PNG
 (`loss_curve`) and the progress display (`progress`).
@@ -41,7 +49,9 @@ import torch.nn.functional as F
 from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.train import checkpoints
 from fastprompt.train.config import TrainingConfig
-from fastprompt.train.data import CLASSIFICATION, Example, PromptDataset, collate, micro_batch_indices
+from fastprompt.train.cuda_graphs import CudaGraphLoss
+from fastprompt.train.data import (CLASSIFICATION, Example, PromptDataset, bucket_length, collate,
+                                   micro_batch_indices)
 from fastprompt.train.distributed import Distributed
 from fastprompt.train.log import LOG_NAME, append_record, read_log, truncate_log
 from fastprompt.train.loss_curve import PLOT_NAME, plot_loss_curve
@@ -54,6 +64,14 @@ def target_count(model, labels: torch.Tensor) -> int:
     kind = model.prompt_sources[model.active_adapter].kind
     counted = labels if kind == "tokens" else labels[:, 1:]
     return int((counted != -100).sum())
+
+
+def _take_grads(params, summed: dict) -> None:
+    """Move each parameter's .grad into `summed` (added to what is there), leaving .grad None."""
+    for p in params:
+        if p.grad is not None:
+            summed[p] = summed[p] + p.grad if p in summed else p.grad.clone()
+            p.grad = None
 
 
 def task_model(base_model, config, tasks: list[str], *, path: str = "auto"):
@@ -106,9 +124,12 @@ class Trainer:
         self.is_mpt = model.active_peft_config.peft_type == MULTITASK_PROMPT_TUNING
         self.output_dir = Path(config.output_dir)
         self.optimizer = None
+        self._graphed_loss: CudaGraphLoss | None = None   # made by train() when config.cuda_graphs
         self._check_routing(train_data, "train_data")
         if eval_data is not None:
             self._check_routing(eval_data, "eval_data")
+        if config.cuda_graphs:
+            self._check_graphable()
 
     # routing ---------------------------------------------------------------------------------
     def _check_routing(self, data: PromptDataset, argument: str) -> None:
@@ -122,6 +143,17 @@ class Trainer:
             raise ValueError(f"{len(self.tasks)} tasks {self.tasks} but the MPT adapter has num_tasks="
                              f"{self.model.active_peft_config.num_tasks}")
 
+    def _check_graphable(self) -> None:
+        device = self.model.backbone.device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {device}; set "
+                             f"cuda_graphs=False")
+        named = sorted({t for t in self.train_data.tasks if t is not None})
+        if not self.is_mpt and named and named != [self.model.active_adapter]:
+            raise ValueError(f"cuda_graphs=True trains the active adapter ({self.model.active_adapter!r}) or "
+                             f"the tasks of one MPT adapter, but train_data routes rows to adapters {named} by "
+                             f"name; set cuda_graphs=False")
+
     def model_inputs(self, batch: dict) -> dict:
         """Model kwargs from a collated batch: tensors on the model's device plus the rows' routing."""
         device = self.model.backbone.device
@@ -130,13 +162,15 @@ class Trainer:
         if self.is_mpt:
             inputs["task_ids"] = torch.tensor([self.task_index.get(t, 0) for t in tasks], dtype=torch.long,
                                               device=device)
-        elif any(t is not None for t in tasks):
+        elif any(t is not None for t in tasks) and not self.config.cuda_graphs:  # one adapter with graphs
             inputs["adapter_names"] = list(tasks)
         return inputs
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
-        return torch.autocast(self.model.backbone.device.type, dtype=dtype, enabled=dtype is not None)
+        # A graph captures the casts themselves; autocast's weight-cast cache would outlive the capture.
+        return torch.autocast(self.model.backbone.device.type, dtype=dtype, enabled=dtype is not None,
+                              cache_enabled=not self.config.cuda_graphs)
 
     # training --------------------------------------------------------------------------------
     @property
@@ -150,8 +184,13 @@ class Trainer:
         cfg = self.config
         indices = micro_batch_indices(len(self.train_data), self.examples_per_step, cfg.seed, step,
                                       shuffle=cfg.shuffle)
-        chunks = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
-        return [collate([self.train_data[i] for i in chunk], self.pad_token_id) for chunk in chunks]
+        chunks = [[self.train_data[i] for i in indices[i:i + cfg.batch_size]]
+                  for i in range(0, len(indices), cfg.batch_size)]
+        if not cfg.cuda_graphs:
+            return [collate(chunk, self.pad_token_id) for chunk in chunks]
+        longest = self.train_data.longest
+        return [collate(chunk, self.pad_token_id, rows=cfg.batch_size,
+                        length=bucket_length(max(len(e.input_ids) for e in chunk), longest)) for chunk in chunks]
 
     def normalizers(self, batches: list[dict]) -> dict[str, int]:
         """Counts over a whole step (every micro-batch of every rank) that `compute_loss` divides by:
@@ -162,8 +201,15 @@ class Trainer:
         """One micro-batch's share of the step's loss: (0-dim loss to backpropagate, extra 0-dim terms to
         log). Shares add up over micro-batches and ranks to the step's loss, so each is a sum over the
         micro-batch divided by step-wide counts. Here: the LM loss's token sum / norms["target_tokens"]."""
-        out = self.model(**self.model_inputs(batch), num_items_in_batch=norms["target_tokens"])
-        return out.loss, {}
+        inputs = self.model_inputs(batch)
+        if self._graphed_loss is None:
+            return self.model(**inputs, num_items_in_batch=norms["target_tokens"]).loss, {}
+        targets = target_count(self.model, batch["labels"])
+        if not targets:  # nothing to learn from; a replay's mean (and its gradients) would be 0/0
+            return torch.zeros((), device=inputs["input_ids"].device, requires_grad=True), {}
+        mean = self._graphed_loss(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                                  inputs.get("task_ids"))
+        return mean * (targets / norms["target_tokens"]), {}
 
     def save_model(self, folder) -> None:
         """Write the trained adapters in PEFT's layout (all of them; subclasses may select)."""
@@ -180,6 +226,8 @@ class Trainer:
         if frozen:
             raise ValueError(f"only prompt parameters may train; these also require grad: {frozen[:5]}")
         self.optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        if cfg.cuda_graphs and self._graphed_loss is None:
+            self._graphed_loss = CudaGraphLoss(model, max_shapes=16)
         device_type = model.backbone.device.type
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
         state = {"best": None, "bad_evals": 0, "tokens": 0}
@@ -218,12 +266,18 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
                 shares: dict[str, torch.Tensor] = {}
+                summed_grads: dict[torch.nn.Parameter, torch.Tensor] = {}
                 for batch, weight in self.dist.shard(batches):
                     with self._autocast():
                         loss, terms = self.compute_loss(batch, norms)
                     scaler.scale(loss * weight).backward()
                     for name, value in {"loss": loss, **terms}.items():
                         shares[name] = shares.get(name, 0.0) + value.detach().float() * weight
+                    if self._graphed_loss is not None:  # its .grad are graph buffers the next replay overwrites
+                        _take_grads(params, summed_grads)
+                if self._graphed_loss is not None:
+                    for p, grad in summed_grads.items():
+                        p.grad = grad
                 self.dist.sync_gradients(params)
                 summed = self.dist.all_reduce_sum(torch.stack(list(shares.values()))).tolist()
                 scaler.unscale_(self.optimizer)
