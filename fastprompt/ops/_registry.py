@@ -22,6 +22,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+FUNCTIONS: list[type] = []  # the eager autograd.Functions of every autograd_op (tests/ops/host_path.py)
+
+
 def public_op(fn: Callable) -> Callable:
     """`fn` under a profiler range named "fastprompt.ops.<name>" while torch.profiler records (the host
     budget test reads it), at the cost of one flag read otherwise; nothing while torch.compile traces."""
@@ -71,5 +74,6 @@ def autograd_op(name: str, impl: Callable, *, fake: Callable, setup: Callable, b
     def call(*args):
         return op(*args) if torch.compiler.is_compiling() else Function.apply(*args)
 
-    call.op = op
+    call.op, call.Function = op, Function
+    FUNCTIONS.append(Function)
     return call
