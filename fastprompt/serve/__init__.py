@@ -6,9 +6,9 @@ from fastprompt._lazy import lazy_exports
 
 _EXPORTS = {
     "Engine": "fastprompt.serve.engine",
-    "QueueFull": "fastprompt.serve.engine",
-    "Request": "fastprompt.serve.engine",
-    "RequestUpdate": "fastprompt.serve.engine",
+    "QueueFull": "fastprompt.serve.requests",
+    "Request": "fastprompt.serve.requests",
+    "RequestUpdate": "fastprompt.serve.requests",
     "InvalidRequest": "fastprompt.serve.sampling",
     "SamplingParams": "fastprompt.serve.sampling",
 }

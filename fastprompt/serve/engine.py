@@ -1,5 +1,12 @@
 """The serving engine: many soft-prompt adapters on one frozen causal LM, continuous batching over slots.
 
+This module holds `Engine`, which ties the parts together: its thread and queues, admission of waiting
+requests, the batched prefill and the decode step, and each row's tokens until it finishes. The parts live
+beside it: `requests` (Request, RequestUpdate, QueueFull, the checks a request must pass), `kv_cache`
+(SlotCache: the slots, the common offset, zeroing and moving slots; the decode step's bucketed sizes),
+`cuda_graphs` (DecodeGraphs: capture and replay of the decode step), `adapters` (AdapterStore: the bank),
+`sampling` (SamplingParams, per-row sampling, stop strings) and `metrics`.
+
 Design (what is where, and why it is exact):
 
 - **Bank.** `AdapterStore` keeps each adapter's per-layer prefix keys/values, computed once when it is
@@ -17,7 +24,7 @@ Design (what is where, and why it is exact):
   built on the device. Two bucketed sizes are its only Python ints: the batch `nb` (active rows padded to
   a power of two, or `max_slots`) and the window `R` (`L + 1` rounded up to a power of two, at least
   `MIN_KEY_WINDOW`, at most `cache_len`). A pad row reads bank entry 0 with length 0 and writes into a
-  free slot, which no live row reads. Eager decode runs the same step; on CUDA `_DecodeGraphs` captures
+  free slot, which no live row reads. Eager decode runs the same step; on CUDA `DecodeGraphs` captures
   it once per `(nb, R)` and replays it.
 - **Prefill.** The requests admitted in a step (up to `max_prefills_per_step`, and `max_prefill_tokens`
   counting the padding) run together through the backbone, left-padded to their longest prompt T and
@@ -46,10 +53,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -57,58 +63,13 @@ import torch
 from fastprompt.backbones import AttentionContext, KVCache, get_backbone
 from fastprompt.model import PromptModel
 from fastprompt.serve.adapters import AdapterStore
+from fastprompt.serve.cuda_graphs import DecodeGraphs
+from fastprompt.serve.kv_cache import SlotCache, batch_buckets, key_window
 from fastprompt.serve.metrics import Metrics
-from fastprompt.serve.sampling import InvalidRequest, SamplingParams, TextTracker, sample_rows
+from fastprompt.serve.requests import QueueFull, Request, RequestUpdate, check_request, drop_reason
+from fastprompt.serve.sampling import InvalidRequest, TextTracker, sample_rows
 
 logger = logging.getLogger("fastprompt.serve")
-
-MIN_KEY_WINDOW = 16  # the smallest key window a decode step reads (fewer, larger buckets at short lengths)
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at capacity (the HTTP layer answers 429 with Retry-After)."""
-
-
-@dataclass
-class RequestUpdate:
-    token_ids: list[int]          # tokens generated since the last update
-    text: str                     # text that became safe to show since the last update
-    finished: bool
-    finish_reason: str | None     # "stop", "length", "abort", "timeout", "error"
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation: prompt token ids, the adapter (and MPT task) to read, sampling parameters."""
-
-    prompt_ids: list[int]
-    adapter: str
-    params: SamplingParams = field(default_factory=SamplingParams)
-    task: int = 0
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    on_update: Callable[["Request", RequestUpdate], None] | None = None
-    timeout_s: float | None = None
-    # filled in by the engine
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request (a client went away); its slot is freed at the next step."""
-        self.cancelled = True
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout_s is None else self.arrival + self.timeout_s
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.done.wait(timeout)
 
 
 @dataclass(eq=False)
@@ -130,7 +91,7 @@ class Engine:
     tokens per request; max_queue: waiting requests before `submit` raises QueueFull; max_prefills_per_step
     (default max_slots) and max_prefill_tokens (padded prompt tokens, at least one request): what one step's
     batched prefill may take, which bounds the stall it adds to running rows; cuda_graphs: on a CUDA
-    device, run decode steps as CUDA graphs captured per (batch bucket, key window) (`_DecodeGraphs`);
+    device, run decode steps as CUDA graphs captured per (batch bucket, key window) (`DecodeGraphs`);
     bucketed_steps: run every decode step at those bucketed shapes (default: exactly when CUDA graphs are on,
     since an eager step gains nothing from pad rows and unread keys; True on a CPU runs what a graph runs).
     """
@@ -160,12 +121,9 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self.device = self.backbone.device
         self.store = AdapterStore(base, backend)
-        shape = (max_slots, self.backbone.num_kv_heads, self.cache_len, self.backbone.head_dim)
-        # Zeros, not empty: masked cache positions are multiplied by a zero probability, which must stay 0.
-        self.keys = [torch.zeros(shape, dtype=self.backbone.dtype, device=self.device)
-                     for _ in range(self.backbone.num_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.L = 0                                   # the common write offset
+        self.cache = SlotCache(self.backbone.num_layers, max_slots, self.backbone.num_kv_heads, self.cache_len,
+                               self.backbone.head_dim, self.backbone.dtype, self.device)
+        self.keys, self.values = self.cache.keys, self.cache.values   # per layer [max_slots, Hkv, cache_len, D]
         self.rows: list[_Row] = []                   # active rows, packed in slots 0..n-1
         self.queue: deque[Request] = deque()
         self.lock = threading.Lock()
@@ -181,12 +139,21 @@ class Engine:
         self._stopping = threading.Event()
         self._store_version = self.store.version
         self.batch_buckets = batch_buckets(max_slots)
-        self._graphs = (_DecodeGraphs(self._decode_step, lambda: self.store.version)
+        self._graphs = (DecodeGraphs(self._decode_step, lambda: self.store.version)
                         if cuda_graphs and self.device.type == "cuda" else None)
         if self._graphs is not None and bucketed_steps is False:
             raise ValueError("bucketed_steps=False needs cuda_graphs=False on a CUDA device: graphs are captured "
                              "per bucketed shape")
         self.bucketed_steps = self._graphs is not None if bucketed_steps is None else bucketed_steps
+
+    @property
+    def L(self) -> int:
+        """The common write offset: every active row's tokens end at it (`SlotCache.L`)."""
+        return self.cache.L
+
+    @L.setter
+    def L(self, value: int) -> None:
+        self.cache.L = value
 
     # adapters --------------------------------------------------------------------------------
     def load_adapter(self, name: str, adapter_dir, timeout: float | None = 300):
@@ -241,43 +208,10 @@ class Engine:
 
     # requests --------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
-        """Raise InvalidRequest naming the field if the engine cannot run this request."""
-        if not isinstance(request.params, SamplingParams):
-            raise InvalidRequest("params", "must be a SamplingParams")
-        request.params.validate(self.backbone.vocab_size)
-        ids = request.prompt_ids
-        vocab = self.backbone.vocab_size
-        # The length first: it costs nothing, and a huge prompt is refused before its ids are read.
-        if isinstance(ids, (list, tuple)) and len(ids) >= self.max_len:
-            raise InvalidRequest("prompt", f"is {len(ids)} tokens; at most {self.max_len - 1} fit (max_len="
-                                           f"{self.max_len} counts prompt and generated tokens)")
-        if (not isinstance(ids, (list, tuple)) or not ids
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)):
-            raise InvalidRequest("prompt", f"must be a non-empty list of token ids in [0, {vocab})")
-        if len(ids) + request.params.max_tokens > self.max_len:
-            raise InvalidRequest("max_tokens", f"{request.params.max_tokens} new tokens after a {len(ids)}-token "
-                                               f"prompt exceed max_len={self.max_len}; at most "
-                                               f"{self.max_len - len(ids)}")
-        if isinstance(request.task, bool) or not isinstance(request.task, int):
-            raise InvalidRequest("task_id", f"must be an integer, got {request.task!r}")
-        self.store.entry(request.adapter, request.task)
-        P = self.store.num_virtual_tokens_of(request.adapter)
-        # Position ids run to P + len + max_tokens - 2 (the last token is not fed back), and the last query
-        # sees one key more: both must stay below the limit.
-        for limit, what in ((self.backbone.max_positions, "learned positions"),
-                            (self.backbone.sliding_window, "sliding window")):
-            if limit is None:
-                continue
-            if P + len(ids) > limit:
-                raise InvalidRequest("prompt", f"is {len(ids)} tokens; after {P} virtual tokens at most "
-                                               f"{limit - P} fit the model's {what}")
-            if P + len(ids) + request.params.max_tokens - 2 >= limit:
-                raise InvalidRequest("max_tokens", f"{request.params.max_tokens} new tokens after {P} virtual and "
-                                                   f"{len(ids)} prompt tokens exceed the model's {what}; at most "
-                                                   f"{limit - P - len(ids) + 1}")
-        if request.params.stop and self.tokenizer is None:
-            raise InvalidRequest("stop", "stop strings need a tokenizer, and this engine has none (token-id "
-                                         "prompts only): use stop_token_ids")
+        """Raise InvalidRequest naming the field if the engine cannot run this request (`check_request`); then
+        give it the engine's request_timeout_s if it has no timeout of its own."""
+        check_request(request, backbone=self.backbone, store=self.store, max_len=self.max_len,
+                      has_tokenizer=self.tokenizer is not None)
         if request.timeout_s is None:
             request.timeout_s = self.request_timeout_s
 
@@ -377,25 +311,17 @@ class Engine:
         now = time.monotonic()
         for i in reversed(range(len(self.rows))):
             request = self.rows[i].request
-            reason = self._drop_reason(request, now)
+            reason = drop_reason(request, now)
             if reason:
                 self._finish(request, reason, "cancelled" if reason == "abort" else "request timed out")
                 self._free(i)
         with self.lock:
-            dropped = [r for r in self.queue if self._drop_reason(r, now)]
+            dropped = [r for r in self.queue if drop_reason(r, now)]
             for r in dropped:
                 self.queue.remove(r)
         for r in dropped:
-            reason = self._drop_reason(r, now)
+            reason = drop_reason(r, now)
             self._finish(r, reason, "cancelled" if reason == "abort" else "request timed out")
-
-    @staticmethod
-    def _drop_reason(request: Request, now: float) -> str | None:
-        if request.cancelled:
-            return "abort"
-        if request.deadline is not None and now > request.deadline:
-            return "timeout"
-        return None
 
     def _admit(self) -> bool:
         """Prefill as many waiting requests as free slots and the step's budgets allow, in one forward."""
@@ -458,10 +384,8 @@ class Engine:
         slot, L = len(self.rows), self.L
         # A new row reads its whole key window, masked columns included, so its slot starts from zeros: what
         # an earlier occupant or a pad row left there must not reach it (0 * NaN is NaN).
-        for buf in self.keys + self.values:
-            buf[slot:slot + k].zero_()
-        cache = KVCache([key[slot:slot + k, :, L - T:L] for key in self.keys],
-                        [value[slot:slot + k, :, L - T:L] for value in self.values], length=0)
+        self.cache.zero_slots(slot, k)
+        cache = self.cache.prefill_view(slot, k, T)
         pads = torch.tensor([T - n for n in lengths], device=self.device)
         columns = torch.arange(T, device=self.device)[None]
         mask = columns >= pads[:, None]
@@ -517,8 +441,7 @@ class Engine:
         offset = inputs[3 * nb]
         columns = torch.arange(window, device=inputs.device)[None]
         mask = (columns >= (offset - lengths)[:, None]) & (columns <= offset)
-        cache = KVCache([k[:nb, :, :window] for k in self.keys], [v[:nb, :, :window] for v in self.values],
-                        write_at=offset)
+        cache = self.cache.decode_view(nb, window, offset)
         positions = lengths[:, None] + self.store.entry_lengths[task_ids, None]
         hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=positions,
                                              ctx=self._context(task_ids, mask, cache))
@@ -591,8 +514,7 @@ class Engine:
         if i != last:
             # The whole slot, not only the moved row's tokens: the freed row's leftovers (NaN, if its adapter
             # overflowed) would sit under the moved row's mask, and a masked NaN still poisons 0 * value.
-            for buf in self.keys + self.values:
-                buf[i].copy_(buf[last])
+            self.cache.move_slot(i, last)
             self.rows[i] = self.rows[last]
         self.rows.pop()
         if not self.rows:
@@ -600,12 +522,7 @@ class Engine:
 
     def _rebase(self, new_L: int) -> None:
         """Move every row's tokens so that they end at offset new_L (one block copy per layer)."""
-        n, m = len(self.rows), max([r.length for r in self.rows], default=0)
-        if m and new_L != self.L:
-            for buf in self.keys + self.values:
-                block = buf[:n, :, self.L - m:self.L].clone()
-                buf[:n, :, new_L - m:new_L] = block
-        self.L = new_L
+        self.cache.rebase(len(self.rows), max([r.length for r in self.rows], default=0), new_L)
 
     def _abort_all(self, message: str, running_only: bool = False) -> None:
         for row in self.rows:
@@ -618,88 +535,3 @@ class Engine:
             waiting, self.queue = list(self.queue), deque()
         for request in waiting:
             self._finish(request, "abort", message)
-
-
-def batch_buckets(max_slots: int) -> list[int]:
-    """The batch sizes a decode step runs at: powers of two below max_slots, then max_slots."""
-    sizes = [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
-    return sizes + [max_slots]
-
-
-def key_window(offset: int, cache_len: int) -> int:
-    """The key window [0, R) a decode step writing column `offset` reads: offset + 1 rounded up to a power
-    of two, at least MIN_KEY_WINDOW, at most cache_len (offset < cache_len)."""
-    return min(cache_len, max(MIN_KEY_WINDOW, 1 << offset.bit_length()))
-
-
-class _DecodeGraphs:
-    """CUDA graphs of `Engine._decode_step`, captured lazily, one per (batch bucket nb, key window R).
-
-    Capture: on one side stream of the engine's device, the step runs once (Triton compiles its kernels,
-    cuBLAS sets up its workspace), then is captured into a CUDAGraph that reads a static inputs tensor
-    and leaves its logits in a static output. All graphs share one memory pool and the capture stream:
-    they replay one at a time, on the engine's thread, and each keeps its inputs and output alive, so
-    what one graph shares with another is only memory both use as temporaries. Replay: copy the step's
-    inputs into the static tensor, replay, return the static logits (valid until the next replay;
-    sampling reads them at once, outside the graph).
-
-    What a graph bakes in: the cache tensors (allocated once by the engine: `_rebase` and `_free` move
-    rows within them and change nothing) and the adapter bank, which `AdapterStore` rebuilds on every
-    load and unload: a change of `version()` drops every graph, and their pool, before the next replay.
-    Bounded: at most len(batch_buckets) * len(key windows) graphs, e.g. 6 * 7 = 42 for 32 slots and a
-    1024-position cache.
-
-    Capture runs in "thread_local" mode, so CUDA work on other threads of the process cannot abort it.
-    A model whose step cannot be captured (one that reads a device value on the host, e.g. a rotary
-    embedding rescaled by the longest position) fails its first capture: graphs are then turned off for
-    good, with a warning, and `run` returns None (the engine decodes eagerly).
-    """
-
-    def __init__(self, step: Callable[[int, int, torch.Tensor], torch.Tensor], version: Callable[[], int]):
-        self.step = step
-        self.version = version
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.pool = None
-        self.stream: torch.cuda.Stream | None = None
-        self.captured_version: int | None = None
-        self.disabled = False
-
-    def run(self, nb: int, window: int, inputs: torch.Tensor) -> torch.Tensor | None:
-        """Logits [nb, V] of `step(nb, window, inputs)` (inputs: int64 [3 * nb + 1] on the CUDA device),
-        replaying the (nb, window) graph, captured first if there is none; None once capture failed."""
-        if self.disabled:
-            return None
-        if self.version() != self.captured_version:
-            self.graphs.clear()
-            self.pool = torch.cuda.graph_pool_handle()
-            self.captured_version = self.version()
-        entry = self.graphs.get((nb, window))
-        if entry is None:
-            try:
-                with torch.cuda.device(inputs.device):
-                    entry = self._capture(nb, window, inputs)
-            except Exception as error:  # the step is not capturable: serve eagerly rather than fail every step
-                logger.warning("CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly from "
-                               "now on (pass cuda_graphs=False to skip the attempt)", type(error).__name__, error)
-                self.disabled = True
-                self.graphs.clear()
-                return None
-            self.graphs[(nb, window)] = entry
-        graph, static_inputs, logits = entry
-        static_inputs.copy_(inputs)
-        graph.replay()
-        return logits
-
-    def _capture(self, nb: int, window: int, inputs: torch.Tensor):
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(inputs.device)
-        static_inputs = inputs.clone()
-        # The warm-up writes the same keys/values into the same cache columns as the replay that follows.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            self.step(nb, window, static_inputs)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            logits = self.step(nb, window, static_inputs)
-        return graph, static_inputs, logits

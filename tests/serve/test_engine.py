@@ -15,7 +15,7 @@ import fastprompt
 
 from fastprompt.backbones import AttentionContext, KVCache
 from fastprompt.serve import Engine, InvalidRequest, QueueFull, Request, SamplingParams
-from fastprompt.serve.engine import batch_buckets, key_window
+from fastprompt.serve.kv_cache import batch_buckets, key_window
 from tests.helpers import RTOL, assert_close
 from tests.serve.conftest import random_prompt, reference_tokens
 from tests.tiny_models import tiny_model
