@@ -11,50 +11,35 @@ keeps the connection open.
 One client never stalls the others: the body is bounded before it is read in full, a text prompt's length
 is bounded before it is tokenized, and parsing, tokenizing and validating run in worker threads, off the
 event loop that answers every other client.
+
+This module holds the app: `create_app` (its routes, waiting on and streaming a request's updates) and the
+ASGI guard around it (body limit, 500s). Parsing request bodies and shaping error, usage and event payloads
+is `fastprompt.serve.protocol`'s job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fastprompt.serve.engine import Engine, QueueFull, Request, RequestUpdate
-from fastprompt.serve.sampling import InvalidRequest, SamplingParams
+from fastprompt.serve.engine import Engine
+from fastprompt.serve.protocol import (CHARS_PER_TOKEN, adapter_and_task, chat_prompt_ids, error_body,
+                                       error_response, json_body, prompt_ids, response_options,
+                                       sampling_params, sse, string_field, usage)
+from fastprompt.serve.requests import QueueFull, Request, RequestUpdate
+from fastprompt.serve.sampling import InvalidRequest
 
 logger = logging.getLogger("fastprompt.serve")
 
-DEFAULT_MAX_TOKENS = 16
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-# A text prompt of more than max_len * CHARS_PER_TOKEN characters is refused before it is tokenized: the
-# tokenizer's work grows with the text, and hardly any text needs more characters per token.
-CHARS_PER_TOKEN = 32
-MAX_MESSAGE_CHARS = 1000  # an error message echoes the bad value, cut to this length
-UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-               "n": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-               "top_logprobs": (None, 0)}
-
-
-def _error_body(status: int, message: str, param: str | None, kind: str) -> bytes:
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS] + "..."
-    # ASCII: a message may quote a client's string, and a lone surrogate in it cannot be encoded as UTF-8.
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                      ensure_ascii=True).encode()
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict | None = None) -> Response:
-    return Response(_error_body(status, message, param, kind), status_code=status, headers=headers,
-                    media_type="application/json")
 
 
 class BodyTooLarge(Exception):
@@ -106,7 +91,7 @@ class _Guard:
 
     @staticmethod
     async def _send_error(send, status: int, message: str, close: bool = False):
-        body = _error_body(status, message, None, "invalid_request_error" if status < 500 else "server_error")
+        body = error_body(status, message, None, "invalid_request_error" if status < 500 else "server_error")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if close:  # the unread rest of the body cannot be skipped on a kept-alive connection
             headers.append((b"connection", b"close"))
@@ -139,22 +124,22 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_, error: InvalidRequest):
-        return _error(400, str(error), error.field)
+        return error_response(400, str(error), error.field)
 
     @app.exception_handler(QueueFull)
     async def full(_, error: QueueFull):
-        return _error(429, f"the server is busy: {error}; retry later", None, "rate_limit_error",
+        return error_response(429, f"the server is busy: {error}; retry later", None, "rate_limit_error",
                       headers={"Retry-After": str(retry_after_s)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, error: StarletteHTTPException):
-        return _error(error.status_code, str(error.detail), None, "invalid_request_error")
+        return error_response(error.status_code, str(error.detail), None, "invalid_request_error")
 
     # endpoints --------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
         if start_engine and not engine.running:
-            return _error(503, "the engine is not running", None, "server_error")
+            return error_response(503, "the engine is not running", None, "server_error")
         return {"status": "ok", "running": engine.num_running, "queue_depth": engine.queue_depth}
 
     @app.get("/metrics")
@@ -176,65 +161,51 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
     @app.post("/v1/load_adapter")
     async def load_adapter(http: HTTPRequest):
         if not allow_adapter_loading:
-            return _error(403, "adapter loading is disabled on this server", None, "permission_error")
-        body = await _json_body(http)
-        name = _string(body, ("adapter_name", "lora_name"))
-        path = _string(body, ("adapter_path", "lora_path"))
+            return error_response(403, "adapter loading is disabled on this server", None, "permission_error")
+        body = await json_body(http)
+        name = string_field(body, ("adapter_name", "lora_name"))
+        path = string_field(body, ("adapter_path", "lora_path"))
         await run_in_threadpool(engine.load_adapter, name, path)
         return {"status": "ok", "message": f"adapter {name!r} loaded", "adapters": engine.adapter_names()}
 
     @app.post("/v1/unload_adapter")
     async def unload_adapter(http: HTTPRequest):
         if not allow_adapter_loading:
-            return _error(403, "adapter loading is disabled on this server", None, "permission_error")
-        body = await _json_body(http)
-        name = _string(body, ("adapter_name", "lora_name"))
+            return error_response(403, "adapter loading is disabled on this server", None, "permission_error")
+        body = await json_body(http)
+        name = string_field(body, ("adapter_name", "lora_name"))
         await run_in_threadpool(engine.unload_adapter, name)
         return {"status": "ok", "message": f"adapter {name!r} unloaded", "adapters": engine.adapter_names()}
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        body = await _json_body(http)
-        adapter, task = _model(body)
+        body = await json_body(http)
+        adapter, task = adapter_and_task(body)
         if "prompt" not in body:
             raise InvalidRequest("prompt", "is required")
-        prompts = await run_in_threadpool(_prompts, engine, body["prompt"], max_chars)
+        prompts = await run_in_threadpool(prompt_ids, engine, body["prompt"], max_chars)
         return await _run(http, body, adapter, task, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
-        body = await _json_body(http)
-        adapter, task = _model(body)
+        body = await json_body(http)
+        adapter, task = adapter_and_task(body)
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InvalidRequest("messages", "this model's tokenizer has no chat template; use /v1/completions")
-        ids = await run_in_threadpool(_chat_prompt, tokenizer, body.get("messages"), max_chars)
+        ids = await run_in_threadpool(chat_prompt_ids, tokenizer, body.get("messages"), max_chars)
         if "max_tokens" not in body and "max_completion_tokens" in body:
             body["max_tokens"] = body["max_completion_tokens"]
         return await _run(http, body, adapter, task, [ids], chat=True)
 
     async def _run(http: HTTPRequest, body: dict, adapter: str, task: int, prompts: list[list[int]], *,
                    chat: bool):
-        for name, allowed in UNSUPPORTED.items():
-            if name in body and body[name] not in allowed:
-                raise InvalidRequest(name, f"is not supported by this server (got {body[name]!r})")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("stream", f"must be a boolean, got {stream!r}")
-        return_ids = body.get("return_token_ids", False)
-        if not isinstance(return_ids, bool):
-            raise InvalidRequest("return_token_ids", f"must be a boolean, got {return_ids!r}")
-        include_usage = False
-        options = body.get("stream_options")
-        if options is not None:
-            if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-                raise InvalidRequest("stream_options", "must be an object like {\"include_usage\": true}")
-            include_usage = options.get("include_usage", False)
+        stream, return_ids, include_usage = response_options(body)
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         requests = []
         for index, ids in enumerate(prompts):
-            params = _params(body, engine, len(ids))
+            params = sampling_params(body, engine, len(ids))
 
             def on_update(_, update: RequestUpdate, index=index):
                 loop.call_soon_threadsafe(updates.put_nowait, (index, update))
@@ -250,7 +221,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             if not await _wait(http, requests, updates):
-                return _error(499, "client disconnected", None)
+                return error_response(499, "client disconnected", None)
         finally:
             for r in requests:
                 if not r.done.is_set():
@@ -258,7 +229,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
         for r in requests:
             if r.finish_reason in ("timeout", "abort", "error"):
                 status = 504 if r.finish_reason == "timeout" else 503
-                return _error(status, f"request {r.finish_reason}: {r.error}", None, "server_error")
+                return error_response(status, f"request {r.finish_reason}: {r.error}", None, "server_error")
         choices = []
         for i, r in enumerate(requests):
             if chat:
@@ -270,7 +241,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
                 choice["token_ids"] = list(r.output_ids)
             choices.append(choice)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": adapter, "choices": choices, "usage": _usage(requests)}
+                "model": adapter, "choices": choices, "usage": usage(requests)}
 
     async def _wait(http: HTTPRequest, requests: list[Request], updates: asyncio.Queue) -> bool:
         """Wait until every request has finished; False (after cancelling them) if the client went away."""
@@ -297,7 +268,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
         try:
             if chat:
                 for i in range(len(requests)):
-                    yield _sse({"id": rid, "object": kind, "created": created, "model": adapter, "choices": [
+                    yield sse({"id": rid, "object": kind, "created": created, "model": adapter, "choices": [
                         {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                          "logprobs": None}]})
             while remaining:
@@ -305,7 +276,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
                     index, update = await asyncio.wait_for(updates.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if start_engine and not engine.running:
-                        yield _sse({"error": {"message": "the engine stopped", "type": "server_error",
+                        yield sse({"error": {"message": "the engine stopped", "type": "server_error",
                                               "param": None, "code": 503}})
                         break
                     continue
@@ -314,7 +285,7 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
                 reason = update.finish_reason
                 if reason in ("timeout", "abort", "error"):
                     request = requests[index]
-                    yield _sse({"error": {"message": f"request {reason}: {request.error}", "type": "server_error",
+                    yield sse({"error": {"message": f"request {reason}: {request.error}", "type": "server_error",
                                           "param": None, "code": 504 if reason == "timeout" else 503}})
                     continue
                 if chat:
@@ -325,11 +296,11 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
                 if return_ids:
                     choice["token_ids"] = update.token_ids
                 if update.text or reason or return_ids:
-                    yield _sse({"id": rid, "object": kind, "created": created, "model": adapter,
+                    yield sse({"id": rid, "object": kind, "created": created, "model": adapter,
                                 "choices": [choice]})
             if include_usage:
-                yield _sse({"id": rid, "object": kind, "created": created, "model": adapter, "choices": [],
-                            "usage": _usage(requests)})
+                yield sse({"id": rid, "object": kind, "created": created, "model": adapter, "choices": [],
+                            "usage": usage(requests)})
             yield "data: [DONE]\n\n"
         finally:  # the client went away, or the stream ended: free the rows at once
             for r in requests:
@@ -338,125 +309,3 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
             engine.wakeup.set()
 
     return app
-
-
-# request parsing ------------------------------------------------------------------------------
-async def _json_body(http: HTTPRequest) -> dict:
-    return await run_in_threadpool(_parse_json, await http.body())
-
-
-def _parse_json(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    # ValueError covers bad JSON, bad UTF-8 and an integer of more digits than Python converts;
-    # RecursionError, deep nesting
-    except (ValueError, RecursionError) as error:
-        raise InvalidRequest("body", f"malformed JSON: {error}") from error
-    if not isinstance(body, dict):
-        raise InvalidRequest("body", f"must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _text(field: str, value: str) -> str:
-    """value, if it is valid Unicode: JSON lets a lone surrogate (\\ud800) through, and tokenizers and file
-    paths fail on one."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidRequest(field, f"is not valid Unicode text (a lone surrogate at index {error.start})") from None
-    return value
-
-
-def _string(body: dict, names: tuple[str, ...]) -> str:
-    for name in names:
-        if name in body:
-            value = body[name]
-            if not isinstance(value, str) or not value:
-                raise InvalidRequest(name, f"must be a non-empty string, got {value!r}")
-            return _text(name, value)
-    raise InvalidRequest(names[0], "is required")
-
-
-def _model(body: dict) -> tuple[str, int]:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model", f"must name a loaded adapter (GET /v1/models), got {model!r}")
-    task = body.get("task_id", 0)
-    if isinstance(task, bool) or not isinstance(task, int):
-        raise InvalidRequest("task_id", f"must be an integer, got {task!r}")
-    return model, task
-
-
-def _is_ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                          for t in value)
-
-
-def _prompt_list(prompt) -> list:
-    """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
-    if isinstance(prompt, str) or _is_ids(prompt):
-        return [prompt]
-    if (isinstance(prompt, list) and prompt and len(prompt) <= 256
-            and all(isinstance(p, str) or _is_ids(p) for p in prompt)):
-        return prompt
-    raise InvalidRequest("prompt", "must be a string, a list of strings, a list of token ids or a list of lists "
-                                   "of token ids (at most 256 prompts)")
-
-
-def _prompts(engine: Engine, prompt, max_chars: int) -> list[list[int]]:
-    """The token ids of each prompt of a completion request (a worker thread's job: it may tokenize)."""
-    return [_tokenize(engine, p, max_chars) for p in _prompt_list(prompt)]
-
-
-def _tokenize(engine: Engine, prompt, max_chars: int) -> list[int]:
-    if isinstance(prompt, list):
-        return prompt
-    if engine.tokenizer is None:
-        raise InvalidRequest("prompt", "this server has no tokenizer: send token ids")
-    if not prompt:
-        raise InvalidRequest("prompt", "must not be empty")
-    if len(prompt) > max_chars:
-        raise InvalidRequest("prompt", f"is {len(prompt)} characters; at most {max_chars} are tokenized")
-    return engine.tokenizer(_text("prompt", prompt))["input_ids"]
-
-
-def _chat_prompt(tokenizer, messages, max_chars: int) -> list[int]:
-    """The token ids of a chat request's messages through the tokenizer's chat template."""
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                       and isinstance(m.get("content"), str) for m in messages)):
-        raise InvalidRequest("messages", "must be a non-empty list of {\"role\": str, \"content\": str}")
-    chars = 0
-    for i, m in enumerate(messages):
-        _text(f"messages[{i}].role", m["role"])
-        _text(f"messages[{i}].content", m["content"])
-        chars += len(m["role"]) + len(m["content"])
-    if chars > max_chars:
-        raise InvalidRequest("messages", f"hold {chars} characters; at most {max_chars} are tokenized")
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as error:
-        raise InvalidRequest("messages", f"the chat template failed: {error}") from error
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _params(body: dict, engine: Engine, prompt_len: int) -> SamplingParams:
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, engine.max_len - prompt_len))
-    fields = dict(max_tokens=max_tokens)
-    for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("seed", None), ("stop", None),
-                          ("stop_token_ids", None), ("ignore_eos", False)):
-        value = body.get(name, default)
-        fields[name] = default if value is None and name not in ("seed", "stop", "stop_token_ids") else value
-    return SamplingParams(**fields).validate(engine.backbone.vocab_size)
-
-
-def _usage(requests: list[Request]) -> dict:
-    prompt = sum(len(r.prompt_ids) for r in requests)
-    completion = sum(len(r.output_ids) for r in requests)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
