@@ -16,8 +16,9 @@ from torch import nn
 
 from fastprompt.backbones import SiteContext
 from fastprompt.backbones.sites import SITES_ATTENTION_NAME
-from fastprompt.model import BankPlan, PromptModel
+from fastprompt.model import PromptModel
 from fastprompt.ops import prompt_embed
+from fastprompt.routing import BankPlan
 
 
 class BidirectionalPromptModel(PromptModel):

@@ -24,9 +24,10 @@ from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutp
 
 from fastprompt import io
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape
+from fastprompt.config import resolve_config
 from fastprompt.heads import WithHeads, copy_heads, load_heads, routed_heads
-from fastprompt.model import BankPlan, resolve_config
 from fastprompt.ops.reference import default_positions
+from fastprompt.routing import BankPlan
 
 POOLINGS = ("first", "mean")
 

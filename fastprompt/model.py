@@ -3,19 +3,21 @@
 Forward paths for virtual-token methods (prompt tuning, P-tuning, MPT):
 - "shared_prefix": the prompt of each distinct (adapter, task) in the batch runs through the backbone once,
   in the same pass as the rows (packed into one sequence); every row's attention reads its prompt's keys
-  and values of the layer by task id (DESIGN.md, "One idea"). Equal to concatenation when the backbone has
-  no dropout.
+  and values of the layer by task id (ARCHITECTURE.md, "One idea"). Equal to concatenation when the backbone
+  has no dropout.
 - "concat": PEFT's way: the prompt is placed before every row's tokens (`fastprompt.ops.prompt_embed`).
-- "auto" (default): the cheaper of the two for the batch's shape by `path_costs`, a cost model of B, T, P
-  and the number of distinct prompts.
+- "auto" (default): the cheaper of the two for the batch's shape by `path_costs`
+  (`fastprompt/path_choice.py`), a cost model of B, T, P and the number of distinct prompts.
 Prefix tuning always reads its keys/values from the bank.
+
+Which row reads which bank entry (`BankPlan`, `plan`) is `fastprompt/routing.py`; filling a config from the
+model is `fastprompt.config.resolve_config`; choosing the class for a model (`get_peft_model`,
+`from_pretrained`) is `fastprompt/wrap.py`, above this module and its encoder and encoder-decoder subclasses.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,138 +26,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fastprompt import io
 from fastprompt.backbones import AttentionContext, get_backbone, patches
 from fastprompt.backbones.attention import Captures
-from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING, as_fastprompt_config
+from fastprompt.config import as_fastprompt_config, resolve_config
 from fastprompt.inputs import check_model_inputs
 from fastprompt.methods import build_source
 from fastprompt.ops import linear_cross_entropy, prompt_embed
-
-PATHS = ("auto", "shared_prefix", "concat")
-
-
-@dataclass(frozen=True)
-class PathCostConstants:
-    """The two device constants of `path_costs`.
-
-    flops_per_s: the backbone's achieved FLOP/s in a training step. extra_host_s_per_layer: the host time the
-    shared-prefix (packed) pass adds per decoder layer over the concat pass: a second attention call (the
-    prompts' own, causal) and the split/concatenation of queries, keys, values and outputs, forward and
-    backward.
-    """
-
-    flops_per_s: float
-    extra_host_s_per_layer: float
+from fastprompt.path_choice import PATHS, path_costs
+from fastprompt.routing import BankPlan, BankRouting
 
 
-PATH_COST_CONSTANTS = {
-    # Calibrated on a shared 2-core x86 CPU (fp32, one thread, tiny Llama: hidden 64, 2 layers, B4 T16, one
-    # prompt): the shared-prefix step was 1.23-1.36x the concat step at P=5, 1.0-1.04x at P=20, 0.96x at
-    # P=50 and 0.70-0.84x at P=100, a crossover near P=20-50 that these constants place at P~35.
-    "cpu": PathCostConstants(flops_per_s=40e9, extra_host_s_per_layer=0.6e-3),
-    # H200, bf16, Llama-3.2-1B shape, B8, P100 (bench/results/training-nvidia-h200-2026-12-04.json): the
-    # concat step ran at MFU 0.37-0.42 of the measured peak; the shared-prefix step was 30.0 ms (T512),
-    # 24.1 ms (T128) and 33.6 ms (MPT, 4 tasks, T512) slower than concat although it did 4.5-7.9 ms less
-    # arithmetic: 2.0-2.4 ms of host time a layer (the packed pass's attention kernel launches and copies,
-    # forward and backward; the step is host-bound: bench/profile_training.py issued it in 85 of its 85 ms).
-    "cuda": PathCostConstants(flops_per_s=0.35 * 989e12, extra_host_s_per_layer=2.2e-3),
-}
-
-
-def path_costs(backbone, batch: int, seq_len: int, num_virtual: int, n_prompts: int,
-               device_type: str) -> dict[str, float]:
-    """Estimated seconds by which each path's training step (forward + input-gradient backward of the frozen
-    backbone) differs, for B = batch rows of T = seq_len tokens, P = num_virtual virtual tokens and
-    n = n_prompts distinct prompts (tasks) in the batch; {"shared_prefix": s, "concat": s}.
-
-    A path's cost is its arithmetic at the device's achieved FLOP/s (`PATH_COST_CONSTANTS`; devices other
-    than "cuda" use the CPU's) plus, for the shared-prefix path, the host time its packed pass adds per layer.
-    Arithmetic per layer: 4 FLOPs per token and weight of the layer's matmuls (2 forward, 2 for the input
-    gradient) and 12·Hq·D per attended query-key pair (QK^T and PV forward, twice that backward):
-    - shared prefix: tokens n·P + B·T; pairs n·P(P+1)/2 (prompts, causal) + B·(T·P + T(T+1)/2);
-    - concat: tokens B·(P+T); pairs B·(P+T)(P+T+1)/2.
-    With n < B the shared prefix does less of both, so it wins once the saving outweighs its host time; with
-    n = B (every row its own prompt) both do the same arithmetic and concat wins. The two costs are additive
-    (the host time is not hidden behind the device's): on a CPU a step is serial, and on a GPU the packed
-    pass's step is host-bound at these sizes (on an H200 at B8 the host issues it no faster than it runs).
-    """
-    constants = PATH_COST_CONSTANTS["cuda" if device_type == "cuda" else "cpu"]
-    B, T, P, n = batch, seq_len, num_virtual, n_prompts
-    d, D = backbone.hidden_size, backbone.head_dim
-    Hq, Hkv = backbone.num_heads, backbone.num_kv_heads
-    config = backbone.config
-    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
-    mlp_matrices = 3 if hasattr(config, "intermediate_size") else 2  # SwiGLU's gate/up/down, GPT-2's fc/proj
-    weights = d * (Hq + 2 * Hkv) * D + Hq * D * d + mlp_matrices * d * intermediate
-
-    def layer_flops(tokens: int, pairs: int) -> float:
-        return 4 * weights * tokens + 12 * Hq * D * pairs
-
-    L = backbone.num_layers
-    shared = L * layer_flops(n * P + B * T, n * P * (P + 1) // 2 + B * (T * P + T * (T + 1) // 2))
-    concat = L * layer_flops(B * (P + T), B * (P + T) * (P + T + 1) // 2)
-    return {"shared_prefix": shared / constants.flops_per_s + L * constants.extra_host_s_per_layer,
-            "concat": concat / constants.flops_per_s}
-
-
-def resolve_config(config, backbone):
-    """Fill the model-derived fields as PEFT does (num_layers, token_dim, heads, encoder_hidden_size,
-    num_transformer_submodules, task_type; for SEQ_CLS the trainable head in modules_to_save) and check the
-    ones given against the model."""
-    config = dataclasses.replace(as_fastprompt_config(config))
-    kind = backbone.kind
-    sites = getattr(config, "prefix_sites", None)
-    if sites is not None and kind != "seq2seq":
-        raise ValueError(f"prefix_sites applies to encoder-decoder models only; leave it None for "
-                         f"{backbone.config.model_type} ({kind})")
-    if config.peft_type == PREFIX_TUNING:
-        token_dim, heads = backbone.num_kv_heads * backbone.head_dim, backbone.num_kv_heads
-    else:
-        token_dim, heads = backbone.hidden_size, backbone.num_heads
-    # With prefix_sites, the prefix holds num_layers layers for each site.
-    expected = {"num_layers": backbone.num_layers * len(sites or [None]), "token_dim": token_dim,
-                "num_attention_heads": heads}
-    if kind == "seq2seq":
-        # PEFT's default on encoder-decoders: one prompt for the encoder, one for the decoder.
-        if config.num_transformer_submodules is None:
-            config.num_transformer_submodules = 2
-        elif config.num_transformer_submodules not in (1, 2):
-            raise ValueError(f"config.num_transformer_submodules must be 1 or 2 on an encoder-decoder, got "
-                             f"{config.num_transformer_submodules}")
-    else:
-        expected["num_transformer_submodules"] = 1
-    for name, value in expected.items():
-        given = getattr(config, name)
-        if given is None:
-            setattr(config, name, value)
-        elif given != value:
-            raise ValueError(f"config.{name}={given} does not match the model ({name}={value} for "
-                             f"{backbone.config.model_type})")
-    # CAUSAL_LM is the configs' default, so on another kind of model it stands for "not given".
-    if config.task_type is None or (config.task_type == "CAUSAL_LM" and kind != "causal"):
-        config.task_type = backbone.task_type
-    elif config.task_type != backbone.task_type:
-        raise ValueError(f"config.task_type={config.task_type!r} does not match the model (task_type="
-                         f"{backbone.task_type!r} for {type(backbone.model).__name__})")
-    if config.task_type == "SEQ_CLS":
-        # As PeftModelForSequenceClassification: the classifier ("classifier" or "score") trains too.
-        config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), "classifier", "score"]))
-    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
-        config.encoder_hidden_size = config.token_dim
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(backbone.config, "name_or_path", None) or None
-    return config
-
-
-@dataclass
-class BankPlan:
-    """Which bank entries a batch needs and which entry each row reads."""
-
-    kind: str                                   # "tokens" or "kv"
-    num_virtual_tokens: int
-    sources: list[tuple[str, torch.Tensor]]     # (adapter name, its local entry ids), in bank order
-    row_entry: torch.Tensor                     # [B] int64 index into the concatenated entries
-
-
-class PromptModel(nn.Module):
+class PromptModel(BankRouting, nn.Module):
     """A drop-in for PEFT's prompt-learning models on causal decoders (see the README for the API)."""
 
     kind = "causal"  # the backbone kind this class wraps (subclasses: "seq2seq", "encoder")
@@ -299,103 +178,6 @@ class PromptModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # the bank --------------------------------------------------------------------------------
-    def plan(self, batch_size: int, task_ids=None, adapter_names=None) -> BankPlan:
-        """Resolve each row to a bank entry; raises ValueError naming the bad argument.
-
-        A step's routing rarely changes, so plans are cached by their routing inputs (batch size, adapter
-        names, task ids) and a repeated call builds no tensor. Multitask prompt tuning with one adapter and
-        no more tasks than rows never reads `task_ids` on the host (a sync on CUDA, a graph break under
-        torch.compile): the bank holds every task's prompt and row i reads entry task_ids[i].
-        """
-        if self.active_adapter is None:
-            raise ValueError("no adapter is loaded: add_adapter or load_adapter first")
-        if adapter_names is not None:
-            if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
-                raise ValueError(f"adapter_names must be a list of {batch_size} adapter names (one per row), "
-                                 f"got {adapter_names!r}")
-            for i, name in enumerate(adapter_names):
-                self._check_adapter(name, f"adapter_names[{i}]")
-        routing = tuple(adapter_names) if adapter_names is not None else self.active_adapter
-        if task_ids is None:
-            return self._cached_plan((batch_size, routing, None), batch_size, None, adapter_names)
-        task_ids = torch.as_tensor(task_ids)
-        if task_ids.shape != (batch_size,) or task_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"task_ids must be an int64 tensor of shape [{batch_size}], got "
-                             f"{task_ids.dtype} {tuple(task_ids.shape)}")
-        config = self.peft_config[self.active_adapter]
-        if (adapter_names is None and config.peft_type == MULTITASK_PROMPT_TUNING
-                and config.num_tasks <= batch_size):
-            if not task_ids.is_cuda and not torch.compiler.is_compiling():  # a free check on the host
-                self._check_task_range(task_ids.tolist(), [self.active_adapter] * batch_size)
-            every_task = self._cached_plan((batch_size, routing, "every task"), batch_size, None, None,
-                                           every_task=True)
-            return dataclasses.replace(every_task, row_entry=task_ids.to(self.backbone.device, torch.long))
-        task_list = task_ids.tolist()
-        return self._cached_plan((batch_size, routing, tuple(task_list)), batch_size, task_list, adapter_names)
-
-    def _cached_plan(self, key, batch_size: int, task_list, adapter_names, every_task: bool = False) -> BankPlan:
-        device = self.backbone.device
-        cached = self._plans.get(key)
-        if cached is not None and cached.row_entry.device == device:
-            return cached
-        plan = self._build_plan(batch_size, task_list, adapter_names, every_task)
-        if len(self._plans) >= self.MAX_CACHED_PLANS:  # routing that varies every step: keep the newest
-            self._plans.clear()
-        self._plans[key] = plan
-        return plan
-
-    MAX_CACHED_PLANS = 256
-
-    def _check_task_range(self, task_list: list[int], names: list[str]) -> None:
-        for i, (t, name) in enumerate(zip(task_list, names)):
-            num_tasks = self.peft_config[name].num_tasks
-            if not 0 <= t < num_tasks:
-                raise ValueError(f"task_ids[{i}]={t} is out of range for adapter {name!r} with "
-                                 f"num_tasks={num_tasks}")
-
-    def _build_plan(self, batch_size: int, task_list: list[int] | None, adapter_names,
-                    every_task: bool = False) -> BankPlan:
-        """The plan of `plan`'s validated routing (task_list: the task ids read on the host, or None)."""
-        names = list(adapter_names) if adapter_names is not None else [self.active_adapter] * batch_size
-        configs = [self.peft_config[n] for n in names]
-        uses_mpt = configs[0].peft_type == MULTITASK_PROMPT_TUNING
-        device = self.backbone.device
-        if every_task:
-            config = configs[0]
-            entries = torch.arange(config.num_tasks, device=device)
-            return BankPlan("tokens", config.num_virtual_tokens, [(names[0], entries)],
-                            torch.zeros(batch_size, dtype=torch.long, device=device))
-        if task_list is not None and adapter_names is None and not uses_mpt:
-            # Mixing adapters by index: task id k is the k-th loaded adapter.
-            for i, t in enumerate(task_list):
-                if not 0 <= t < len(self.adapter_names):
-                    raise ValueError(f"task_ids[{i}]={t} is out of range: {len(self.adapter_names)} adapters "
-                                     f"are loaded ({self.adapter_names})")
-            names = [self.adapter_names[t] for t in task_list]
-            configs = [self.peft_config[n] for n in names]
-        first = configs[0]
-        for name, cfg in zip(names, configs):
-            if (cfg.peft_type, cfg.num_virtual_tokens) != (first.peft_type, first.num_virtual_tokens):
-                raise ValueError(f"adapters of one batch must share method and num_virtual_tokens: "
-                                 f"{names[0]!r} is {first.peft_type} with {first.num_virtual_tokens} tokens, "
-                                 f"{name!r} is {cfg.peft_type} with {cfg.num_virtual_tokens}")
-        if uses_mpt:
-            if task_list is None:
-                raise ValueError("task_ids is required for multitask prompt tuning: an int64 tensor [B] of "
-                                 "task indices")
-            self._check_task_range(task_list, names)
-            local = task_list
-        else:
-            local = [0] * batch_size
-        index: dict[tuple[str, int], int] = {}
-        per_source: dict[str, list[int]] = {}
-        for name, entry in sorted(set(zip(names, local)), key=lambda p: (self.adapter_names.index(p[0]), p[1])):
-            index[(name, entry)] = len(index)
-            per_source.setdefault(name, []).append(entry)
-        sources = [(n, torch.tensor(e, dtype=torch.long, device=device)) for n, e in per_source.items()]
-        row_entry = torch.tensor([index[p] for p in zip(names, local)], dtype=torch.long, device=device)
-        return BankPlan(self.prompt_sources[names[0]].kind, first.num_virtual_tokens, sources, row_entry)
-
     def bank_prompts(self, plan: BankPlan) -> torch.Tensor:
         """Virtual-token embeddings of the plan's entries: [n_entries, P, d] in the backbone's dtype."""
         parts = [self.prompt_sources[name].prompts(entries, self.backend) for name, entries in plan.sources]
@@ -613,31 +395,3 @@ class PromptModel(nn.Module):
 
         return generate(self, input_ids, attention_mask=attention_mask, task_ids=task_ids,
                         adapter_names=adapter_names, **kwargs)
-
-
-def prompt_model_class(model: nn.Module) -> type[PromptModel]:
-    """The PromptModel class for a Hugging Face model's kind: causal decoder, encoder-decoder or encoder."""
-    kind = get_backbone(model).kind
-    if kind == "seq2seq":
-        from fastprompt.seq2seq import Seq2SeqPromptModel
-
-        return Seq2SeqPromptModel
-    if kind == "encoder":
-        from fastprompt.encoder import EncoderPromptModel
-
-        return EncoderPromptModel
-    return PromptModel
-
-
-def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **kwargs) -> PromptModel:
-    """Wrap a Hugging Face model (causal LM, T5/BART, BERT/RoBERTa) with a new soft-prompt adapter (PEFT's
-    or fastprompt's config); the class follows the model's kind (`prompt_model_class`)."""
-    return prompt_model_class(model)(model, peft_config, adapter_name, **kwargs)
-
-
-def from_pretrained(model: nn.Module, adapter_dir, adapter_name: str = "default", is_trainable: bool = False,
-                    **kwargs) -> PromptModel:
-    """Wrap a Hugging Face model with an adapter saved by fastprompt or PEFT."""
-    prompt_model = prompt_model_class(model)(model, None, **kwargs)
-    prompt_model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
-    return prompt_model

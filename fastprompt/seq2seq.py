@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape, prepend_ones
 from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING
 from fastprompt.generation import _check_sampling, sample_next, stopping_setup
-from fastprompt.model import BankPlan
+from fastprompt.routing import BankPlan
 
 
 class Seq2SeqPromptModel(BidirectionalPromptModel):

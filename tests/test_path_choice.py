@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fastprompt
 from fastprompt.backbones import get_backbone
 from fastprompt.config import PrefixTuningConfig, PromptTuningConfig
-from fastprompt.model import path_costs
+from fastprompt.path_choice import PATH_COST_CONSTANTS, path_costs
 from tests.tiny_models import tiny_model
 
 
@@ -63,7 +63,7 @@ def test_costs_follow_the_arithmetic(llama_1b):
     """Equal arithmetic at n = B (the shared prefix pays only its host time); less of it per shared prompt."""
     equal = path_costs(llama_1b, 8, 128, 100, 8, "cuda")
     layers = llama_1b.num_layers
-    extra = fastprompt.model.PATH_COST_CONSTANTS["cuda"].extra_host_s_per_layer * layers
+    extra = PATH_COST_CONSTANTS["cuda"].extra_host_s_per_layer * layers
     assert equal["shared_prefix"] - equal["concat"] == pytest.approx(extra)
     fewer = [path_costs(llama_1b, 8, 128, 100, n, "cuda")["shared_prefix"] for n in (8, 4, 2, 1)]
     assert fewer == sorted(fewer, reverse=True)

@@ -13,7 +13,7 @@ from fastprompt.methods.prompt_tuning import PromptTuning
 
 
 def build_source(config, backbone) -> PromptSource:
-    """The prompt source for a resolved config (see `fastprompt.model.resolve_config`) on a backbone."""
+    """The prompt source for a resolved config (see `fastprompt.config.resolve_config`) on a backbone."""
     if config.peft_type != PREFIX_TUNING and (config.num_transformer_submodules or 1) > 1:
         # As PEFT's prompt encoders: num_virtual_tokens per transformer submodule (encoder-decoders: 2).
         config = dataclasses.replace(config, num_virtual_tokens=config.num_virtual_tokens

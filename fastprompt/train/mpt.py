@@ -195,8 +195,8 @@ def target_model(base_model, source_dir, *, num_tasks: int = 1, init: str = "AVE
     (num_virtual_tokens, num_ranks) is the source's. Every parameter trains.
     """
     import fastprompt
+    from fastprompt.config import resolve_config
     from fastprompt.methods import build_source
-    from fastprompt.model import resolve_config
 
     if init not in SOURCE_INITS:
         raise ValueError(f"init must be one of {SOURCE_INITS}, got {init!r}")
