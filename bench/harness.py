@@ -26,7 +26,7 @@ import torch
 from fastprompt.io import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# ‖out − ref‖ / ‖ref‖ allowed against an fp32 reference (DESIGN.md, "Kernel conventions").
+# ‖out − ref‖ / ‖ref‖ allowed against an fp32 reference (ARCHITECTURE.md, "Tolerances").
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 # `python -m bench`'s short names, and torch's (which the kernel scripts took first), for the same dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,

@@ -22,7 +22,7 @@ against an fp32 reference, PEFT with eager attention on the same weights upcast,
 (the rows have no padding, so the mean over rows of the row losses is the batch loss). fp32 runs are held
 to 1e-4; in bf16/fp16 a whole backbone drifts from fp32 by itself (PEFT's prompt gradients by 2% on an
 8-layer model), so the bar per quantity is PEFT (SDPA)'s own error in that dtype, x1.25 + 1e-3, or the
-DESIGN tolerance 2e-2 where larger. LoRA at initialisation computes the backbone's own function, so its
+ARCHITECTURE.md tolerance 2e-2 where larger. LoRA at initialisation computes the backbone's own function, so its
 loss is checked against the backbone's fp32 loss. A provider over the bar is refused: its row carries
 the error message and no timing.
 

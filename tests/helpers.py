@@ -6,7 +6,7 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# ‖out − ref‖ / ‖ref‖ against an fp32 reference (DESIGN.md, "Kernel conventions").
+# ‖out − ref‖ / ‖ref‖ against an fp32 reference (ARCHITECTURE.md, "Tolerances").
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 

@@ -3,7 +3,7 @@ backend="triton" (every kernel in Triton's interpreter: prefix attention, the fu
 the fused loss, MPT's prompts) against the same model with backend="torch".
 
 Tiny Llama and GPT-2, left padding; prompt tuning on the shared-prefix path, prefix tuning, and MPT with
-mixed task rows. Loss, logits and every prompt-parameter gradient are held to the DESIGN fp32 tolerance.
+mixed task rows. Loss, logits and every prompt-parameter gradient are held to the ARCHITECTURE.md fp32 tolerance.
 tests/gpu/test_model_native.py runs the same step natively on a GPU, against PEFT too; this file keeps the
 integration tested where CI runs, without a GPU. Also: the decode cache starts finite.
 """

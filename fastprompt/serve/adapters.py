@@ -1,6 +1,6 @@
 """The adapter store: each adapter's per-layer prefix keys/values, computed once, and the bank built from them.
 
-Every soft-prompt method on a causal decoder becomes a prefix (DESIGN.md, "One idea"): prompt tuning,
+Every soft-prompt method on a causal decoder becomes a prefix (ARCHITECTURE.md, "One idea"): prompt tuning,
 P-tuning and MPT through one prompt pass (`PromptModel.bank_kv`), prefix tuning straight from its
 parameters. An adapter contributes `num_entries` bank rows (MPT: one per task, otherwise one); the bank
 is the concatenation over adapters, per layer `[n_entries, Hkv, P, D]` on the model's device, and a row

@@ -9,7 +9,7 @@ Tolerances. fp32: those of tests/test_peft_equivalence.py (loss 1e-5, gradients 
 and Triton vs torch. bf16: two bf16 runs of a whole backbone differ from each other by the rounding of each
 (no fixed bar fits every model), so every bf16 run is compared with one fp32 reference (PEFT on the same
 weights and prompt, upcast) and fastprompt may be at most as wrong as PEFT is in bf16: 1.25 x PEFT's own
-relative error + 1e-3, and never held tighter than the DESIGN tolerance 2e-2. That is the rule
+relative error + 1e-3, and never held tighter than the ARCHITECTURE.md tolerance 2e-2. That is the rule
 bench/training.py refuses a provider by.
 """
 
