@@ -16,6 +16,8 @@ Launchers (tensors in, tensors out; no autograd): `norm_fwd`, `norm_bwd`, `act_f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -159,8 +161,13 @@ def _act_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 def _norm_config(M: int, D: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps): whole rows, about 4096 elements per program on a GPU."""
+    return _norm_config_cached(M, D, device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=1024)
+def _norm_config_cached(M: int, D: int, cuda: bool) -> tuple[int, int, int]:
     block_d = triton.next_power_of_2(D)
-    if device.type != "cuda":
+    if not cuda:
         return max(1, min(triton.next_power_of_2(max(M, 1)), 16384 // block_d, 128)), block_d, 4
     block_m = max(1, min(16, 4096 // block_d))
     return block_m, block_d, min(16, max(1, block_m * block_d // 512))
@@ -173,6 +180,22 @@ def _act_config(n: int, device: torch.device) -> tuple[int, int]:
     return 1024, 4
 
 
+@functools.lru_cache(maxsize=1024)
+def _norm_plan(M: int, D: int, cuda: bool, block_m: int | None) -> tuple[tuple[int], int, int, int]:
+    """(grid, BLOCK_M, BLOCK_D, num_warps) of a norm over M rows of D, once per shape."""
+    bm, bd, warps = _norm_config_cached(M, D, cuda)
+    bm = block_m or bm
+    return (triton.cdiv(M, bm),), bm, bd, warps
+
+
+@functools.lru_cache(maxsize=1024)
+def _act_plan(n: int, cuda: bool, block: int | None) -> tuple[tuple[int], int, int]:
+    """(grid, BLOCK, num_warps) of an activation over n elements, once per size."""
+    bs, warps = _act_config(n, torch.device("cuda" if cuda else "cpu"))
+    bs = block or bs
+    return (triton.cdiv(n, bs),), bs, warps
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers: no argument checks (fastprompt.ops.norms checks once per call); `out` buffers are the caller's
 # ----------------------------------------------------------------------------------------------------------
@@ -180,6 +203,7 @@ def _out(out, shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device) if out is None else out
 
 
+@functools.lru_cache(maxsize=64)
 def norm_out_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, rms: bool) -> torch.dtype:
     """RMSNorm returns weight * (normalised in x's dtype): the promoted dtype; LayerNorm returns x's dtype."""
     return torch.promote_types(x_dtype, weight_dtype) if rms else x_dtype
@@ -189,17 +213,17 @@ def norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, e
              out: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """RMSNorm (rms=True, bias must be None) or LayerNorm of the rows of x.
 
-    x: [M, d] fp32/bf16/fp16; weight, bias: [d] fp32/bf16/fp16. Returns out [M, d] in
+    x: [..., d] (M rows of d) fp32/bf16/fp16; weight, bias: [d] fp32/bf16/fp16. Returns out of x's shape in
     `norm_out_dtype(x.dtype, weight.dtype, rms)`. All contiguous on one device. block_m: rows per program
     (a power of two), overriding the heuristic.
     """
-    M, D = x.shape
-    out = _out(out, (M, D), norm_out_dtype(x.dtype, weight.dtype, rms), x.device)
-    if M == 0 or D == 0:
+    D = x.shape[-1]
+    out = _out(out, x.shape, norm_out_dtype(x.dtype, weight.dtype, rms), x.device)
+    M = x.numel() // D if D else 0
+    if M == 0:
         return out
-    bm, bd, warps = _norm_config(M, D, x.device)
-    bm = block_m or bm
-    _norm_fwd_kernel[(triton.cdiv(M, bm),)](
+    grid, bm, bd, warps = _norm_plan(M, D, x.is_cuda, block_m)
+    _norm_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, out, M, D, float(eps),
         IS_RMS=rms, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps)
     return out
@@ -207,15 +231,15 @@ def norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, e
 
 def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, rms: bool,
              out: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
-    """dx [M, d] (x's dtype) of RMSNorm / LayerNorm; grad_out: [M, d] any float dtype; x, weight as in
-    `norm_fwd`. The bias does not enter the input gradient."""
-    M, D = x.shape
-    out = _out(out, (M, D), x.dtype, x.device)
-    if M == 0 or D == 0:
+    """dx (x's shape and dtype) of RMSNorm / LayerNorm; grad_out: x's shape, any float dtype; x, weight as
+    in `norm_fwd`. The bias does not enter the input gradient."""
+    D = x.shape[-1]
+    out = _out(out, x.shape, x.dtype, x.device)
+    M = x.numel() // D if D else 0
+    if M == 0:
         return out
-    bm, bd, warps = _norm_config(M, D, x.device)
-    bm = block_m or bm
-    _norm_bwd_kernel[(triton.cdiv(M, bm),)](
+    grid, bm, bd, warps = _norm_plan(M, D, x.is_cuda, block_m)
+    _norm_bwd_kernel[grid](
         grad_out, x, weight, out, M, D, float(eps), IS_RMS=rms, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps)
     return out
 
@@ -225,13 +249,11 @@ def act_fwd(kind: str, a: torch.Tensor, b: torch.Tensor | None = None, out: torc
     """kind "swiglu": silu(a) * b (a = gate, b = up, same shape and dtype); "gelu_tanh" / "gelu": gelu of a.
     Any shape, contiguous; returns out of a's shape and dtype."""
     n = a.numel()
-    out = _out(out, tuple(a.shape), a.dtype, a.device)
+    out = _out(out, a.shape, a.dtype, a.device)
     if n == 0:
         return out
-    bs, warps = _act_config(n, a.device)
-    bs = block or bs
-    _act_fwd_kernel[(triton.cdiv(n, bs),)](a, b if b is not None else a, out, n,
-                                           ACT=ACTIVATIONS[kind], BLOCK=bs, num_warps=warps)
+    grid, bs, warps = _act_plan(n, a.is_cuda, block)
+    _act_fwd_kernel[grid](a, b if b is not None else a, out, n, ACT=ACTIVATIONS[kind], BLOCK=bs, num_warps=warps)
     return out
 
 
@@ -244,9 +266,7 @@ def act_bwd(kind: str, grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor 
     db = torch.empty_like(a) if kind == "swiglu" else None
     if n == 0:
         return da, db
-    bs, warps = _act_config(n, a.device)
-    bs = block or bs
-    _act_bwd_kernel[(triton.cdiv(n, bs),)](grad_out, a, b if b is not None else a, da,
-                                           db if db is not None else da, n,
-                                           ACT=ACTIVATIONS[kind], BLOCK=bs, num_warps=warps)
+    grid, bs, warps = _act_plan(n, a.is_cuda, block)
+    _act_bwd_kernel[grid](grad_out, a, b if b is not None else a, da, db if db is not None else da, n,
+                          ACT=ACTIVATIONS[kind], BLOCK=bs, num_warps=warps)
     return da, db

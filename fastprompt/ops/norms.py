@@ -46,10 +46,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     _check_norm(spec("x", x, "[..., d]"), spec("weight", weight, "[d]"), None)
     if _wants_grad(weight):
         return reference.rms_norm(x, weight, eps)
-    d = x.shape[-1]
-    y = _norm(x.reshape(-1, d), weight.detach(), None, float(eps), True,
-                                  _use_triton(backend, x, weight))
-    return y.view(*x.shape[:-1], d)
+    # x of any shape goes in as it is (the op normalises its last dimension): no view nodes in the graph
+    return _norm(x, _frozen(weight), None, float(eps), True, _use_triton(backend, x, weight))
 
 
 @public_op
@@ -60,10 +58,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     _check_norm(spec("x", x, "[..., d]"), spec("weight", weight, "[d]"), spec("bias", bias, "[d]"))
     if _wants_grad(weight, bias):
         return reference.layer_norm(x, weight, bias, eps)
-    d = x.shape[-1]
-    y = _norm(x.reshape(-1, d), weight.detach(), None if bias is None else bias.detach(),
-                                  float(eps), False, _use_triton(backend, x, weight))
-    return y.view(x.shape)
+    return _norm(x, _frozen(weight), None if bias is None else _frozen(bias), float(eps), False,
+                 _use_triton(backend, x, weight))
 
 
 @public_op
@@ -87,6 +83,11 @@ def gelu(x: torch.Tensor, approximate: str = "tanh", *, backend: str | None = No
 
 def _use_triton(backend, *tensors) -> bool:
     return resolve_backend(backend, *tensors) == "triton"
+
+
+def _frozen(param: torch.Tensor) -> torch.Tensor:
+    """param detached when it requires grad (grad mode off); as it is otherwise (a detach is an op)."""
+    return param.detach() if param.requires_grad else param
 
 
 def _wants_grad(*params) -> bool:
@@ -149,8 +150,21 @@ def _torch_act_bwd(kind, grad_y, a, b):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# custom ops: the norm takes x [M, d]; each saves only its inputs for the backward (statistics recomputed)
+# custom ops: the norm takes x [..., d]; each saves only its inputs for the backward (statistics recomputed)
 # ----------------------------------------------------------------------------------------------------------
+_KERNELS = []
+
+
+def _kernels():
+    """fastprompt.kernels.norms, imported on first use (Triton is imported lazily), then held: a function
+    -level import costs a sys.modules lookup per call."""
+    if not _KERNELS:
+        from fastprompt.kernels import norms
+
+        _KERNELS.append(norms)
+    return _KERNELS[0]
+
+
 def _norm_out_dtype(x_dtype, weight_dtype, rms):
     """RMSNorm returns weight * (normalised in x's dtype): the promoted dtype; LayerNorm returns x's dtype."""
     return torch.promote_types(x_dtype, weight_dtype) if rms else x_dtype
@@ -159,19 +173,15 @@ def _norm_out_dtype(x_dtype, weight_dtype, rms):
 def _norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, rms: bool,
                triton: bool) -> torch.Tensor:
     if triton:
-        from fastprompt.kernels import norms as kernels
-
-        return kernels.norm_fwd(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                                eps, rms)
+        return _kernels().norm_fwd(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                                   eps, rms)
     return reference.rms_norm(x, weight, eps) if rms else reference.layer_norm(x, weight, bias, eps)
 
 
 def _norm_backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, rms: bool,
                         triton: bool) -> torch.Tensor:
     if triton:
-        from fastprompt.kernels import norms as kernels
-
-        return kernels.norm_bwd(grad_y.contiguous(), x.contiguous(), weight.contiguous(), eps, rms)
+        return _kernels().norm_bwd(grad_y.contiguous(), x.contiguous(), weight.contiguous(), eps, rms)
     return _torch_norm_bwd(grad_y, x, weight, eps, rms)
 
 
@@ -191,9 +201,7 @@ def _norm_grad(ctx, grad_y):
 
 def _activation_impl(kind: str, a: torch.Tensor, b: Optional[torch.Tensor], triton: bool) -> torch.Tensor:
     if triton:
-        from fastprompt.kernels import norms as kernels
-
-        return kernels.act_fwd(kind, a.contiguous(), None if b is None else b.contiguous())
+        return _kernels().act_fwd(kind, a.contiguous(), None if b is None else b.contiguous())
     return _torch_act_fwd(kind, a, b)
 
 
@@ -201,9 +209,7 @@ def _activation_backward_impl(kind: str, grad_y: torch.Tensor, a: torch.Tensor, 
                               triton: bool) -> list[torch.Tensor]:
     """[d a] for GELU, [d gate, d up] for SwiGLU."""
     if triton:
-        from fastprompt.kernels import norms as kernels
-
-        da, db = kernels.act_bwd(kind, grad_y.contiguous(), a.contiguous(), None if b is None else b.contiguous())
+        da, db = _kernels().act_bwd(kind, grad_y.contiguous(), a.contiguous(), None if b is None else b.contiguous())
         return [da] if db is None else [da, db]
     return _torch_act_bwd(kind, grad_y, a, b)
 
