@@ -60,7 +60,7 @@ class BidirectionalPromptModel(PromptModel):
     def site_context(self, plan: BankPlan, prefixes: dict, key_padding_mask: dict) -> SiteContext:
         """A SiteContext giving each row its bank prefix at the sites in `prefixes` (site → (keys, values))."""
         masks = {site: None if mask is None else mask.bool() for site, mask in key_padding_mask.items()}
-        return SiteContext(self.backbone, task_ids=plan.row_entry,
+        return SiteContext(self.backbone, bank_rows=plan.bank_rows,
                            prefix_k={site: kv[0] for site, kv in prefixes.items()},
                            prefix_v={site: kv[1] for site, kv in prefixes.items()},
                            key_padding_mask=masks, backend=self.backend)

@@ -209,7 +209,7 @@ class EncoderPromptModel(BidirectionalPromptModel):
         token_index = _token_index(positions, T)
         is_token = positions >= 0
         from_token = positions.clamp(min=0)
-        inputs = dict(inputs_embeds=self.embed(input_ids, self.bank_prompts(plan), plan.row_entry, positions))
+        inputs = dict(inputs_embeds=self.embed(input_ids, self.bank_prompts(plan), plan.bank_rows, positions))
         if attention_mask is not None:
             inputs["attention_mask"] = (attention_mask.gather(1, from_token).bool() | ~is_token).long()
         if token_type_ids is not None:

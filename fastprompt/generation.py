@@ -102,7 +102,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         positions = torch.arange(P, P + T, device=device)[None].expand(B, T)
     cache = KVCache.allocate(backbone.num_layers, B, backbone.num_kv_heads, T + max_new_tokens,
                              backbone.head_dim, backbone.dtype, device)
-    ctx = AttentionContext("prefix", keys, values, plan.row_entry, key_padding_mask=mask, cache=cache,
+    ctx = AttentionContext("prefix", keys, values, plan.bank_rows, key_padding_mask=mask, cache=cache,
                            backend=model.backend)
     tokens, step_ids = [], input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -104,10 +104,10 @@ def routed_heads(base_model: nn.Module, sources, plan):
     sources: adapter name → prompt source (WithHeads or not); plan: the batch's BankPlan.
     """
     entry_adapter = [name for name, entries in plan.sources for _ in range(len(entries))]
-    row_adapter = [entry_adapter[e] for e in plan.row_entry.tolist()]
+    row_adapter = [entry_adapter[e] for e in plan.bank_rows.tolist()]
     adapters = list(dict.fromkeys(row_adapter))
     groups = [torch.tensor([i for i, a in enumerate(row_adapter) if a == name], dtype=torch.long,
-                           device=plan.row_entry.device) for name in adapters]
+                           device=plan.bank_rows.device) for name in adapters]
     names = {n for a in adapters if isinstance(sources[a], WithHeads) for n in sources[a].heads}
     originals = {name: getattr(base_model, name) for name in names}
     try:

@@ -296,10 +296,10 @@ class PromptModel(BankRouting, nn.Module):
         prompts = self.bank_prompts(plan)
         P = prompts.shape[1]
         if input_ids is not None:
-            embeds = prompt_embed(input_ids, self.backbone.word_embeddings.weight, prompts, plan.row_entry,
+            embeds = prompt_embed(input_ids, self.backbone.word_embeddings.weight, prompts, plan.bank_rows,
                                   backend=self.backend)
         else:
-            embeds = torch.cat([prompts[plan.row_entry].to(inputs_embeds.dtype), inputs_embeds], dim=1)
+            embeds = torch.cat([prompts[plan.bank_rows].to(inputs_embeds.dtype), inputs_embeds], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
         hidden = self.backbone.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
@@ -322,7 +322,7 @@ class PromptModel(BankRouting, nn.Module):
         P = plan.num_virtual_tokens
         # [1, T]: every row's positions P..P+T-1 (broadcast over the rows, as HF's own default)
         position_ids = self._packed_positions(0, P, 1, T) if position_ids is None else position_ids + P
-        ctx = AttentionContext("prefix", keys, values, plan.row_entry, backend=self.backend,
+        ctx = AttentionContext("prefix", keys, values, plan.bank_rows, backend=self.backend,
                                key_padding_mask=key_padding_mask)
         hidden = self.backbone.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                              position_ids=position_ids, ctx=ctx)
@@ -340,14 +340,14 @@ class PromptModel(BankRouting, nn.Module):
         B, T = inputs_embeds.shape[:2]
         embeds = torch.cat([prompts.reshape(1, n * P, d).to(inputs_embeds.dtype),
                             inputs_embeds.reshape(1, B * T, d)], dim=1)
-        ctx = AttentionContext("packed", task_ids=plan.row_entry, key_padding_mask=key_padding_mask,
+        ctx = AttentionContext("packed", bank_rows=plan.bank_rows, key_padding_mask=key_padding_mask,
                                backend=self.backend, packed=(n, P, B, T))
         hidden = self.backbone.hidden_states(inputs_embeds=embeds, position_ids=self._packed_positions(n, P, B, T),
                                              ctx=ctx)
         prompt_hidden, row_hidden = hidden.squeeze(0).split([n * P, B * T])
         last_virtual = prompt_hidden.view(n, P, d)[:, -1]
         # One prompt: every row's is the same state (an expand, whose backward is a sum, not a scatter).
-        last_virtual = last_virtual.expand(B, d) if n == 1 else last_virtual[plan.row_entry]
+        last_virtual = last_virtual.expand(B, d) if n == 1 else last_virtual[plan.bank_rows]
         return row_hidden.view(B, T, d), last_virtual
 
     def _packed_positions(self, n: int, P: int, B: int, T: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ class BankPlan:
     kind: str                                   # "tokens" or "kv"
     num_virtual_tokens: int
     sources: list[tuple[str, torch.Tensor]]     # (adapter name, its local entry ids), in bank order
-    row_entry: torch.Tensor                     # [B] int64 index into the concatenated entries
+    bank_rows: torch.Tensor                     # [B] int64 index into the concatenated entries
 
 
 class BankRouting:
@@ -62,14 +62,14 @@ class BankRouting:
                 self._check_task_range(task_ids.tolist(), [self.active_adapter] * batch_size)
             every_task = self._cached_plan((batch_size, routing, "every task"), batch_size, None, None,
                                            every_task=True)
-            return dataclasses.replace(every_task, row_entry=task_ids.to(self.backbone.device, torch.long))
+            return dataclasses.replace(every_task, bank_rows=task_ids.to(self.backbone.device, torch.long))
         task_list = task_ids.tolist()
         return self._cached_plan((batch_size, routing, tuple(task_list)), batch_size, task_list, adapter_names)
 
     def _cached_plan(self, key, batch_size: int, task_list, adapter_names, every_task: bool = False) -> BankPlan:
         device = self.backbone.device
         cached = self._plans.get(key)
-        if cached is not None and cached.row_entry.device == device:
+        if cached is not None and cached.bank_rows.device == device:
             return cached
         plan = self._build_plan(batch_size, task_list, adapter_names, every_task)
         if len(self._plans) >= self.MAX_CACHED_PLANS:  # routing that varies every step: keep the newest
@@ -126,5 +126,5 @@ class BankRouting:
             index[(name, entry)] = len(index)
             per_source.setdefault(name, []).append(entry)
         sources = [(n, torch.tensor(e, dtype=torch.long, device=device)) for n, e in per_source.items()]
-        row_entry = torch.tensor([index[p] for p in zip(names, local)], dtype=torch.long, device=device)
-        return BankPlan(self.prompt_sources[names[0]].kind, first.num_virtual_tokens, sources, row_entry)
+        bank_rows = torch.tensor([index[p] for p in zip(names, local)], dtype=torch.long, device=device)
+        return BankPlan(self.prompt_sources[names[0]].kind, first.num_virtual_tokens, sources, bank_rows)

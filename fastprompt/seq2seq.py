@@ -87,10 +87,10 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
         inputs = dict(attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask)
         if plan.kind == "tokens":
             prompts = self.bank_prompts(plan)
-            inputs["inputs_embeds"] = self.embed(input_ids, prompts[:, :P], plan.row_entry)
+            inputs["inputs_embeds"] = self.embed(input_ids, prompts[:, :P], plan.bank_rows)
             inputs["attention_mask"] = prepend_ones(attention_mask, P)
             if config.peft_type == MULTITASK_PROMPT_TUNING and config.num_transformer_submodules == 2:
-                inputs["decoder_inputs_embeds"] = self.embed(decoder_input_ids, prompts[:, P:], plan.row_entry)
+                inputs["decoder_inputs_embeds"] = self.embed(decoder_input_ids, prompts[:, P:], plan.bank_rows)
                 inputs["decoder_attention_mask"] = prepend_ones(decoder_attention_mask, P)
                 return inputs, P, None
             inputs["decoder_input_ids"] = decoder_input_ids
@@ -99,7 +99,7 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
         prefixes = self._site_prefixes(plan, config)
         if "decoder" in prefixes:
             keys, values = prefixes.pop("decoder")
-            inputs["past_key_values"] = decoder_prefix_cache(keys, values, plan.row_entry)
+            inputs["past_key_values"] = decoder_prefix_cache(keys, values, plan.bank_rows)
             inputs["decoder_attention_mask"] = prepend_ones(decoder_attention_mask, P)
         if not prefixes:
             return inputs, 0, None

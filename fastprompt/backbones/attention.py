@@ -94,7 +94,7 @@ class AttentionContext:
     mode: str  # "capture" or "prefix"
     prefix_k: list[torch.Tensor] | None = None  # per layer [n_bank, Hkv, P, D]
     prefix_v: list[torch.Tensor] | None = None
-    task_ids: torch.Tensor | None = None  # [B] row -> bank entry
+    bank_rows: torch.Tensor | None = None  # [B] int64: row b reads bank entry bank_rows[b]
     key_padding_mask: torch.Tensor | None = None  # [B, S] over the row's own keys (cache included)
     cache: KVCache | None = None
     backend: str | None = None
@@ -146,7 +146,7 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             own = ctx.prefix_bias.new_zeros(ctx.prefix_bias.shape[0], S)
             bias = torch.cat([ctx.prefix_bias, own], dim=1)[:, None, None, :]
         out = prefix_attention(query, key, value, ctx.prefix_k[layer].to(query.dtype),
-                               ctx.prefix_v[layer].to(query.dtype), ctx.task_ids,
+                               ctx.prefix_v[layer].to(query.dtype), ctx.bank_rows,
                                causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
                                bias=bias, backend=ctx.backend)
     elif ctx.mode == "packed":
@@ -160,7 +160,7 @@ def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window)
     """Mode "packed": query [1, Hq, n·P + B·T, D], key/value [1, Hkv, n·P + B·T, D] → [1, n·P + B·T, Hq, D].
 
     The first n·P positions are the n prompts (causal among their own P tokens), the rest the B rows, each
-    reading prompt `ctx.task_ids[b]`'s keys/values as its prefix. The splits are views; the outputs meet in
+    reading prompt `ctx.bank_rows[b]`'s keys/values as its prefix. The splits are views; the outputs meet in
     one concatenation.
     """
     n, P, B, T = ctx.packed
@@ -179,9 +179,9 @@ def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window)
     # No prefix for the prompts: a fresh empty bank (a slice of prompt_k would carry autograd history and
     # make the op concatenate it).
     empty = prompt_k.new_zeros(1, prompt_k.shape[1], 0, prompt_k.shape[3])
-    prompt_out = prefix_attention(prompt_q, prompt_k, prompt_v, empty, empty, ctx.task_ids.new_zeros(n),
+    prompt_out = prefix_attention(prompt_q, prompt_k, prompt_v, empty, empty, ctx.bank_rows.new_zeros(n),
                                   causal=True, scale=scaling, backend=ctx.backend)
-    row_out = prefix_attention(row_q, row_k, row_v, prompt_k, prompt_v, ctx.task_ids,
+    row_out = prefix_attention(row_q, row_k, row_v, prompt_k, prompt_v, ctx.bank_rows,
                                causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
                                backend=ctx.backend)
     Hq, D = query.shape[1], query.shape[3]

@@ -58,7 +58,7 @@ class SiteContext:
     """What fastprompt's site attention does in one forward of the model."""
 
     backbone: SiteBackbone
-    task_ids: torch.Tensor | None = None  # [B] row -> bank entry
+    bank_rows: torch.Tensor | None = None  # [B] int64: row b reads bank entry bank_rows[b]
     prefix_k: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # site -> per layer [n, H, P, D]
     prefix_v: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     key_padding_mask: dict[str, torch.Tensor | None] = field(default_factory=dict)  # site -> [B, S] bool
@@ -110,15 +110,15 @@ def site_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     if site in ctx.prefix_k:
         prefix_k = ctx.prefix_k[site][layer].to(query.dtype)
         prefix_v = ctx.prefix_v[site][layer].to(query.dtype)
-        task_ids = ctx.task_ids
+        bank_rows = ctx.bank_rows
     else:
         prefix_k = prefix_v = query.new_zeros(1, key.shape[1], 0, D)
-        task_ids = torch.zeros(B, dtype=torch.long, device=query.device)
+        bank_rows = torch.zeros(B, dtype=torch.long, device=query.device)
     mask = ctx.key_padding_mask.get(site)
     bias = None
     if site in ctx.backbone.biased_sites:
         bias = ctx.keys_bias(site, position_bias, prefix_k.shape[2])
-    out = prefix_attention(query, key, value, prefix_k, prefix_v, task_ids, causal=site == "decoder",
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, bank_rows, causal=site == "decoder",
                            key_padding_mask=mask, scale=scaling, bias=bias, backend=ctx.backend)
     return out.transpose(1, 2), None
 

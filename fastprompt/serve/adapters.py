@@ -95,7 +95,7 @@ class AdapterStore:
         mpt = config.peft_type == MULTITASK_PROMPT_TUNING
         n = config.num_tasks if mpt else 1
         plan = model.plan(n, task_ids=torch.arange(n) if mpt else None, adapter_names=[adapter_name] * n)
-        assert plan.row_entry.tolist() == list(range(n))
+        assert plan.bank_rows.tolist() == list(range(n))
         keys, values, _ = model.bank_kv(plan)
         # A finite prompt can still overflow in the backbone; what is refused here never reaches the bank.
         if not all(bool(torch.isfinite(t).all()) for t in (*keys, *values)):

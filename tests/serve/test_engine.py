@@ -375,10 +375,10 @@ def plain_decode_logits(engine) -> torch.Tensor:
     the cache written at the Python-int offset L (into a copy, leaving the engine's cache alone)."""
     n, L, P = len(engine.rows), engine.L, engine.store.num_virtual_tokens
     lengths = torch.tensor([r.length for r in engine.rows])
-    task_ids = torch.tensor([r.entry for r in engine.rows])
+    bank_rows = torch.tensor([r.entry for r in engine.rows])
     mask = torch.arange(L + 1)[None] >= (L - lengths)[:, None]
     cache = KVCache([k[:n].clone() for k in engine.keys], [v[:n].clone() for v in engine.values], length=L)
-    ctx = AttentionContext("prefix", engine.store.bank_k, engine.store.bank_v, task_ids, key_padding_mask=mask,
+    ctx = AttentionContext("prefix", engine.store.bank_k, engine.store.bank_v, bank_rows, key_padding_mask=mask,
                            cache=cache, backend=engine.backend)
     input_ids = torch.tensor([[r.last_token] for r in engine.rows])
     hidden = engine.backbone.hidden_states(input_ids=input_ids, position_ids=lengths[:, None] + P, ctx=ctx)
