@@ -19,7 +19,8 @@ stack, and a read is the ops' when a frame of fastprompt/ops or the kernels is o
 are allowed, the index range checks that run on CPU tensors only (each returns before reading anything
 when the tensor is on CUDA): `fastprompt.ops._checks.check_index_values` and linear_cross_entropy's label
 check (`_check` in fastprompt/ops/linear_cross_entropy.py). Reads outside the ops are reported,
-not failed: today `PromptModel.forward` reads `task_ids.tolist()` (fastprompt/model.py, another owner's).
+not failed: today `PromptModel.plan` reads `task_ids.tolist()` (fastprompt/routing.py) when the rows'
+task ids must be checked or mapped to several adapters.
 """
 
 from __future__ import annotations
