@@ -17,9 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from fastprompt import io  # noqa: E402
-from fastprompt.serve import Engine  # noqa: E402
-from fastprompt.serve.server import create_app  # noqa: E402
-from tests.serve.test_server import CHAT_TEMPLATE, Server  # noqa: E402
+from tests.serve.test_server import serve_adapters  # noqa: E402
 
 REQUESTS = 400
 
@@ -153,12 +151,8 @@ def good_answers(conn) -> list:
 
 
 def test_fuzzed_requests_get_4xx_and_keep_the_connection(served, tmp_path):
-    base, tokenizer, folders, _ = served
-    tokenizer.chat_template = CHAT_TEMPLATE
-    engine = Engine(base, tokenizer, max_slots=4, max_len=48, max_queue=400)
-    for name in ("a", "b", "mpt"):
-        engine.load_adapter(name, folders[name])
-    server = Server(create_app(engine, request_timeout_s=60))
+    _, tokenizer, folders, _ = served
+    server, engine = serve_adapters(served, max_slots=4)
     try:
         host, port = server.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)

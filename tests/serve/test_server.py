@@ -42,17 +42,22 @@ class Server:
         self.thread.join(20)
 
 
-@pytest.fixture(scope="module")
-def server(served):
+def serve_adapters(served, max_slots: int) -> tuple[Server, Engine]:
+    """A running server over a fresh engine (max_len 48, queue 400) with adapters a, b and mpt loaded."""
     base, tokenizer, folders, _ = served
     tokenizer.chat_template = CHAT_TEMPLATE
-    engine = Engine(base, tokenizer, max_slots=8, max_len=48, max_queue=400)
+    engine = Engine(base, tokenizer, max_slots=max_slots, max_len=48, max_queue=400)
     for name in ("a", "b", "mpt"):
         engine.load_adapter(name, folders[name])
-    running = Server(create_app(engine, request_timeout_s=60))
+    return Server(create_app(engine, request_timeout_s=60)), engine
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    running, engine = serve_adapters(served, max_slots=8)
     yield running, engine
     running.close()
-    tokenizer.chat_template = None
+    served[1].chat_template = None
 
 
 def post(url, path, body, **kwargs):
