@@ -224,7 +224,8 @@ def _tokenise(source, record, file_task, encode, verbalizers, separator, max_len
 def collate(examples: list[Example], pad_token_id: int = 0, *, rows: int | None = None,
             length: int | None = None) -> dict:
     """Right-padded batch: input_ids, attention_mask, labels (-100 on input and padding) [B, T], and
-    ``tasks`` (the rows' task names; the trainer turns them into adapter_names or task_ids).
+    ``tasks`` (the rows' task names; the trainer turns them into adapter_names or task_ids), and ``rows``
+    (how many of the B rows are examples: the rest are filler).
 
     B = len(examples) and T = the longest example, or at least `rows` and `length` where given (a CUDA-graph
     run pads every batch to a few fixed shapes, `bucket_length`). Filler rows repeat the first example with
@@ -242,7 +243,7 @@ def collate(examples: list[Example], pad_token_id: int = 0, *, rows: int | None 
         if row < len(examples):
             labels[row, :n] = torch.tensor(e.labels)
     tasks = [e.task for e in examples] + [examples[0].task] * (B - len(examples))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tasks": tasks}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tasks": tasks, "rows": len(examples)}
 
 
 def bucket_length(length: int, longest: int) -> int:

@@ -264,7 +264,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
-                step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                step_tokens = sum(int(b["attention_mask"][:b["rows"]].sum()) for b in batches)  # no filler
                 shares: dict[str, torch.Tensor] = {}
                 summed_grads: dict[torch.nn.Parameter, torch.Tensor] = {}
                 for batch, weight in self.dist.shard(batches):

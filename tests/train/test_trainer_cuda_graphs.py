@@ -56,7 +56,7 @@ def test_bucket_lengths_and_filler_rows(tmp_path):
     assert bucket_length(40, 41) == 41          # never past the run's longest example
     data = dataset(tmp_path, seq2seq_records(3))
     batch = collate(data.examples[:2], pad_token_id=0, rows=4, length=16)
-    assert batch["input_ids"].shape == (4, 16) and batch["tasks"] == [None] * 4
+    assert batch["input_ids"].shape == (4, 16) and batch["tasks"] == [None] * 4 and batch["rows"] == 2
     assert torch.equal(batch["input_ids"][2], batch["input_ids"][0])       # filler rows: real tokens ...
     assert (batch["labels"][2:] == -100).all() and batch["attention_mask"][3].sum() > 0   # ... and no labels
 
@@ -78,7 +78,7 @@ def test_graph_steps_equal_eager_steps(tmp_path, monkeypatch, config):
     graphed = Trainer(prompt_model(config), _config(tmp_path / "graphed", cuda_graphs=True, **options), data)
     eager_log, graphed_log = eager.train().log, graphed.train().log
     for a, b in zip(eager_log, graphed_log, strict=True):
-        assert b["target_tokens"] == a["target_tokens"]
+        assert b["target_tokens"] == a["target_tokens"] and b["tokens"] == a["tokens"]   # filler rows not counted
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     for a, b in zip(eager.model.prompt_sources.parameters(), graphed.model.prompt_sources.parameters()):
