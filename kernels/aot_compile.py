@@ -103,12 +103,12 @@ def _randn(*shape, dtype):
 def _prefix_attention(dtype, D, T, causal, mask, bias, backward):
     """A GQA layer (8 query heads, 2 key/value heads), a 20-token prefix, a cache 512 longer than T. With a
     padding mask and no bias, q and the output gradient are transposed views of [B, T, H, D] (as HF layers
-    hold them: the backward's strided variant, on sm_90); otherwise contiguous (a copy cannot run on fake
-    CUDA tensors here, and with a bias or before sm_90 the launcher would copy them)."""
+    hold them: the backward's strided variant); otherwise contiguous (a copy cannot run on fake CUDA tensors
+    here, and with a bias the launcher would copy them)."""
     B, Hq, Hkv, S, P = 3, 8, 2, T + 512, 20
 
     def call():
-        strided = mask and not bias and PA._arch(0) >= 90  # (patched by `record`) as the launcher's rule
+        strided = mask and not bias
         q = _randn(B, T, Hq, D, dtype=dtype).transpose(1, 2) if strided else _randn(B, Hq, T, D, dtype=dtype)
         k, v = _randn(B, Hkv, S, D, dtype=dtype), _randn(B, Hkv, S, D, dtype=dtype)
         pk, pv = _randn(4, Hkv, P, D, dtype=dtype), _randn(4, Hkv, P, D, dtype=dtype)

@@ -423,13 +423,13 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, DO, LSE, DELTA, DQ,
     row = (b.to(tl.int64) * Hq + h) * T + t
     qd_mask = row_ok[:, None] & d_ok[None, :]
     ptrs = row[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + (h * sqh + t64 * sqt)[:, None] + offs_d[None, :], mask=qd_mask,
+                other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdb + (h * sdh + t64 * sdt)[:, None] + offs_d[None, :], mask=qd_mask,
                  other=0.0)
     o = tl.load(O + ptrs, mask=qd_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + row, delta, mask=row_ok)
-    q = tl.load(Q + b.to(tl.int64) * sqb + (h * sqh + t64 * sqt)[:, None] + offs_d[None, :], mask=qd_mask,
-                other=0.0)
     lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     task = tl.load(TASK + b).to(tl.int64)
@@ -676,14 +676,11 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, bank_rows, out, lse
     n_tasks = prefix_k.shape[0]
     scale = D ** -0.5 if scale is None else float(scale)
     # q and d_out are read through their strides (the packed layout hands over transposed views: no copies),
-    # except where the dK/dV kernel reads them contiguous: with a bias (its strided variant spills registers
-    # at D = 128 with a bias), before sm_90 (it spills more on sm_80 at D = 64), and where its int32 offsets
-    # within a head could overflow
+    # except with a bias, where the dK/dV kernel reads them contiguous (its strided variant spills registers
+    # at D = 128 with a bias), and where the dK/dV kernel's int32 offsets within a head could overflow
     d_out, out, lse = _last_dim_contiguous(d_out), out.contiguous(), lse.contiguous()
     qdo_contig = q.is_contiguous() and d_out.is_contiguous()
-    arch = _device_arch(q.device)
-    if not qdo_contig and (bias is not None or arch < 90
-                           or (T + _MAX_BLOCK) * max(q.stride(2), d_out.stride(2)) + D >= 2 ** 31):
+    if not qdo_contig and (bias is not None or (T + _MAX_BLOCK) * max(q.stride(2), d_out.stride(2)) + D >= 2 ** 31):
         q, d_out, qdo_contig = q.contiguous(), d_out.contiguous(), True
     shapes = (q.shape, k.shape, k.shape, prefix_k.shape, prefix_k.shape)
     if grads is None:
@@ -697,7 +694,7 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, bank_rows, out, lse
         return dq, dk, dv, dpk, dpv
     G = Hq // Hkv
     d_pad = max(16, triton.next_power_of_2(D))
-    block_m, block_n, warps, stages = _bwd_config(d_pad, q.dtype, arch)
+    block_m, block_n, warps, stages = _bwd_config(d_pad, q.dtype, _device_arch(q.device))
     scalars = (T, S, P, G, Hkv, D, scale * _LOG2E, scale)
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal),
                  HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BIAS_I64=bias_i64,
