@@ -101,24 +101,18 @@ def _randn(*shape, dtype):
 
 
 def _prefix_attention(dtype, D, T, causal, mask, bias, backward):
-    """A GQA layer (8 query heads, 2 key/value heads), a 20-token prefix, a cache 512 longer than T. With a
-    padding mask and no bias, q and the output gradient are transposed views of [B, T, H, D] (as HF layers
-    hold them: the backward's strided variant); otherwise contiguous (a copy cannot run on fake CUDA tensors
-    here, and with a bias the launcher would copy them)."""
+    """A GQA layer (8 query heads, 2 key/value heads), a 20-token prefix, a cache 512 longer than T."""
     B, Hq, Hkv, S, P = 3, 8, 2, T + 512, 20
 
     def call():
-        strided = mask and not bias
-        q = _randn(B, T, Hq, D, dtype=dtype).transpose(1, 2) if strided else _randn(B, Hq, T, D, dtype=dtype)
-        k, v = _randn(B, Hkv, S, D, dtype=dtype), _randn(B, Hkv, S, D, dtype=dtype)
+        q, k, v = _randn(B, Hq, T, D, dtype=dtype), _randn(B, Hkv, S, D, dtype=dtype), _randn(B, Hkv, S, D, dtype=dtype)
         pk, pv = _randn(4, Hkv, P, D, dtype=dtype), _randn(4, Hkv, P, D, dtype=dtype)
         bank_rows = torch.zeros(B, dtype=torch.int64, device="cuda")
         kpm = torch.ones(B, S, dtype=torch.bool, device="cuda") if mask else None
         b = _randn(B, 1, T, P + S, dtype=dtype) if bias else None
         out, lse = PA.prefix_attention_fwd(q, k, v, pk, pv, bank_rows, causal=causal, key_padding_mask=kpm, bias=b)
         if backward:
-            d_out = _randn(B, T, Hq, D, dtype=dtype).transpose(1, 2) if strided else torch.empty_like(out)
-            PA.prefix_attention_bwd(d_out, q, k, v, pk, pv, bank_rows, out, lse, causal=causal,
+            PA.prefix_attention_bwd(torch.empty_like(out), q, k, v, pk, pv, bank_rows, out, lse, causal=causal,
                                     key_padding_mask=kpm, bias=b)
     return call
 

@@ -22,11 +22,10 @@ All accumulation is fp32; fp32 inputs use IEEE dots (no tf32), bf16/fp16 use ten
 Decode: for T <= DECODE_MAX_T the forward splits the [prefix ; own] key range over several programs
 (flash-decoding) and a combine kernel merges the partial outputs with their log-sum-exp.
 
-Backward (deterministic, no float atomics), three launches: one kernel computes dQ per query tile and
-each row's delta = rowsum(dO * O), the next dK, dV per key tile (looping over all queries of the group),
-reading that delta. Each batch row writes its own fp32 partial d prefix_k / d prefix_v ([B, Hkv, P, D]
-each), and a reduction kernel sums the rows of each bank row in a fixed order (ascending batch row).
-Determinism costs 2 * B * Hkv * P * D * 4 bytes of partials. q and dO are read through their strides.
+Backward (deterministic, no float atomics): one kernel computes dK, dV per key tile (looping over all
+queries of the group), another computes dQ per query tile. Each batch row writes its own fp32 partial
+d prefix_k / d prefix_v ([B, Hkv, P, D] each), and a reduction kernel sums the rows of each bank row in a
+fixed order (batch rows sorted by bank row, stably). Determinism costs 2 * B * Hkv * P * D * 4 bytes of partials.
 """
 
 from __future__ import annotations
@@ -252,27 +251,35 @@ def _combine_kernel(O_PART, LSE_PART, O, LSE, n_rows, n_splits, D,
 # Backward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, stride_qt, do_base, stride_dot, lse_base, delta_base,
-                bias_base, stride_bt, stride_bn, lo, hi, S, T, D, offs_d, d_ok, qk_scale,
+def _delta_kernel(O, DO, DELTA, n_rows, D, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
+    """delta[r] = sum_d out[r, d] * d_out[r, d] in fp32 (both contiguous [rows, D])."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D_PAD)
+    msk = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
+    ptrs = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, do_base, lse_base, delta_base, bias_base, stride_bt,
+                stride_bn, lo, hi, S, T, D, offs_d, d_ok, qk_scale,
                 BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_I64: tl.constexpr,
-                DOT_PREC: tl.constexpr, QDO_CONTIG: tl.constexpr):
+                DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query positions [lo, hi) of one query head.
 
-    q, dO: this head's rows, position t at base + t * stride (unit stride along D), or at base + t * D when
-    QDO_CONTIG (both contiguous [.., T, D]); lse and delta are contiguous [.., T]; bias_base points at this
-    head's bias at the segment's key 0.
+    q, dO are contiguous [.., T, D] here (row stride D); lse and delta are [.., T]; bias_base points at
+    this head's bias at the segment's key 0.
     """
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < hi
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        if QDO_CONTIG:
-            ptrs = offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
-            q = tl.load(q_base + ptrs, mask=qd_mask, other=0.0)
-            do = tl.load(do_base + ptrs, mask=qd_mask, other=0.0)
-        else:  # int32 offsets within the head (the launcher keeps them below 2**31): fewer registers
-            q = tl.load(q_base + (offs_m * stride_qt)[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(do_base + (offs_m * stride_dot)[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        ptrs = offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+        q = tl.load(q_base + ptrs, mask=qd_mask, other=0.0)
+        do = tl.load(do_base + ptrs, mask=qd_mask, other=0.0)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw nothing: p = 0
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
@@ -292,11 +299,11 @@ def _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_base, stride_qt, do_base, stride
 
 
 @triton.jit
-def _dkdv_tile(Q, DO, LSE, DELTA, sqb, sqh, sqt, sdb, sdh, sdt, k_base, v_base, stride_kn, stride_vn, mask_base,
-               bias_base, sbh, sbt, sbn, dk_base, dv_base, n0, n_end, b, hkv, T, S, G, Hkv, D, qk_scale, sm_scale,
+def _dkdv_tile(Q, DO, LSE, DELTA, k_base, v_base, stride_kn, stride_vn, mask_base, bias_base, sbh, sbt, sbn,
+               dk_base, dv_base, n0, n_end, b, hkv, T, S, G, Hkv, D, qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr, QDO_CONTIG: tl.constexpr):
+               BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK, dV of keys [n0, n0 + BLOCK_N) of one segment, summed over the G query heads of the group.
 
     bias_base points at row b's bias at the segment's key 0 (head 0)."""
@@ -323,23 +330,16 @@ def _dkdv_tile(Q, DO, LSE, DELTA, sqb, sqh, sqt, sdb, sdh, sdt, k_base, v_base, 
             t_full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - (S - T), t_start), T)
     Hq = Hkv * G
     for g in range(0, G):
-        h = (hkv * G + g).to(tl.int64)
-        row0 = (b.to(tl.int64) * Hq + h) * T
-        head_bias = bias_base + h * sbh
-        if QDO_CONTIG:
-            q_head = Q + row0 * D
-            do_head = DO + row0 * D
-        else:
-            q_head = Q + b.to(tl.int64) * sqb + h * sqh
-            do_head = DO + b.to(tl.int64) * sdb + h * sdh
+        row0 = (b.to(tl.int64) * Hq + hkv * G + g) * T
+        head_bias = bias_base + (hkv * G + g).to(tl.int64) * sbh
         if not IS_PREFIX:
             if CAUSAL:
-                dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_head, sqt, do_head, sdt, LSE + row0,
+                dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, Q + row0 * D, DO + row0 * D, LSE + row0,
                                      DELTA + row0, head_bias, sbt, sbn, t_start, t_full, S, T, D, offs_d, d_ok,
-                                     qk_scale, BLOCK_M, True, HAS_BIAS, BIAS_I64, DOT_PREC, QDO_CONTIG)
-        dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, q_head, sqt, do_head, sdt, LSE + row0,
+                                     qk_scale, BLOCK_M, True, HAS_BIAS, BIAS_I64, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, key_ok, Q + row0 * D, DO + row0 * D, LSE + row0,
                              DELTA + row0, head_bias, sbt, sbn, t_full, T, S, T, D, offs_d, d_ok, qk_scale,
-                             BLOCK_M, False, HAS_BIAS, BIAS_I64, DOT_PREC, QDO_CONTIG)
+                             BLOCK_M, False, HAS_BIAS, BIAS_I64, DOT_PREC)
     out_ptrs = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(dk_base + out_ptrs, (dk * sm_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
     tl.store(dv_base + out_ptrs, dv.to(dv_base.dtype.element_ty), mask=kv_mask)
@@ -347,14 +347,12 @@ def _dkdv_tile(Q, DO, LSE, DELTA, sqb, sqh, sqt, sdb, sdh, sdt, k_base, v_base, 
 
 @triton.jit(do_not_specialize=["T", "S", "P"])
 def _bwd_dkdv_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DK, DV, DPK_PART, DPV_PART,
-                     sqb, sqh, sqt, sdb, sdh, sdt, skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp,
-                     sbb, sbh, sbt, sbn, T, S, P, G, Hkv, D, qk_scale, sm_scale, n_prefix_blocks,
+                     skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp, sbb, sbh, sbt, sbn,
+                     T, S, P, G, Hkv, D, qk_scale, sm_scale, n_prefix_blocks,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr, QDO_CONTIG: tl.constexpr):
-    """Grid: (prefix key tiles + own key tiles, B * Hkv). Prefix tiles write this row's fp32 partial.
-    Reads the delta (rowsum(dO * O)) that `_bwd_dq_kernel`, launched before it, wrote. QDO_CONTIG: q and
-    dO are contiguous (their strides are not read)."""
+                     BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid: (prefix key tiles + own key tiles, B * Hkv). Prefix tiles write this row's fp32 partial."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -363,18 +361,18 @@ def _bwd_dkdv_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DK, DV, 
     row_bias = BIAS + b.to(tl.int64) * sbb
     if pid_n < n_prefix_blocks:
         task = tl.load(TASK + b).to(tl.int64)
-        _dkdv_tile(Q, DO, LSE, DELTA, sqb, sqh, sqt, sdb, sdh, sdt, PK + task * spkt + hkv.to(tl.int64) * spkh,
+        _dkdv_tile(Q, DO, LSE, DELTA, PK + task * spkt + hkv.to(tl.int64) * spkh,
                    PV + task * spvt + hkv.to(tl.int64) * spvh, spkp, spvp, MASK, row_bias, sbh, sbt, sbn,
                    DPK_PART + bh * P * D, DPV_PART + bh * P * D, pid_n * BLOCK_N, P, b, hkv, T, S, G, Hkv,
                    D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, True, CAUSAL, HAS_MASK, HAS_BIAS, BIAS_I64,
-                   DOT_PREC, QDO_CONTIG)
+                   DOT_PREC)
     else:
-        _dkdv_tile(Q, DO, LSE, DELTA, sqb, sqh, sqt, sdb, sdh, sdt, K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh,
+        _dkdv_tile(Q, DO, LSE, DELTA, K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh,
                    V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh, sks, svs, MASK + b.to(tl.int64) * S,
                    row_bias + P.to(tl.int64) * sbn, sbh, sbt, sbn,
                    DK + bh * S * D, DV + bh * S * D, (pid_n - n_prefix_blocks) * BLOCK_N, S, b, hkv, T, S,
                    G, Hkv, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, D_PAD, False, CAUSAL, HAS_MASK, HAS_BIAS,
-                   BIAS_I64, DOT_PREC, QDO_CONTIG)
+                   BIAS_I64, DOT_PREC)
 
 
 @triton.jit
@@ -402,14 +400,13 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_
 
 
 @triton.jit(do_not_specialize=["T", "S", "P"])
-def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sqt, sdb, sdh, sdt, skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp,
-                   sbb, sbh, sbt, sbn, T, S, P, G, Hkv, D, qk_scale, sm_scale,
+def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, DO, LSE, DELTA, DQ,
+                   skb, skh, sks, svb, svh, svs, spkt, spkh, spkp, spvt, spvh, spvp, sbb, sbh, sbt, sbn,
+                   T, S, P, G, Hkv, D, qk_scale, sm_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BIAS_I64: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Grid: (packed query tiles, B * Hkv). q and dO are read through their strides; O, dQ are contiguous
-    [B, Hq, T, D]. Also writes each row's delta = rowsum(dO * O) (fp32), which the dK/dV kernel reads."""
+    """Grid: (packed query tiles, B * Hkv). q, dO, dQ are contiguous [B, Hq, T, D]."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -418,20 +415,14 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, DO, LSE, DELTA, DQ,
     g, t, row_ok, t_lo, t_hi = _packed_rows(pid_m, T, G, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
-    h = (hkv * G + g).to(tl.int64)
-    t64 = t.to(tl.int64)
-    row = (b.to(tl.int64) * Hq + h) * T + t
+    row = (b.to(tl.int64) * Hq + hkv * G + g) * T + t
     qd_mask = row_ok[:, None] & d_ok[None, :]
     ptrs = row[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + (h * sqh + t64 * sqt)[:, None] + offs_d[None, :], mask=qd_mask,
-                other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + (h * sdh + t64 * sdt)[:, None] + offs_d[None, :], mask=qd_mask,
-                 other=0.0)
-    o = tl.load(O + ptrs, mask=qd_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + row, delta, mask=row_ok)
+    q = tl.load(Q + ptrs, mask=qd_mask, other=0.0)
+    do = tl.load(DO + ptrs, mask=qd_mask, other=0.0)
     lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     task = tl.load(TASK + b).to(tl.int64)
     last_key = t + (S - T)
     bias_b = BIAS + b.to(tl.int64) * sbb
@@ -460,19 +451,19 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, TASK, MASK, BIAS, O, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _reduce_prefix_kernel(DPK_PART, DPV_PART, TASK, DPK, DPV, n_rows, row_numel, BLOCK: tl.constexpr):
-    """d prefix[task] = sum of the partials of the batch rows of that task, in a fixed order (ascending
-    batch row; a task no row reads gets zeros)."""
+def _reduce_prefix_kernel(DPK_PART, DPV_PART, ORDER, STARTS, DPK, DPV, row_numel, BLOCK: tl.constexpr):
+    """d prefix[task] = sum of the partials of the rows of that task, in a fixed (stable-sorted) order."""
     task = tl.program_id(0)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < row_numel
+    start = tl.load(STARTS + task)
+    end = tl.load(STARTS + task + 1)
     acc_k = tl.zeros([BLOCK], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, n_rows):
-        if tl.load(TASK + i) == task:
-            base = (tl.zeros([], dtype=tl.int64) + i) * row_numel
-            acc_k += tl.load(DPK_PART + base + offs, mask=ok, other=0.0)
-            acc_v += tl.load(DPV_PART + base + offs, mask=ok, other=0.0)
+    for i in range(start, end):
+        row = tl.load(ORDER + i).to(tl.int64)
+        acc_k += tl.load(DPK_PART + row * row_numel + offs, mask=ok, other=0.0)
+        acc_v += tl.load(DPV_PART + row * row_numel + offs, mask=ok, other=0.0)
     base = task.to(tl.int64) * row_numel
     tl.store(DPK + base + offs, acc_k.to(DPK.dtype.element_ty), mask=ok)
     tl.store(DPV + base + offs, acc_v.to(DPV.dtype.element_ty), mask=ok)
@@ -560,7 +551,7 @@ def _prepare(q, k, v, prefix_k, prefix_v, bank_rows, key_padding_mask):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.contiguous()  # bool: read as bytes by the kernels
+        key_padding_mask = key_padding_mask.contiguous().view(torch.uint8)
     return (q, k, v, prefix_k, prefix_v, bank_rows.contiguous(), key_padding_mask,
             (B, Hq, Hkv, T, S, prefix_k.shape[2], D))
 
@@ -675,13 +666,7 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, bank_rows, out, lse
     bias_arg, bias_strides, bias_i64 = _prepare_bias(bias, q, (B, Hq, T, P + S))
     n_tasks = prefix_k.shape[0]
     scale = D ** -0.5 if scale is None else float(scale)
-    # q and d_out are read through their strides (the packed layout hands over transposed views: no copies),
-    # except with a bias, where the dK/dV kernel reads them contiguous (its strided variant spills registers
-    # at D = 128 with a bias), and where the dK/dV kernel's int32 offsets within a head could overflow
-    d_out, out, lse = _last_dim_contiguous(d_out), out.contiguous(), lse.contiguous()
-    qdo_contig = q.is_contiguous() and d_out.is_contiguous()
-    if not qdo_contig and (bias is not None or (T + _MAX_BLOCK) * max(q.stride(2), d_out.stride(2)) + D >= 2 ** 31):
-        q, d_out, qdo_contig = q.contiguous(), d_out.contiguous(), True
+    q, d_out, out, lse = q.contiguous(), d_out.contiguous(), out.contiguous(), lse.contiguous()
     shapes = (q.shape, k.shape, k.shape, prefix_k.shape, prefix_k.shape)
     if grads is None:
         grads = tuple(torch.empty(s, dtype=q.dtype, device=q.device) for s in shapes)
@@ -694,31 +679,34 @@ def prefix_attention_bwd(d_out, q, k, v, prefix_k, prefix_v, bank_rows, out, lse
         return dq, dk, dv, dpk, dpv
     G = Hq // Hkv
     d_pad = max(16, triton.next_power_of_2(D))
+    n_rows = B * Hq * T
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(n_rows, 64),)](out, d_out, delta, n_rows, D, BLOCK_R=64, D_PAD=d_pad)
+
     block_m, block_n, warps, stages = _bwd_config(d_pad, q.dtype, _device_arch(q.device))
+    dot_prec = _dot_precision(q.dtype)
     scalars = (T, S, P, G, Hkv, D, scale * _LOG2E, scale)
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, CAUSAL=bool(causal),
-                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BIAS_I64=bias_i64,
-                 DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
-    dkdv_flags = dict(flags, QDO_CONTIG=qdo_contig)
+                 HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BIAS_I64=bias_i64, DOT_PREC=dot_prec,
+                 num_warps=warps, num_stages=stages)
     mask_arg = mask if mask is not None else bank_rows
-    # one fp32 workspace: delta [B, Hq, T], then the per-row d prefix_k and d prefix_v partials [B, Hkv, P, D]
-    part = B * Hkv * P * D
-    delta, dpk_part, dpv_part = torch.empty(B * Hq * T + 2 * part, dtype=torch.float32,
-                                            device=q.device).split([B * Hq * T, part, part])
-    strides = (*q.stride()[:3], *d_out.stride()[:3], *_strides(k, v, prefix_k, prefix_v), *bias_strides)
-    # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
-    _bwd_dq_kernel[(triton.cdiv(G * T, block_m), B * Hkv)](
-        q, k, v, prefix_k, prefix_v, bank_rows, mask_arg, bias_arg, out, d_out, lse, delta, dq, *strides,
-        *scalars, **flags)
+    dpk_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
+    dpv_part = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
     n_prefix_blocks = triton.cdiv(P, block_n)
     _bwd_dkdv_kernel[(n_prefix_blocks + triton.cdiv(S, block_n), B * Hkv)](
         q, k, v, prefix_k, prefix_v, bank_rows, mask_arg, bias_arg, d_out, lse, delta, dk, dv, dpk_part,
-        dpv_part, *strides, *scalars, n_prefix_blocks, **dkdv_flags)
+        dpv_part, *_strides(k, v, prefix_k, prefix_v), *bias_strides, *scalars, n_prefix_blocks, **flags)
+    _bwd_dq_kernel[(triton.cdiv(G * T, block_m), B * Hkv)](
+        q, k, v, prefix_k, prefix_v, bank_rows, mask_arg, bias_arg, d_out, lse, delta, dq,
+        *_strides(k, v, prefix_k, prefix_v), *bias_strides, *scalars, **flags)
 
     row_numel = Hkv * P * D
     if row_numel == 0 or n_tasks == 0:
         return dq, dk, dv, dpk, dpv
+    sorted_ids, order = torch.sort(bank_rows, stable=True)
+    starts = torch.searchsorted(sorted_ids, torch.arange(n_tasks + 1, device=q.device,
+                                                         dtype=sorted_ids.dtype))
     block = 1024
     _reduce_prefix_kernel[(n_tasks, triton.cdiv(row_numel, block))](
-        dpk_part, dpv_part, bank_rows, dpk, dpv, B, row_numel, BLOCK=block, num_warps=4)
+        dpk_part, dpv_part, order, starts, dpk, dpv, row_numel, BLOCK=block, num_warps=4)
     return dq, dk, dv, dpk, dpv

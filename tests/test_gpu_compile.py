@@ -47,7 +47,7 @@ def sm90_rows():
 def test_every_kernel_compiles_for_sm90(sm90_rows):
     kernels = {r["kernel"] for r in sm90_rows}
     # every @triton.jit kernel with a launcher is exercised by the quick cases
-    assert kernels == {"_fwd_kernel", "_combine_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+    assert kernels == {"_fwd_kernel", "_combine_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
                        "_reduce_prefix_kernel", "_lce_chunk_kernel", "_embed_fwd_kernel",
                        "_prompt_grad_kernel", "_norm_fwd_kernel", "_norm_bwd_kernel", "_act_fwd_kernel",
                        "_act_bwd_kernel"}

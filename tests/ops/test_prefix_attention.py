@@ -171,31 +171,6 @@ def test_non_contiguous_inputs():
         assert_close(name, a, e, RTOL[torch.float32])
 
 
-def test_packed_layout_views_and_transposed_output_gradient():
-    """q, k, v and the prefix as the packed mode's views of one [1, H, n·P + B·T, D] projection (batch stride
-    below the head stride), the output gradient a transposed view as that layout's backward hands it over:
-    the backward reads q and d_out through their strides (no copies). Two tasks of three, one unused."""
-    B, Hq, Hkv, T, P, D, n = 3, 4, 2, 11, 5, 32, 3
-    gen = torch.Generator().manual_seed(7)
-
-    def parts(h):
-        t = torch.randn(1, h, n * P + B * T, D, generator=gen).to(DEVICE)
-        prompt, row = t.squeeze(0).split([n * P, B * T], dim=1)
-        return (prompt.unflatten(1, (n, P)).transpose(0, 1).requires_grad_(),
-                row.unflatten(1, (B, T)).transpose(0, 1).requires_grad_())
-
-    (_, q), (pk, k), (pv, v) = parts(Hq), parts(Hkv), parts(Hkv)
-    assert q.stride(0) < q.stride(1)
-    bank_rows = torch.tensor([2, 0, 2], device=DEVICE)
-    d_out = torch.randn(B, T, Hq, D, generator=gen).to(DEVICE).transpose(1, 2)
-    mask = _padding_mask(B, T, "left")
-    got = _run((q, k, v, pk, pv), bank_rows, d_out, backend="triton", causal=True, mask=mask)
-    want = _run((q, k, v, pk, pv), bank_rows, d_out, backend="torch", causal=True, mask=mask)
-    for name, a, e in zip(NAMES, got, want):
-        assert_close(name, a, e, RTOL[torch.float32])
-    assert torch.count_nonzero(got[4][1]) == 0
-
-
 def test_backward_is_deterministic():
     tensors, _, d_out = _make_inputs(4, 2, 1, 15, 15, 9, 32, torch.float32, n_tasks=2)
     bank_rows = torch.tensor([1, 0, 1, 1], device=DEVICE)
