@@ -9,13 +9,17 @@ import pytest
 from tests.ops import host_path
 
 # (forward launches, forward allocations, backward launches, backward allocations): each allocation is an
-# output, except prefix_attention's backward workspace (delta and the per-row prefix partials, one buffer)
-# and lse (the forward's second output, kept for the backward)
+# output, except lse (the forward's second output, kept for the backward) and prefix_attention's backward
+# workspaces (delta, the per-row prefix partials) and its contiguous copies of q and d_out. Its backward
+# is 4 Triton kernels + 5 aten launches (the two copies; sort, arange, searchsorted ordering the rows by bank
+# entry). A 3-launch version (delta fused into the dQ kernel, no sort, strided q/d_out) was written on
+# 2026-12-04 and reverted: its dK/dV kernel spilled on sm_80 under triton 3.9 and it never ran on a GPU.
 BUDGET = {
-    "prefix_attention": (1, 2, 3, 6),
+    "prefix_attention": (1, 2, 9, 8),
     "rms_norm": (1, 1, 1, 1),
     "swiglu": (1, 1, 1, 2),
 }
+ALLOWED_COPIES = {"prefix_attention": ["clone", "clone"]}   # q and d_out, made contiguous for the kernels
 COPIES = {"clone", "copy_", "_to_copy", "contiguous"}
 
 
@@ -31,14 +35,14 @@ def test_launches_and_allocations_per_call(traces, name):
     assert got == BUDGET[name], (f"{name}: (fwd launches, fwd allocations, bwd launches, bwd allocations) = {got}, "
                                  f"want {BUDGET[name]}\nforward: {fwd}\nbackward: {bwd}")
     copies = [op for op in fwd.aten + bwd.aten if op in COPIES]
-    assert not copies, f"{name} copies its inputs: {copies}"
+    assert copies == ALLOWED_COPIES.get(name, []), f"{name} copies its inputs: {copies}"
 
 
 def test_prefix_attention_backward_kernels(traces):
-    """dQ (which also writes delta), then dK/dV, then the per-bank-row reduction: no delta kernel, no sort."""
+    """delta, dK/dV, dQ, then the per-bank-row reduction over the rows ordered by bank entry."""
     _, bwd = traces["prefix_attention"]
-    assert bwd.kernels == ["_bwd_dq_kernel", "_bwd_dkdv_kernel", "_reduce_prefix_kernel"]
-    assert bwd.aten_launches == []
+    assert bwd.kernels == ["_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_reduce_prefix_kernel"]
+    assert bwd.aten_launches == ["clone", "clone", "sort", "arange", "searchsorted"]
 
 
 def test_norm_forward_adds_no_view_to_the_graph(traces):
