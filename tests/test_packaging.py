@@ -48,7 +48,7 @@ def test_the_kernels_folder_is_not_a_top_level_package():
         assert _python("from transformers.utils import is_kernels_available; print(is_kernels_available())",
                        cwd=ROOT) == "False"
     else:
-        assert not Path(found).resolve().is_relative_to(ROOT), found
+        assert Path(found).resolve().parent != (ROOT / "kernels").resolve(), found   # (a venv may sit in ROOT)
 
 
 def test_bare_checkout_imports_the_kernels(tmp_path):
