@@ -1,5 +1,5 @@
-"""`fastprompt demo`: prompt-tune a real small model on real data on a CPU, offline, in about four minutes
-(233 s on a quiet 2-core x86-64 CPU, the one-time model conversion included; README says where measured).
+"""`fastprompt demo`: prompt-tune a real small model on real data on a CPU, offline, in about a minute
+(50 s on an otherwise idle 2-core x86-64 CPU, the one-time model conversion included; README says where).
 
 SmolLM2-135M-Instruct learns Rotten Tomatoes sentiment (critic snippets, fresh or rotten); both ship inside
 PyPI packages (`fastprompt.offline`). The soft prompt starts as the embeddings of a hand-written
