@@ -91,7 +91,7 @@ def test_large_bodies_are_refused_without_stalling_health(server):
 
     def poll():
         conn = http.client.HTTPConnection(host, port, timeout=30)
-        while not stop.is_set():
+        while not stop.is_set() or len(health) < 3:   # a fast machine refuses every body within two polls
             start = time.perf_counter()
             conn.request("GET", "/health")
             response = conn.getresponse()
