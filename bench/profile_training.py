@@ -22,22 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.harness import release_memory  # noqa: E402
+from bench.harness import release_memory, synchronize  # noqa: E402
 from bench.models import build_model  # noqa: E402
-from bench.training import PROVIDERS, Batch, Case, Method, NotApplicable  # noqa: E402
-
-
-def parse_method(label: str) -> Method:
-    """"mpt-P100" -> Method("mpt", 100, n_tasks=4); the training suite's labels."""
-    name, _, virtual = label.rpartition("-P")
-    if not name or not virtual.isdigit():
-        raise ValueError(f"--method must look like prompt_tuning-P100 (name-P<virtual tokens>), got {label!r}")
-    return Method(name, int(virtual), n_tasks=4 if name == "mpt" else 1)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.training import METHODS, PROVIDERS, Batch, Case, NotApplicable  # noqa: E402
 
 
 def profile_provider(name: str, base, case: Case, batch: Batch, device: torch.device, warmup: int, rows: int) -> None:
@@ -57,13 +44,13 @@ def profile_provider(name: str, base, case: Case, batch: Batch, device: torch.de
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     host, wall = [], []
     for _ in range(3):
         start = time.perf_counter()
         step()
         host.append(time.perf_counter() - start)
-        _sync(device)
+        synchronize(device)
         wall.append(time.perf_counter() - start)
     host_ms, wall_ms = sorted(host)[1] * 1e3, sorted(wall)[1] * 1e3
     print(f"== {name}: one step {wall_ms:.1f} ms wall, {host_ms:.1f} ms to issue it "
@@ -74,7 +61,7 @@ def profile_provider(name: str, base, case: Case, batch: Batch, device: torch.de
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
-        _sync(device)
+        synchronize(device)
     averages = prof.key_averages()
     if device.type == "cuda":
         kernels = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -88,7 +75,8 @@ def profile_provider(name: str, base, case: Case, batch: Batch, device: torch.de
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.2-1b", help="a name from bench/models.py")
-    parser.add_argument("--method", default="prompt_tuning-P100", help="e.g. prompt_tuning-P100, mpt-P100")
+    methods = {m.label: m for m in METHODS}   # the training suite's
+    parser.add_argument("--method", default="prompt_tuning-P100", choices=sorted(methods))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--providers", default="fastprompt,peft-sdpa",
@@ -103,7 +91,7 @@ def main(argv=None) -> None:
         parser.error(f"--providers: unknown {unknown}; known: {', '.join(PROVIDERS)}")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    case = Case(args.model, parse_method(args.method), args.batch, args.seq_len)
+    case = Case(args.model, methods[args.method], args.batch, args.seq_len)
     base = build_model(args.model, dtype, device)
     for p in base.parameters():
         p.requires_grad_(False)
