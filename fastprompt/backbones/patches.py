@@ -3,8 +3,9 @@
 - `patch_frozen_ops`: the backbone's norms and MLP activations run through `fastprompt.ops` (rms_norm,
   layer_norm, swiglu, gelu), whose backward computes only the input gradient and keeps only the inputs
   (HF's own modules keep fp32 copies and normalised activations for a weight gradient nobody asks for).
-  On the PyTorch path LayerNorm and GELU take torch's native functions instead, which keep the same and
-  cost a fraction of the host time.
+  On the PyTorch path (CPU training, where a step of a small model is nearly all host time) each takes
+  torch's native function instead: the same arithmetic under ordinary autograd, at a fraction of the host
+  time of an autograd.Function with a Python backward (per forward + backward on one CPU core, below).
 - `checkpoint_layers`: each decoder layer recomputes its activations in the backward instead of keeping
   them (`torch.utils.checkpoint`, non-reentrant, so gradients reach the bank through the attention context).
 
@@ -67,9 +68,18 @@ def patch_forwards(replacements: list[tuple[nn.Module, Callable]]) -> PatchHandl
 
 # frozen norms and activations ------------------------------------------------------------------------
 def rms_norm_forward(module: nn.Module, hidden_states: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """LlamaRMSNorm-like module (weight [d], variance_epsilon) → ops.rms_norm (on every path: its host cost
-    per call is budgeted by tests/test_host_cost.py)."""
-    return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon, backend=backend)
+    """LlamaRMSNorm-like module (weight [d], variance_epsilon) → ops.rms_norm; on the PyTorch path in fp32
+    torch's own rms_norm.
+
+    In fp32 F.rms_norm is LlamaRMSNorm's arithmetic operation by operation (bitwise equal,
+    tests/backbones/test_patches.py) and keeps x and one fp32 rstd per row for the backward, as
+    ops.rms_norm keeps x: 83 us against 120 us per forward + backward of [4, 36, 64]. In half precision
+    its rounding differs from LlamaRMSNorm's (it multiplies by the weight before rounding), so there
+    ops.rms_norm runs on every path."""
+    weight = module.weight
+    if hidden_states.dtype == weight.dtype == torch.float32 and resolve_backend(backend, hidden_states) == "torch":
+        return F.rms_norm(hidden_states, weight.shape, weight, module.variance_epsilon)
+    return ops.rms_norm(hidden_states, weight, module.variance_epsilon, backend=backend)
 
 
 def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -85,8 +95,14 @@ def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor, *, backend: str | 
 
 
 def swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Llama's MLP: down(silu(gate(x)) * up(x)) with ops.swiglu in the middle."""
-    return mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x), backend=backend))
+    """Llama's MLP: down(silu(gate(x)) * up(x)) with ops.swiglu in the middle; on the PyTorch path torch's
+    silu and product, which keep silu(gate) besides gate and up (one tensor more than ops.swiglu) at 45 us
+    against 120 us per forward + backward of [4, 16, 160] (ops.swiglu's backward is a dozen elementwise ops
+    in Python, the kernel's formula)."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if resolve_backend(backend, gate) == "torch":
+        return mlp.down_proj(F.silu(gate) * up)
+    return mlp.down_proj(ops.swiglu(gate, up, backend=backend))
 
 
 def gelu_forward(approximate: str) -> Callable:

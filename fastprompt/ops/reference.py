@@ -85,14 +85,13 @@ def prompt_embed(
     prompt first, then the tokens (L = P + T).
     Returns [B, L, d] in embedding_weight's dtype.
     """
-    B, T = input_ids.shape
     P = prompts.shape[1]
-    if positions is None:
-        positions = default_positions(B, P, T, input_ids.device)
     tokens = embedding_weight.detach()[input_ids]                          # [B, T, d]; frozen
     row_prompts = prompts[task_ids].to(embedding_weight.dtype)             # [B, P, d]
-    # One gather from [prompt ; tokens] per row: it never indexes an empty prompt (P = 0 is just the tokens).
     sources = torch.cat([row_prompts, tokens], dim=1)                      # [B, P + T, d]
+    if positions is None:       # the default layout is the sources themselves
+        return sources
+    # One gather from [prompt ; tokens] per row: it never indexes an empty prompt (P = 0 is just the tokens).
     index = torch.where(positions < 0, -positions - 1, positions + P)
     return torch.gather(sources, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
 
