@@ -25,12 +25,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastprompt import io
 from fastprompt.backbones import AttentionContext, get_backbone, patches
-from fastprompt.backbones.attention import Captures
+from fastprompt.backbones.attention import Captures, packed_attention_mask
 from fastprompt.config import as_fastprompt_config, resolve_config
 from fastprompt.inputs import check_model_inputs
 from fastprompt.methods import build_source
 from fastprompt.ops import linear_cross_entropy, prompt_embed
-from fastprompt.path_choice import PATHS, path_costs
+from fastprompt.ops._dispatch import resolve_backend
+from fastprompt.path_choice import PATHS, packed_attention_form, path_costs
 from fastprompt.routing import BankPlan, BankRouting
 
 
@@ -60,6 +61,8 @@ class PromptModel(BankRouting, nn.Module):
         self._plans: dict[tuple, BankPlan] = {}  # `plan`'s cache, by routing inputs; emptied on adapter changes
         self._positions: dict[tuple, torch.Tensor] = {}  # packed position ids by (n, P, B, T, device)
         self._auto_paths: dict[tuple, str] = {}  # path="auto"'s choice by (B, T, P, n prompts, device type)
+        self._packed_forms: dict[tuple, str] = {}  # the packed pass's attention form, keyed as _auto_paths
+        self._packed_masks: dict[tuple, torch.Tensor] = {}  # one prompt's masked-form masks by (P, B, T, device)
         # Instance patches of the frozen backbone (backbones/patches.py), undone by `unpatch()`.
         self._frozen_ops = patches.patch_frozen_ops(self.backbone, backend) if fused_ops else None
         self._checkpointing = None
@@ -278,14 +281,20 @@ class PromptModel(BankRouting, nn.Module):
         n_prompts = sum(len(entries) for _, entries in plan.sources)
         device_type = self.backbone.device.type
         key = (batch, seq_len, plan.num_virtual_tokens, n_prompts, device_type)
-        choice = self._auto_paths.get(key)
-        if choice is None:
+
+        def cheaper():
             costs = path_costs(self.backbone, batch, seq_len, plan.num_virtual_tokens, n_prompts, device_type)
-            choice = min(costs, key=costs.get)
-            if len(self._auto_paths) >= self.MAX_CACHED_PLANS:
-                self._auto_paths.clear()
-            self._auto_paths[key] = choice
-        return choice
+            return min(costs, key=costs.get)
+        return self._cached(self._auto_paths, key, cheaper)
+
+    def _cached(self, cache: dict, key: tuple, make):
+        """cache[key], made by make() on a miss; a full cache (MAX_CACHED_PLANS) is emptied first."""
+        value = cache.get(key)
+        if value is None:
+            if len(cache) >= self.MAX_CACHED_PLANS:
+                cache.clear()
+            value = cache[key] = make()
+        return value
 
     def _check_batch_args(self, B, T, attention_mask, labels) -> None:
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
@@ -341,7 +350,8 @@ class PromptModel(BankRouting, nn.Module):
         embeds = torch.cat([prompts.reshape(1, n * P, d).to(inputs_embeds.dtype),
                             inputs_embeds.reshape(1, B * T, d)], dim=1)
         ctx = AttentionContext("packed", bank_rows=plan.bank_rows, key_padding_mask=key_padding_mask,
-                               backend=self.backend, packed=(n, P, B, T))
+                               backend=self.backend, packed=(n, P, B, T),
+                               packed_mask=self._packed_mask(plan, n, P, B, T, key_padding_mask))
         hidden = self.backbone.hidden_states(inputs_embeds=embeds, position_ids=self._packed_positions(n, P, B, T),
                                              ctx=ctx)
         prompt_hidden, row_hidden = hidden.squeeze(0).split([n * P, B * T])
@@ -350,19 +360,31 @@ class PromptModel(BankRouting, nn.Module):
         last_virtual = last_virtual.expand(B, d) if n == 1 else last_virtual[plan.bank_rows]
         return row_hidden.view(B, T, d), last_virtual
 
+    def _packed_mask(self, plan, n: int, P: int, B: int, T: int, key_padding_mask) -> torch.Tensor | None:
+        """The block mask of the packed pass's masked form (`packed_attention_mask`, fp32: the form runs on
+        the PyTorch path of a CPU, which computes attention in fp32), or None for the split form: the
+        cheaper by `packed_attention_form`, per shape. One prompt and no padding: the mask depends on the
+        shape alone and is cached; otherwise it is built for this forward (it reads the rows' prompts)."""
+        device = self.backbone.device
+        if resolve_backend(self.backend, plan.bank_rows) != "torch":
+            return None
+        form = self._cached(self._packed_forms, (B, T, P, n, device.type), lambda: packed_attention_form(
+            self.backbone, B, T, P, n, device.type))
+        if form != "masked":
+            return None
+
+        def build():
+            return packed_attention_mask(n, P, B, T, plan.bank_rows, key_padding_mask, torch.float32)
+        if n == 1 and key_padding_mask is None:
+            return self._cached(self._packed_masks, (P, B, T, device), build)
+        return build()
+
     def _packed_positions(self, n: int, P: int, B: int, T: int) -> torch.Tensor:
         """Position ids [1, n·P + B·T] of a packed pass: n prompts at 0..P-1, then B rows at P..P+T-1 (n = 0,
         B = 1: one row's [1, T]). Cached per shape: they depend on nothing else."""
         device = self.backbone.device
-        key = (n, P, B, T, device)
-        positions = self._positions.get(key)
-        if positions is None:
-            positions = torch.cat([torch.arange(P, device=device).repeat(n),
-                                   torch.arange(P, P + T, device=device).repeat(B)])[None]
-            if len(self._positions) >= self.MAX_CACHED_PLANS:
-                self._positions.clear()
-            self._positions[key] = positions
-        return positions
+        return self._cached(self._positions, (n, P, B, T, device), lambda: torch.cat(
+            [torch.arange(P, device=device).repeat(n), torch.arange(P, P + T, device=device).repeat(B)])[None])
 
     def hidden_states(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None,
                       inputs_embeds=None, path: str | None = None):

@@ -3,6 +3,13 @@
 `PATHS`: "shared_prefix" (each distinct prompt runs once, packed with the rows), "concat" (PEFT's way: the
 prompt before every row) and "auto" (the cheaper of the two by `path_costs`). `PromptModel._choose_path`
 applies the choice per batch shape; the forward paths themselves live in `fastprompt/model.py`.
+
+The shared-prefix (packed) pass has two forms of attention (`PACKED_FORMS`, chosen by
+`packed_attention_form`, priced inside `path_costs`): "split", two prefix-attention calls a layer (the
+prompts among themselves, then the rows reading their prompt's keys/values: the attended pairs only, at the
+host cost of the second call and of splitting and rejoining queries, keys, values and outputs), and
+"masked", one SDPA call a layer over the whole packed sequence with a block mask built once per forward
+(every pair of the sequence computed, masked or not, for no more host time than concat's one call).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PATHS = ("auto", "shared_prefix", "concat")
+PACKED_FORMS = ("split", "masked")
 
 
 @dataclass(frozen=True)
@@ -17,9 +25,9 @@ class PathCostConstants:
     """The two device constants of `path_costs`.
 
     flops_per_s: the backbone's achieved FLOP/s in a training step. extra_host_s_per_layer: the host time the
-    shared-prefix (packed) pass adds per decoder layer over the concat pass: a second attention call (the
+    split form of the packed pass adds per decoder layer over the concat pass: a second attention call (the
     prompts' own, causal) and the split/concatenation of queries, keys, values and outputs, forward and
-    backward.
+    backward. The masked form adds none: one attention call a layer, as concat.
     """
 
     flops_per_s: float
@@ -47,30 +55,72 @@ def path_costs(backbone, batch: int, seq_len: int, num_virtual: int, n_prompts: 
     n = n_prompts distinct prompts (tasks) in the batch; {"shared_prefix": s, "concat": s}.
 
     A path's cost is its arithmetic at the device's achieved FLOP/s (`PATH_COST_CONSTANTS`; devices other
-    than "cuda" use the CPU's) plus, for the shared-prefix path, the host time its packed pass adds per layer.
+    than "cuda" use the CPU's) plus, for the shared-prefix path in its split form, the host time that form
+    adds per layer; the shared prefix is priced in the cheaper of its forms (`packed_form_costs`).
     Arithmetic per layer: 4 FLOPs per token and weight of the layer's matmuls (2 forward, 2 for the input
     gradient) and 12·Hq·D per attended query-key pair (QK^T and PV forward, twice that backward):
-    - shared prefix: tokens n·P + B·T; pairs n·P(P+1)/2 (prompts, causal) + B·(T·P + T(T+1)/2);
+    - shared prefix: tokens n·P + B·T; pairs n·P(P+1)/2 (prompts, causal) + B·(T·P + T(T+1)/2) in the split
+      form, all (n·P + B·T)^2 pairs of the sequence in the masked form;
     - concat: tokens B·(P+T); pairs B·(P+T)(P+T+1)/2.
-    With n < B the shared prefix does less of both, so it wins once the saving outweighs its host time; with
-    n = B (every row its own prompt) both do the same arithmetic and concat wins. The two costs are additive
-    (the host time is not hidden behind the device's): on a CPU a step is serial, and on a GPU the packed
-    pass's step is host-bound at these sizes (on an H200 at B8 the host issues it no faster than it runs).
+    With n < B the shared prefix does fewer token FLOPs, so it wins once the saving outweighs its host time
+    (split) or its masked pairs (masked); with n = B (every row its own prompt) concat wins. The costs are
+    additive (the host time is not hidden behind the device's): on a CPU a step is serial, and on a GPU the
+    packed pass's step is host-bound at these sizes (on an H200 at B8 the host issues it no faster than it
+    runs).
     """
-    constants = PATH_COST_CONSTANTS["cuda" if device_type == "cuda" else "cpu"]
+    geometry = _Geometry.of(backbone)
+    constants = _constants(device_type)
     B, T, P, n = batch, seq_len, num_virtual, n_prompts
-    d, D = backbone.hidden_size, backbone.head_dim
-    Hq, Hkv = backbone.num_heads, backbone.num_kv_heads
-    config = backbone.config
-    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
-    mlp_matrices = 3 if hasattr(config, "intermediate_size") else 2  # SwiGLU's gate/up/down, GPT-2's fc/proj
-    weights = d * (Hq + 2 * Hkv) * D + Hq * D * d + mlp_matrices * d * intermediate
+    concat = geometry.step_flops(B * (P + T), B * (P + T) * (P + T + 1) // 2) / constants.flops_per_s
+    return {"shared_prefix": min(packed_form_costs(backbone, B, T, P, n, device_type).values()), "concat": concat}
 
-    def layer_flops(tokens: int, pairs: int) -> float:
-        return 4 * weights * tokens + 12 * Hq * D * pairs
 
-    L = backbone.num_layers
-    shared = L * layer_flops(n * P + B * T, n * P * (P + 1) // 2 + B * (T * P + T * (T + 1) // 2))
-    concat = L * layer_flops(B * (P + T), B * (P + T) * (P + T + 1) // 2)
-    return {"shared_prefix": shared / constants.flops_per_s + L * constants.extra_host_s_per_layer,
-            "concat": concat / constants.flops_per_s}
+def packed_form_costs(backbone, batch: int, seq_len: int, num_virtual: int, n_prompts: int,
+                      device_type: str) -> dict[str, float]:
+    """Estimated seconds of the shared-prefix step in each form of its attention ({"split": s, "masked": s};
+    on CUDA only "split": the masked form's dense [N, N] mask keeps SDPA off its flash kernels and has not
+    been measured there), on the scale of `path_costs`."""
+    geometry = _Geometry.of(backbone)
+    constants = _constants(device_type)
+    B, T, P, n = batch, seq_len, num_virtual, n_prompts
+    tokens = n * P + B * T
+    split = (geometry.step_flops(tokens, n * P * (P + 1) // 2 + B * (T * P + T * (T + 1) // 2)) / constants.flops_per_s
+             + geometry.layers * constants.extra_host_s_per_layer)
+    if device_type == "cuda":
+        return {"split": split}
+    return {"split": split, "masked": geometry.step_flops(tokens, tokens * tokens) / constants.flops_per_s}
+
+
+def packed_attention_form(backbone, batch: int, seq_len: int, num_virtual: int, n_prompts: int,
+                          device_type: str) -> str:
+    """The cheaper form of the packed pass's attention ("split" or "masked", `packed_form_costs`)."""
+    costs = packed_form_costs(backbone, batch, seq_len, num_virtual, n_prompts, device_type)
+    return min(costs, key=costs.get)
+
+
+def _constants(device_type: str) -> PathCostConstants:
+    return PATH_COST_CONSTANTS["cuda" if device_type == "cuda" else "cpu"]
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What the cost model reads of a backbone: its layers, weights per layer and attention width."""
+
+    layers: int
+    weights: int        # matmul weights of one layer (attention projections and the MLP)
+    attention: int      # Hq·D: FLOPs per attended pair are 12 of these
+
+    @classmethod
+    def of(cls, backbone) -> "_Geometry":
+        d, D = backbone.hidden_size, backbone.head_dim
+        Hq, Hkv = backbone.num_heads, backbone.num_kv_heads
+        config = backbone.config
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+        mlp_matrices = 3 if hasattr(config, "intermediate_size") else 2  # SwiGLU's gate/up/down, GPT-2's fc/proj
+        weights = d * (Hq + 2 * Hkv) * D + Hq * D * d + mlp_matrices * d * intermediate
+        return cls(backbone.num_layers, weights, Hq * D)
+
+    def step_flops(self, tokens: int, pairs: int) -> int:
+        """Forward + input-gradient backward FLOPs of the decoder stack for `tokens` tokens attending over
+        `pairs` query-key pairs a layer."""
+        return self.layers * (4 * self.weights * tokens + 12 * self.attention * pairs)

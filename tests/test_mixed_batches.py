@@ -1,5 +1,6 @@
 """Rows of one batch use different adapters (or MPT tasks); each row equals a run of that row alone,
-and the shared-prefix path equals the concatenation path in loss and every prompt gradient."""
+and the shared-prefix path, in either form of its packed attention, equals the concatenation path in loss
+and every prompt gradient."""
 
 import pytest
 import torch
@@ -74,7 +75,16 @@ def test_mixed_generate_equals_single_generate():
     fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=5, num_tasks=2, num_ranks=3),
 ], ids=["prompt_tuning", "p_tuning_lstm", "mpt"])
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])
-def test_shared_prefix_equals_concat(family, config):
+@pytest.mark.parametrize("form", ["split", "masked"])
+def test_shared_prefix_equals_concat(family, config, form, monkeypatch):
+    """Right padding, rows of two MPT tasks; the packed pass in the form under test (on the CPU the cost
+    model would pick the masked one at these sizes; the split one is the GPU's)."""
+    import fastprompt.model as prompt_model
+
+    monkeypatch.setattr(prompt_model, "packed_attention_form", lambda *args: form)
+    masks = []
+    monkeypatch.setattr(prompt_model, "packed_attention_mask",
+                        lambda *args, _build=prompt_model.packed_attention_mask: masks.append(_build(*args)) or masks[-1])
     torch.manual_seed(0)
     model = fastprompt.get_peft_model(tiny_model(family), config)
     with torch.no_grad():
@@ -90,6 +100,7 @@ def test_shared_prefix_equals_concat(family, config):
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results[path] = (out.loss.detach(), out.logits.detach(), grads)
+    assert len(masks) == (1 if form == "masked" else 0)      # the form under test ran (its mask built once)
     assert_close("loss", results["shared_prefix"][0], results["concat"][0], 1e-5)
     assert_close("logits", results["shared_prefix"][1], results["concat"][1], 1e-5)
     for name, grad in results["concat"][2].items():

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fastprompt
 from fastprompt.backbones import get_backbone
 from fastprompt.config import PrefixTuningConfig, PromptTuningConfig
-from fastprompt.path_choice import PATH_COST_CONSTANTS, path_costs
+from fastprompt.path_choice import PATH_COST_CONSTANTS, packed_attention_form, packed_form_costs, path_costs
 from tests.tiny_models import tiny_model
 
 
@@ -57,6 +57,25 @@ def tiny_llama():
 ])
 def test_cpu_choice_at_tiny_shapes(tiny_llama, B, T, P, n, expected):
     assert _choice(tiny_llama, "cpu", B, T, P, n) == expected
+
+
+@pytest.mark.parametrize("B, T, P, n, expected", [
+    # bench --quick's shapes on a CPU: one masked SDPA call a layer beat the split form's two (prompt tuning
+    # P=20: 0.94x -> 1.12x PEFT's tokens/s; P=100: 1.62x -> 1.81x) where the dense pairs cost little ...
+    (4, 16, 20, 1, "masked"),
+    (4, 16, 100, 1, "masked"),
+    # ... and lost where they are many: MPT, 4 prompts of 100 in 4 rows, 464^2 pairs (1.02x -> 0.80x)
+    (4, 16, 100, 4, "split"),
+    (8, 512, 100, 1, "split"),
+])
+def test_cpu_packed_form_at_tiny_shapes(tiny_llama, B, T, P, n, expected):
+    assert packed_attention_form(tiny_llama, B, T, P, n, "cpu") == expected
+
+
+def test_cuda_has_only_the_split_form(llama_1b):
+    """The masked form is unmeasured on a GPU (its dense mask keeps SDPA off flash): never chosen there."""
+    assert set(packed_form_costs(llama_1b, 8, 128, 100, 1, "cuda")) == {"split"}
+    assert packed_attention_form(llama_1b, 4, 16, 20, 1, "cuda") == "split"
 
 
 def test_costs_follow_the_arithmetic(llama_1b):

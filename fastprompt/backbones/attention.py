@@ -7,10 +7,13 @@ A backbone layer calls it like any attention function; what to do comes in the f
 - "prefix": each row attends to its task's prefix from the bank, then to its own keys
   (`fastprompt.ops.prefix_attention`), optionally writing and reading a preallocated key/value cache.
 - "packed": the shared-prefix training forward in one backbone pass. The decoder sees one sequence
-  [1, n·P + B·T]: the n distinct prompts (P tokens each), then the B rows (T tokens each). Every layer
-  splits its queries/keys/values there: the prompts attend causally within themselves, and each row reads
-  its task's prompt keys/values of this same layer as its prefix. One pass instead of a prompt pass plus
-  a row pass halves the per-layer launches (the GPU step is host-bound at T=128) for the same arithmetic.
+  [1, n·P + B·T]: the n distinct prompts (P tokens each), then the B rows (T tokens each). The prompts
+  attend causally within themselves, and each row reads its task's prompt keys/values of this same layer as
+  its prefix. One pass instead of a prompt pass plus a row pass halves the per-layer launches (the GPU step
+  is host-bound at T=128) for the same arithmetic. Two forms (`fastprompt.path_choice.PACKED_FORMS`): every
+  layer splits its queries/keys/values there and calls prefix attention twice ("split"), or, when the
+  context carries the sequence's block mask (`packed_attention_mask`), runs one SDPA call over the whole
+  sequence ("masked": all pairs computed, at the host cost of one call).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from fastprompt.ops import prefix_attention
@@ -102,6 +106,7 @@ class AttentionContext:
     prefix_bias: torch.Tensor | None = None  # [B, P] float added to each row's prefix scores (serving:
     # -1e9 on the padding of a prefix shorter than the bank's P), 0 over the row's own keys
     packed: tuple[int, int, int, int] | None = None  # mode "packed": (n prompts, P, B rows, T)
+    packed_mask: torch.Tensor | None = None  # mode "packed", masked form: `packed_attention_mask`'s [N, N]
 
 
 def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -167,6 +172,14 @@ def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window)
     if window is not None and P + T > window:
         raise ValueError(f"this model's attention has sliding_window={window}, which fastprompt's prefix "
                          f"attention does not apply: {P} prefix + {T} own keys must be <= {window}")
+    if ctx.packed_mask is not None:
+        # The masked form: one call, the mask's dtype is the computation's (fp32 on the CPU, as the op's
+        # PyTorch path computes half dtypes).
+        dtype = ctx.packed_mask.dtype
+        out = F.scaled_dot_product_attention(query.to(dtype), key.to(dtype), value.to(dtype),
+                                             attn_mask=ctx.packed_mask, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.to(query.dtype).transpose(1, 2)
     split = n * P
 
     def parts(t):     # [1, H, n·P + B·T, D] -> prompts [n, H, P, D], rows [B, H, T, D]
@@ -187,6 +200,31 @@ def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window)
     Hq, D = query.shape[1], query.shape[3]
     return torch.cat([prompt_out.transpose(1, 2).reshape(1, split, Hq, D),
                       row_out.transpose(1, 2).reshape(1, B * T, Hq, D)], dim=1)
+
+
+def packed_attention_mask(n: int, P: int, B: int, T: int, bank_rows: torch.Tensor,
+                          key_padding_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask [N, N] (N = n·P + B·T; 0 where a query sees a key, -inf elsewhere; `dtype`) of a
+    packed sequence (mode "packed"): prompt i's tokens see prompt i's keys causally; row b's tokens see all
+    of prompt bank_rows[b]'s keys, then their own row's keys causally, except where key_padding_mask [B, T]
+    (True = attend) hides them. Every query sees at least its own prompt's first key, so no row is empty.
+    Built with tensor ops on bank_rows' device (no host read), once per forward: every layer uses it."""
+    device = bank_rows.device
+    split = n * P
+    index = torch.arange(split + B * T, device=device)
+    is_row = index >= split
+    row_index = (index - split).clamp_min(0)
+    # each position's segment (prompts 0..n-1, rows n..n+B-1), its place in it, and the prompt it reads
+    segment = torch.where(is_row, n + row_index // T, index // P)
+    place = torch.where(is_row, row_index % T, index % P)
+    prompt = torch.where(is_row, bank_rows[row_index // T], segment)
+    own = (segment[:, None] == segment[None, :]) & (place[:, None] >= place[None, :])
+    reads_prompt = is_row[:, None] & ~is_row[None, :] & (prompt[:, None] == segment[None, :])
+    visible = own | reads_prompt
+    if key_padding_mask is not None:
+        keys = torch.cat([torch.ones(split, dtype=torch.bool, device=device), key_padding_mask.reshape(-1)])
+        visible = visible & keys[None, :]
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 AttentionInterface.register(ATTENTION_NAME, fastprompt_attention)
