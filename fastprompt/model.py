@@ -302,6 +302,7 @@ class PromptModel(BankRouting, nn.Module):
                 raise ValueError(f"{name} must have shape [B={B}, T={T}], got {tuple(t.shape)}")
 
     def _concat_hidden(self, plan, input_ids, inputs_embeds, attention_mask):
+        attention_mask = _without_padding(attention_mask)
         prompts = self.bank_prompts(plan)
         P = prompts.shape[1]
         if input_ids is not None:
@@ -316,13 +317,8 @@ class PromptModel(BankRouting, nn.Module):
 
     def _shared_prefix_hidden(self, plan, input_ids, inputs_embeds, attention_mask, position_ids):
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        attention_mask = _without_padding(attention_mask)
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
-        if (key_padding_mask is not None and not key_padding_mask.is_cuda and not torch.compiler.is_compiling()
-                and bool(key_padding_mask.all())):
-            # A mask that hides nothing is dropped, so attention can take its unmasked (fused causal) route;
-            # checked only where reading it is free (on CUDA it would be a host sync, as it is in HF's own
-            # SDPA mask).
-            key_padding_mask = None
         if plan.kind == "tokens":
             if position_ids is not None:
                 warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
@@ -417,3 +413,13 @@ class PromptModel(BankRouting, nn.Module):
 
         return generate(self, input_ids, attention_mask=attention_mask, task_ids=task_ids,
                         adapter_names=adapter_names, **kwargs)
+
+
+def _without_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """attention_mask [B, T], or None when it hides nothing, so that attention takes its unmasked (fused
+    causal) route and nobody builds a mask; read only where that is free: not on CUDA (a host sync, as in
+    HF's own SDPA mask) and not while torch.compile traces (a data-dependent branch)."""
+    if (attention_mask is None or attention_mask.is_cuda or torch.compiler.is_compiling()
+            or not bool(attention_mask.all())):
+        return attention_mask
+    return None

@@ -157,12 +157,14 @@ def _check_shapes(hidden, weight, labels, bias) -> None:
 
 
 def _check(labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    """labels in [0, V) or == ignore_index: one aminmax over the labels with ignore_index read as 0; CPU
-    tensors only and not while compiling (`fastprompt.ops._checks`: a host read)."""
+    """labels in [0, V) or == ignore_index: one aminmax over the labels (and when some lie outside [0, V),
+    one more with ignore_index read as 0); CPU tensors only and not while compiling (`fastprompt.ops._checks`:
+    a host read)."""
     if labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = torch.aminmax(labels.masked_fill(labels == ignore_index, 0))
-    lo, hi = int(lo), int(hi)
+    lo, hi = (int(t) for t in torch.aminmax(labels))
+    if lo < 0 or hi >= V:
+        lo, hi = (int(t) for t in torch.aminmax(labels.masked_fill(labels == ignore_index, 0)))
     if lo < 0 or hi >= V:
         raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, got "
                          f"{lo if lo < 0 else hi}")

@@ -23,6 +23,7 @@ from fastprompt.ops._checks import (
     cached, check_float, check_index_dtype, check_index_values, check_rank, check_same_device, spec)
 from fastprompt.ops._dispatch import resolve_backend
 from fastprompt.ops._registry import autograd_op, plain_op, public_op
+from fastprompt.ops.reference import rows_of
 
 # The forward's split-KV decode kernel serves T <= DECODE_MAX_T (kernels.prefix_attention.DECODE_MAX_T).
 DECODE_MAX_T = 16
@@ -152,8 +153,8 @@ def sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=
     # An empty prefix is skipped (no copy of k and v), unless it requires grad: then it stays in the graph
     # and gets its (empty) gradient, as from the kernel.
     if P or prefix_k.requires_grad or prefix_v.requires_grad:
-        k = torch.cat([prefix_k[bank_rows], k], dim=2)
-        v = torch.cat([prefix_v[bank_rows], v], dim=2)
+        k = torch.cat([rows_of(prefix_k, bank_rows), k], dim=2)
+        v = torch.cat([rows_of(prefix_v, bank_rows), v], dim=2)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     gqa = Hq != Hkv
     if lower_right_bias is None:

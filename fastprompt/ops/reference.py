@@ -87,7 +87,7 @@ def prompt_embed(
     """
     P = prompts.shape[1]
     tokens = embedding_weight.detach()[input_ids]                          # [B, T, d]; frozen
-    row_prompts = prompts[task_ids].to(embedding_weight.dtype)             # [B, P, d]
+    row_prompts = rows_of(prompts, task_ids).to(embedding_weight.dtype)   # [B, P, d]
     sources = torch.cat([row_prompts, tokens], dim=1)                      # [B, P + T, d]
     if positions is None:       # the default layout is the sources themselves
         return sources
@@ -114,6 +114,12 @@ def mpt_prompt_embed(
     all_tasks = torch.arange(task_cols.shape[0], device=task_cols.device)
     prompts = mpt_prompts(shared, task_cols, task_rows, all_tasks)
     return prompt_embed(input_ids, embedding_weight, prompts, task_ids, positions=positions)
+
+
+def rows_of(bank: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """bank[rows] ([n, ...] indexed by rows [B]); a one-row bank is expanded instead (every valid row index
+    is 0): a view whose backward is a sum, not a gather with a scatter-add backward."""
+    return bank.expand(rows.shape[0], *bank.shape[1:]) if bank.shape[0] == 1 else bank[rows]
 
 
 def default_positions(batch: int, n_virtual: int, n_tokens: int, device) -> torch.Tensor:

@@ -223,6 +223,24 @@ def test_errors():
         ops.linear_cross_entropy(hidden, weight[0], labels)
 
 
+def test_label_range_around_ignore_index():
+    """An ignore_index outside [0, V) on either side is accepted where it occurs; any other label outside
+    [0, V) is refused, beside it or alone."""
+    hidden, weight, _, labels, _ = _case(6, 97, 40, torch.float32, ignore=())
+    for ignore_index in (-100, 97, 200):
+        marked = labels.clone()
+        marked[[1, 4]] = ignore_index
+        loss = ops.linear_cross_entropy(hidden, weight, marked, ignore_index=ignore_index, reduction="none")
+        assert torch.equal(loss[[1, 4]], torch.zeros(2)) and (loss[[0, 2, 3, 5]] > 0).all()
+        for bad in (-5, 97, 300):
+            if bad == ignore_index:
+                continue
+            wrong = marked.clone()
+            wrong[0] = bad
+            with pytest.raises(ValueError, match="labels must lie in"):
+                ops.linear_cross_entropy(hidden, weight, wrong, ignore_index=ignore_index)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_compile_equals_eager(backend):
     """torch.compile(fullgraph=True) of a function calling the op (the custom op's fake kernel and
