@@ -12,6 +12,7 @@ launchers are in `fastprompt.kernels.prefix_attention`; the definition of correc
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -169,8 +170,8 @@ def sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=
             lower_right = causal_lower_right(T, L)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=scale, enable_gqa=gqa)
         else:
-            visible = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_mask(T, L, q.device, dtype),
+                                                 scale=scale, enable_gqa=gqa)
         return out.to(out_dtype)
     visible = None
     if causal:
@@ -190,6 +191,23 @@ def sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=
     if sees is not None:
         out = out * sees
     return out.to(out_dtype)
+
+
+def _lower_right_mask(T: int, L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[T, L] additive mask (0 / -inf) of end-aligned causal attention: query i sees keys j <= i + L - T.
+    Cached per shape outside torch.compile (`_cached_lower_right_mask`): a training step asks for the same
+    one at every layer, and SDPA would turn a boolean mask into this one at every call."""
+    if torch.compiler.is_compiling():
+        return _build_lower_right_mask(T, L, device, dtype)
+    return _cached_lower_right_mask(T, L, device, dtype)
+
+
+def _build_lower_right_mask(T, L, device, dtype):
+    visible = torch.ones(T, L, dtype=torch.bool, device=device).tril(L - T)
+    return torch.zeros(T, L, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+
+
+_cached_lower_right_mask = functools.lru_cache(maxsize=16)(_build_lower_right_mask)
 
 
 @cached
