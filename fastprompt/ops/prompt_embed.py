@@ -11,7 +11,8 @@ Gradients flow to the prompt parameters only: prompts (summed per task), or MPT'
 task_rows. The embedding table is frozen and gets no gradient (even if it requires one); ids get none.
 Backward cost: one deterministic kernel reduces the output gradient of every virtual position into a
 per-task prompt gradient [n_tasks, P, d] (fp32 accumulation; a stable sort of the positions with torch ops,
-no host sync, no atomics). For MPT the parameter gradients then come from that [n_tasks, P, d] fp32 tensor
+no host sync, no atomics); one prompt in the default layout (prompt tuning) takes a single fp32 sum over the
+rows instead. For MPT the parameter gradients then come from that [n_tasks, P, d] fp32 tensor
 with a few small torch ops (two batched matmuls of rank r, one elementwise product and a sum over tasks):
 sizes that do not depend on the batch. Double backward is not supported.
 """
@@ -231,6 +232,11 @@ def _mpt_prompts_impl(shared: torch.Tensor, task_cols: torch.Tensor, task_rows: 
 def _prompt_grad_impl(grad_out: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, n_virtual: int,
                       positions: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """d prompts [n_tasks, P, d] in `dtype`: the output gradient summed per (task, virtual token)."""
+    if n_tasks == 1 and positions is None:
+        # One prompt before every row: a sum over the rows of their first P positions, one reduction
+        # launch (the kernel's route sorts the positions by task first: ten launches for the same sum).
+        d_prompts = grad_out[:, :n_virtual].sum(0, keepdim=True, dtype=torch.float32)
+        return d_prompts if dtype == torch.float32 else d_prompts.to(dtype)
     from fastprompt.kernels import prompt_embed as kernels
 
     return kernels.prompt_grad(grad_out.contiguous(), task_ids.contiguous(), n_tasks, n_virtual,

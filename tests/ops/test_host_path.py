@@ -18,6 +18,7 @@ BUDGET = {
     "prefix_attention": (1, 2, 9, 8),
     "rms_norm": (1, 1, 1, 1),
     "swiglu": (1, 1, 1, 2),
+    "prompt_embed": (1, 1, 1, 0),   # one prompt, default layout: its gradient is one sum over the rows
 }
 ALLOWED_COPIES = {"prefix_attention": ["clone", "clone"]}   # q and d_out, made contiguous for the kernels
 COPIES = {"clone", "copy_", "_to_copy", "contiguous"}

@@ -14,10 +14,12 @@ from fastprompt.kernels import prompt_embed as K
 from fastprompt.ops import reference
 from tests.helpers import DEVICE, RTOL, assert_close, nan_like
 
-# (B, T, P, d, n_tasks, task_ids): every case has a task used by no row and one used by several rows.
+# (B, T, P, d, n_tasks, task_ids): a task used by no row and one used by several rows, then one prompt for
+# every row (prompt tuning; in the default layout its gradient is one sum over the rows).
 SHAPES = [
     pytest.param(3, 13, 7, 40, 4, [2, 0, 2], id="B3-T13-P7-d40"),
     pytest.param(5, 6, 3, 72, 3, [0, 2, 0, 2, 2], id="B5-T6-P3-d72"),
+    pytest.param(4, 9, 5, 48, 1, [0, 0, 0, 0], id="B4-T9-P5-d48-one-prompt"),
 ]
 # (embedding dtype, prompt-parameter dtype); the last is fp32 prompts on a bf16 model
 DTYPES = [
