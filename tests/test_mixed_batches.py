@@ -105,3 +105,17 @@ def test_shared_prefix_equals_concat(family, config, form, monkeypatch):
     assert_close("logits", results["shared_prefix"][1], results["concat"][1], 1e-5)
     for name, grad in results["concat"][2].items():
         assert_close(f"grad {name}", results["shared_prefix"][2][name], grad, 1e-4)
+
+
+@pytest.mark.parametrize("path", ["concat", "shared_prefix"])
+def test_all_ones_attention_mask_is_no_mask(path):
+    """A mask that hides nothing is dropped on the CPU (attention takes its unmasked causal route): the same
+    loss as no mask at all, bit for bit; one padded token changes it."""
+    model = _bank("llama", "prompt_tuning", n_adapters=1)
+    ids, _, labels = batch(batch_size=3, length=9)
+    ones = torch.ones_like(ids)
+    plain = model(input_ids=ids, labels=labels, path=path).loss
+    assert torch.equal(model(input_ids=ids, attention_mask=ones, labels=labels, path=path).loss, plain)
+    padded = ones.clone()
+    padded[0, 0] = 0
+    assert not torch.equal(model(input_ids=ids, attention_mask=padded, labels=labels, path=path).loss, plain)
