@@ -4,8 +4,9 @@
   layer_norm, swiglu, gelu), whose backward computes only the input gradient and keeps only the inputs
   (HF's own modules keep fp32 copies and normalised activations for a weight gradient nobody asks for).
   On the PyTorch path (CPU training, where a step of a small model is nearly all host time) each takes
-  torch's native function instead: the same arithmetic under ordinary autograd, at a fraction of the host
-  time of an autograd.Function with a Python backward (per forward + backward on one CPU core, below).
+  torch's native function instead (RMSNorm in fp32 only, where F.rms_norm rounds as LlamaRMSNorm does): the
+  same arithmetic under ordinary autograd, at a fraction of the host time of an autograd.Function with a
+  Python backward (per forward + backward on one CPU core, below).
 - `checkpoint_layers`: each decoder layer recomputes its activations in the backward instead of keeping
   them (`torch.utils.checkpoint`, non-reentrant, so gradients reach the bank through the attention context).
 
