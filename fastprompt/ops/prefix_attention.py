@@ -195,9 +195,10 @@ def sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, *, causal=
 
 def _lower_right_mask(T: int, L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[T, L] additive mask (0 / -inf) of end-aligned causal attention: query i sees keys j <= i + L - T.
-    Cached per shape outside torch.compile (`_cached_lower_right_mask`): a training step asks for the same
-    one at every layer, and SDPA would turn a boolean mask into this one at every call."""
-    if torch.compiler.is_compiling():
+    On the CPU, outside torch.compile, cached per shape (`_cached_lower_right_mask`): a training step asks
+    for the same one at every layer, and SDPA would turn a boolean mask into this one at every call. Not
+    on a GPU, where this path is rare (CUDA takes torch's CausalBias) and a cache would hold device memory."""
+    if torch.compiler.is_compiling() or device.type != "cpu":
         return _build_lower_right_mask(T, L, device, dtype)
     return _cached_lower_right_mask(T, L, device, dtype)
 
