@@ -31,6 +31,7 @@ from fastprompt.inputs import check_model_inputs
 from fastprompt.methods import build_source
 from fastprompt.ops import linear_cross_entropy, prompt_embed
 from fastprompt.ops._dispatch import resolve_backend
+from fastprompt.ops.reference import rows_of
 from fastprompt.path_choice import PATHS, packed_attention_form, path_costs
 from fastprompt.routing import BankPlan, BankRouting
 
@@ -309,7 +310,7 @@ class PromptModel(BankRouting, nn.Module):
             embeds = prompt_embed(input_ids, self.backbone.word_embeddings.weight, prompts, plan.bank_rows,
                                   backend=self.backend)
         else:
-            embeds = torch.cat([prompts[plan.bank_rows].to(inputs_embeds.dtype), inputs_embeds], dim=1)
+            embeds = torch.cat([rows_of(prompts, plan.bank_rows).to(inputs_embeds.dtype), inputs_embeds], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
         hidden = self.backbone.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
@@ -351,10 +352,8 @@ class PromptModel(BankRouting, nn.Module):
         hidden = self.backbone.hidden_states(inputs_embeds=embeds, position_ids=self._packed_positions(n, P, B, T),
                                              ctx=ctx)
         prompt_hidden, row_hidden = hidden.squeeze(0).split([n * P, B * T])
-        last_virtual = prompt_hidden.view(n, P, d)[:, -1]
-        # One prompt: every row's is the same state (an expand, whose backward is a sum, not a scatter).
-        last_virtual = last_virtual.expand(B, d) if n == 1 else last_virtual[plan.bank_rows]
-        return row_hidden.view(B, T, d), last_virtual
+        # each row's prompt's last virtual state (one prompt: expanded, its backward a sum, not a scatter)
+        return row_hidden.view(B, T, d), rows_of(prompt_hidden.view(n, P, d)[:, -1], plan.bank_rows)
 
     def _packed_mask(self, plan, n: int, P: int, B: int, T: int, key_padding_mask) -> torch.Tensor | None:
         """The block mask of the packed pass's masked form (`packed_attention_mask`, fp32: the form runs on

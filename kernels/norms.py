@@ -159,13 +159,8 @@ def _act_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # block-size heuristics (larger tiles under the interpreter, which runs each program in Python)
 # ----------------------------------------------------------------------------------------------------------
-def _norm_config(M: int, D: int, device: torch.device) -> tuple[int, int, int]:
+def _norm_config(M: int, D: int, cuda: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps): whole rows, about 4096 elements per program on a GPU."""
-    return _norm_config_cached(M, D, device.type == "cuda")
-
-
-@functools.lru_cache(maxsize=1024)
-def _norm_config_cached(M: int, D: int, cuda: bool) -> tuple[int, int, int]:
     block_d = triton.next_power_of_2(D)
     if not cuda:
         return max(1, min(triton.next_power_of_2(max(M, 1)), 16384 // block_d, 128)), block_d, 4
@@ -173,9 +168,9 @@ def _norm_config_cached(M: int, D: int, cuda: bool) -> tuple[int, int, int]:
     return block_m, block_d, min(16, max(1, block_m * block_d // 512))
 
 
-def _act_config(n: int, device: torch.device) -> tuple[int, int]:
+def _act_config(n: int, cuda: bool) -> tuple[int, int]:
     """(BLOCK, num_warps)."""
-    if device.type != "cuda":
+    if not cuda:
         return min(1 << 16, triton.next_power_of_2(max(n, 1))), 4
     return 1024, 4
 
@@ -183,7 +178,7 @@ def _act_config(n: int, device: torch.device) -> tuple[int, int]:
 @functools.lru_cache(maxsize=1024)
 def _norm_plan(M: int, D: int, cuda: bool, block_m: int | None) -> tuple[tuple[int], int, int, int]:
     """(grid, BLOCK_M, BLOCK_D, num_warps) of a norm over M rows of D, once per shape."""
-    bm, bd, warps = _norm_config_cached(M, D, cuda)
+    bm, bd, warps = _norm_config(M, D, cuda)
     bm = block_m or bm
     return (triton.cdiv(M, bm),), bm, bd, warps
 
@@ -191,7 +186,7 @@ def _norm_plan(M: int, D: int, cuda: bool, block_m: int | None) -> tuple[tuple[i
 @functools.lru_cache(maxsize=1024)
 def _act_plan(n: int, cuda: bool, block: int | None) -> tuple[tuple[int], int, int]:
     """(grid, BLOCK, num_warps) of an activation over n elements, once per size."""
-    bs, warps = _act_config(n, torch.device("cuda" if cuda else "cpu"))
+    bs, warps = _act_config(n, cuda)
     bs = block or bs
     return (triton.cdiv(n, bs),), bs, warps
 

@@ -82,9 +82,13 @@ def test_shared_prefix_equals_concat(family, config, form, monkeypatch):
     import fastprompt.model as prompt_model
 
     monkeypatch.setattr(prompt_model, "packed_attention_form", lambda *args: form)
-    masks = []
-    monkeypatch.setattr(prompt_model, "packed_attention_mask",
-                        lambda *args, _build=prompt_model.packed_attention_mask: masks.append(_build(*args)) or masks[-1])
+    masks, build = [], prompt_model.packed_attention_mask
+
+    def recorded(*args):
+        masks.append(build(*args))
+        return masks[-1]
+
+    monkeypatch.setattr(prompt_model, "packed_attention_mask", recorded)
     torch.manual_seed(0)
     model = fastprompt.get_peft_model(tiny_model(family), config)
     with torch.no_grad():
