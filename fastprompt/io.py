@@ -289,23 +289,80 @@ def save_training_checkpoint(folder, model, optimizer: torch.optim.Optimizer | N
 
 def load_training_checkpoint(folder, model, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore what `save_training_checkpoint` wrote into `model` (and `optimizer`); returns the metadata
-    ({"step", "configs", "active_adapter", "extra"}). The model must have the same adapters."""
+    ({"step", "configs", "active_adapter", "extra"}). The model must have the same adapters.
+
+    Nothing in the folder can run code: the optimizer and RNG states are read with `weights_only=True`
+    (tensors, numbers, strings and containers only), and a file that needs more is refused. Every file is
+    read and checked before anything is restored, so a refused checkpoint changes neither the model, nor
+    the optimizer, nor the RNG. ValueError naming the file when one is missing, corrupt or not finite."""
     folder = Path(folder)
     meta_path = folder / TRAINING_META_NAME
     if not meta_path.is_file():
         raise ValueError(f"{str(folder)!r} is not a fastprompt training checkpoint (no {TRAINING_META_NAME})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path)
     tensors = read_tensors(folder / TRAINING_STATE_NAME)
+    _check_finite(folder / TRAINING_STATE_NAME, tensors)
+    own_by_source = {}
     for name, source in model.prompt_sources.items():
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         missing = sorted(set(source.state_dict()) - set(own))
         if missing:
             raise ValueError(f"training checkpoint {str(folder)!r} has no tensors {missing} for adapter {name!r}")
-        source.load_state_dict(own)
+        own_by_source[name] = own
+    optimizer_state = _load_state(folder / OPTIMIZER_NAME) if optimizer is not None else None
+    if optimizer_state is not None:
+        _check_finite(folder / OPTIMIZER_NAME, optimizer_state)
+    rng = _load_state(folder / RNG_NAME)
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+        raise ValueError(f"{str(folder / RNG_NAME)!r} is not an RNG state (a dict with a 'cpu' byte tensor)")
+    for name, source in model.prompt_sources.items():
+        source.load_state_dict(own_by_source[name])
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=False))
-    rng = torch.load(folder / RNG_NAME, weights_only=False)
+        optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return meta
+
+
+def _load_state(path: Path):
+    """A torch-saved state (optimizer, RNG) read with weights_only=True: unpickling is restricted to
+    tensors, numbers, strings and containers, so a planted payload is refused, never run."""
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for a forbidden global, EOFError/RuntimeError when cut short
+        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or holds more than tensors and plain "
+                         f"values (refused: loading it could run code): {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from error
+
+
+def _check_finite(path: Path, state) -> None:
+    """ValueError naming `path` if any floating-point tensor in `state` (nested dicts/lists) has NaN or inf."""
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"checkpoint file {str(path)!r} holds NaN or inf values")
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"checkpoint file {str(path)!r} holds NaN or inf values")
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`; ValueError naming the file when it is missing, truncated or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file {str(path)!r} does not exist")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{str(path)!r} is corrupt (not valid UTF-8 JSON): {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(value).__name__}")
+    return value
