@@ -90,7 +90,7 @@ def main(args) -> int:
     if args.tiny:
         from fastprompt import tiny_demo
 
-        return tiny_demo.main(steps)
+        return tiny_demo.main(steps, out=args.out)
     with tempfile.TemporaryDirectory(prefix="fastprompt-demo-") as scratch:
         try:
             result = tune_sentiment(args.out or scratch, steps=steps)

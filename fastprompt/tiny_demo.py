@@ -39,8 +39,9 @@ def _accuracy(model, adapter: str, pattern: list[int], generator: torch.Generato
     return (out[:, 4:] == torch.tensor(pattern)).float().mean().item()
 
 
-def run(steps: int = 100, seed: int = 0) -> dict:
-    """Tune one prompt per pattern; returns accuracies before and after and the reload check."""
+def run(steps: int = 100, seed: int = 0, out=None) -> dict:
+    """Tune one prompt per pattern; returns accuracies before and after and the reload check. out: a folder
+    to keep the two adapters in (``out/count_up``, ``out/count_down``); default a temporary one."""
     base = tiny_llama(seed)
     model = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=8), "count_up")
     model.add_adapter("count_down", fastprompt.PromptTuningConfig(num_virtual_tokens=8))
@@ -63,7 +64,8 @@ def run(steps: int = 100, seed: int = 0) -> dict:
     after = {name: _accuracy(model, name, p, generator) for name, p in PATTERNS.items()}
     prompt = torch.tensor([[50, 51, 52, 53]] * 2)
     mixed = model.generate(prompt, adapter_names=["count_up", "count_down"], max_new_tokens=6)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = out or scratch
         model.save_pretrained(folder)
         reloaded = fastprompt.from_pretrained(tiny_llama(seed), f"{folder}/count_up", adapter_name="count_up")
         reloaded.load_adapter(f"{folder}/count_down", adapter_name="count_down")
@@ -72,12 +74,15 @@ def run(steps: int = 100, seed: int = 0) -> dict:
     return {"before": before, "after": after, "mixed_batch": mixed[:, 4:].tolist(), "reload_identical": same}
 
 
-def main(steps: int = 100) -> int:
-    """Run the tiny demo and print what it shows; 0 when the reloaded adapters reproduce the output."""
-    result = run(steps=steps)
+def main(steps: int = 100, out=None) -> int:
+    """Run the tiny demo (adapters kept in `out` when given) and print what it shows; 0 when the reloaded
+    adapters reproduce the output."""
+    result = run(steps=steps, out=out)
     for name in PATTERNS:
         print(f"{name:>10}: token accuracy {result['before'][name]:.0%} before tuning -> "
               f"{result['after'][name]:.0%} after")
     print(f"one mixed batch, rows [count_up, count_down]: {result['mixed_batch']}")
     print(f"saved in PEFT's format and reloaded: {'identical output' if result['reload_identical'] else 'MISMATCH'}")
+    if out:
+        print(f"adapters saved in {out} (PEFT's format)")
     return 0 if result["reload_identical"] else 1

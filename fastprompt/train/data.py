@@ -109,7 +109,8 @@ def _label_key(value) -> str:
     return str(value)
 
 
-def _split_task_path(item) -> tuple[str | None, Path]:
+def split_task_path(item) -> tuple[str | None, Path]:
+    """(task or None, path) of a `load_data` item: a path, ``"task=path"`` or a ``(task, path)`` pair."""
     if isinstance(item, tuple):
         return item[0], Path(item[1])
     text = str(item)
@@ -139,7 +140,7 @@ def load_data(paths, tokenizer, *, verbalizers: dict | None = None, separator: s
     several = len(items) > 1
     raw = []   # (source, record, file task)
     for item in items:
-        task, path = _split_task_path(item)
+        task, path = split_task_path(item)
         if task is None and several:
             task = path.stem
         raw.extend((f"{path}:{number}", record, task) for number, record in read_records(path))
@@ -219,6 +220,19 @@ def _tokenise(source, record, file_task, encode, verbalizers, separator, max_len
             raise ValueError(f"{source}: target is {len(target)} tokens, max_length is {max_length}")
         prompt = prompt[max(0, len(prompt) - (max_length - len(target))):]
     return Example(prompt + target, [-100] * len(prompt) + target, task, kind, source, len(prompt), label)
+
+
+def hold_out(data: PromptDataset, count: int, seed: int = 0) -> tuple[PromptDataset, PromptDataset]:
+    """(the rest, `count` held-out examples) of `data`, drawn at random by `seed`; both keep `data.choices`.
+    `fastprompt train` evaluates on such a split when no --eval-data is given."""
+    if not 0 < count < len(data):
+        raise ValueError(f"count must be in [1, {len(data) - 1}] for {len(data)} examples, got {count!r}")
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    parts = ([e for i, e in enumerate(data.examples) if i not in held],
+             [e for i, e in enumerate(data.examples) if i in held])
+    return PromptDataset(parts[0], data.choices), PromptDataset(parts[1], data.choices)
 
 
 def collate(examples: list[Example], pad_token_id: int = 0, *, rows: int | None = None,

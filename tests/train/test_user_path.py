@@ -1,0 +1,146 @@
+"""`fastprompt train` as a newcomer meets it (issue 24): the default recipe, zero-shot and held-out accuracy,
+named models, one-line errors with exit code 2, label words, defaults in --help, `demo --tiny --out`."""
+
+import json
+
+import pytest
+
+from fastprompt import cli
+from fastprompt.cli import main
+from fastprompt.train import cli as train_cli
+from fastprompt.train.recipe import OLD_RECIPE, default_recipe, instruction
+from tests.tiny_models import save_tiny_tokenizer, tiny_model
+from tests.train.common import classification_records, seq2seq_records, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+def _train(model, data, out, *extra):
+    return main(["train", "--model", str(model), "--data", data, "--out", str(out), "--steps", "4",
+                 "--batch-size", "4", "--progress", "none", "--no-plot", *extra])
+
+
+def test_default_recipe_starts_classification_from_an_instruction_of_the_label_words():
+    recipe = default_recipe("prompt-tuning", ["positive", "negative"])
+    assert (recipe.init, recipe.init_text) == ("text", "Answer with one word: positive or negative.\n")
+    assert recipe.num_virtual_tokens is None and (recipe.lr, recipe.schedule, recipe.warmup) == (1e-2, "cosine", 10)
+    assert instruction(["a", "b", "c"]) == "Answer with one word: a, b or c.\n"
+    for method in ("prefix-tuning", "p-tuning"):       # no text start for these: PEFT's own
+        assert default_recipe(method, ["positive"]).init == "random"
+    assert default_recipe("prompt-tuning", None).init == "random"
+    assert default_recipe("prompt-tuning").num_virtual_tokens == 20
+
+
+def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
+    assert _train(model_dir, data, tmp_path / "out") == 0
+    printed = capsys.readouterr().out
+    assert "held out 4 of 40 training records" in printed
+    assert "zero-shot accuracy on 4 held-out records:" in printed
+    assert "held-out accuracy after training:" in printed
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 4 and steps[0]["lr"] == 0.0            # the recipe's warm-up (10 steps) starts at 0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["prompt_tuning_init"] == "TEXT"
+    assert config["prompt_tuning_init_text"] == "Answer with one word: negative or positive.\n"  # sorted labels
+
+
+def test_holdout_zero_trains_without_evaluation(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(12))
+    assert _train(model_dir, data, tmp_path / "out", "--holdout", "0") == 0
+    assert "zero-shot" not in capsys.readouterr().out
+
+
+def test_transfer_stages_keep_their_old_defaults():
+    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup")})()
+    for name, value in dict(out="o", optimizer="adamw", batch_size=8, grad_accum=1, weight_decay=0.0,
+                            max_grad_norm=1.0, precision="fp32", eval_every=0, eval_batch_size=None, metric="auto",
+                            patience=None, save_every=0, keep_checkpoints=None, seed=0, log_every=10,
+                            progress="none", no_plot=True, score="sum", cuda_graphs=False).items():
+        setattr(args, name, value)
+    config = train_cli.training_config(args)
+    assert (config.lr, config.schedule, config.warmup, config.steps) == (OLD_RECIPE.lr, "constant", 0, 100)
+
+
+def test_named_model_smollm2_resolves_to_its_converted_folder(tmp_path, model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "named_models", lambda: {"smollm2": lambda: model_dir})
+    data = write_jsonl(tmp_path / "train.jsonl", seq2seq_records(8))
+    assert _train("smollm2", data, tmp_path / "out") == 0
+    saved = json.loads((tmp_path / "out" / "fastprompt_data.json").read_text())
+    assert saved["base_model"] == str(model_dir)
+
+
+def test_smollm2_is_a_named_model():
+    from fastprompt.offline.smollm2 import smollm2_folder
+
+    assert cli.named_models()["smollm2"] is smollm2_folder
+
+
+def test_wrong_model_path_is_one_line_and_exit_code_2(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", seq2seq_records(4))
+    with pytest.raises(SystemExit) as exit_info:
+        _train(tmp_path / "no-such-model", data, tmp_path / "out")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("fastprompt train: error: --model ") and "no config.json" in err and "smollm2" in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_bad_data_file_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, command):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the movie was good", "label": "positive"}\nnot json\n')
+    argv = ["--model", str(model_dir), "--data", str(bad)]
+    argv = [command, *argv, *(["--out", str(tmp_path / "o")] if command == "train" else ["--adapter", str(tmp_path)])]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"fastprompt {command}: error: {bad}:2: not valid JSON: Expecting value (column 1)\n"
+
+
+def test_labels_without_verbalizer_are_named_and_multi_token_labels_warned(tmp_path, model_dir, capsys):
+    records = [{"text": r["text"], "label": "good movie" if r["label"] == "positive" else "bad"}
+               for r in classification_records(20)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    assert _train(model_dir, data, tmp_path / "out", "--holdout", "0") == 0
+    captured = capsys.readouterr()
+    assert "label words, from the label strings (no --verbalizer given): 'bad', 'good movie'" in captured.out
+    assert "warning: label 'good movie' is scored as 2 tokens" in captured.err
+    assert "'bad'" not in captured.err
+
+
+def test_verbalizer_words_are_named(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(20))
+    assert _train(model_dir, data, tmp_path / "out", "--holdout", "0", "--verbalizer", "positive=great",
+                  "--verbalizer", "negative=awful") == 0
+    captured = capsys.readouterr()
+    assert "label words, from --verbalizer: 'great', 'awful'" in captured.out and "warning" not in captured.err
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("train", ["--method {prompt-tuning,prefix-tuning,p-tuning,mpt}\n" + " " * 24 + "default: prompt-tuning",
+               "(default: the recipe's, 100)", "(per rank) (default: 8)", "the tokens of the init text, else 20"]),
+    ("serve", ["--host HOST           default: 127.0.0.1", "--port PORT           default: 8000"]),
+])
+def test_help_shows_the_defaults(command, shown, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    printed = capsys.readouterr().out
+    for text in shown:
+        assert text in printed, text
+
+
+def test_tiny_demo_keeps_its_adapters_in_out(tmp_path, capsys):
+    assert main(["demo", "--tiny", "--steps", "2", "--out", str(tmp_path / "demo")]) == 0
+    for name in ("count_up", "count_down"):
+        assert (tmp_path / "demo" / name / "adapter_config.json").is_file()
+    assert f"adapters saved in {tmp_path / 'demo'}" in capsys.readouterr().out
