@@ -24,6 +24,12 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
 PREFIX_SITES = ("encoder", "decoder", "cross")
 
 
+def _check_positive_int(name: str, value) -> None:
+    """ValueError naming `name` unless value is an int >= 1 (True is an int in Python, not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 @dataclass
 class PromptLearningConfig:
     """Fields every soft-prompt method shares (PEFT's `PromptLearningConfig`)."""
@@ -41,8 +47,7 @@ class PromptLearningConfig:
     peft_type: str = field(default=None, init=False)
 
     def __post_init__(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         self.task_type = _enum_value(self.task_type)
         if self.task_type not in (None, *TASK_TYPES):
             raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
@@ -147,8 +152,7 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
             raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs "
                              "prompt_tuning_init_state_dict_path (a source MPT checkpoint)")
         for name in ("num_ranks", "num_tasks"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            _check_positive_int(name, getattr(self, name))
 
 
 CONFIG_CLASSES = {

@@ -28,7 +28,7 @@ from fastprompt.backbones import AttentionContext, get_backbone, patches
 from fastprompt.backbones.attention import Captures, packed_attention_mask
 from fastprompt.config import as_fastprompt_config, resolve_config
 from fastprompt.inputs import check_model_inputs
-from fastprompt.methods import build_source
+from fastprompt.methods import build_source, check_file_shapes
 from fastprompt.ops import linear_cross_entropy, prompt_embed
 from fastprompt.ops._dispatch import resolve_backend
 from fastprompt.ops.reference import rows_of
@@ -129,6 +129,7 @@ class PromptModel(BankRouting, nn.Module):
         if adapter_name in self.prompt_sources:
             raise ValueError(f"adapter_name={adapter_name!r} is already loaded")
         config = resolve_config(config, self.backbone)
+        check_file_shapes(adapter_dir, config, tensors, self.backbone)
         source = build_source(config, self.backbone)
         source.load_peft_state_dict(tensors)  # raises before anything is added on a bad file
         source.to(self.backbone.device)

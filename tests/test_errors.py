@@ -97,6 +97,33 @@ def test_bad_config_values():
         fastprompt.get_peft_model(tiny_model("llama"), {"peft_type": "LORA"})
 
 
+@pytest.mark.parametrize("config_class, field", [
+    (fastprompt.PromptTuningConfig, "num_virtual_tokens"), (fastprompt.PrefixTuningConfig, "num_virtual_tokens"),
+    (fastprompt.MultitaskPromptTuningConfig, "num_ranks"), (fastprompt.MultitaskPromptTuningConfig, "num_tasks")])
+def test_a_bool_is_not_a_count(config_class, field):
+    """True is an int in Python; num_virtual_tokens=True must not mean P=1."""
+    with pytest.raises(ValueError, match=f"{field} must be a positive int, got True"):
+        config_class(**{"num_virtual_tokens": 4, field: True})
+
+
+@pytest.mark.parametrize("method", ["prompt", "mpt"])
+def test_an_adapter_config_larger_than_its_file_is_refused_before_allocating(method, tmp_path):
+    """A 431-byte config asking for num_virtual_tokens=50_000_000 beside a 4-token file: refused from the
+    shapes alone (50M x 48 floats would be 9.6 GB), the model left without the adapter."""
+    config = (fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2) if method == "mpt"
+              else fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    fastprompt.get_peft_model(tiny_model("llama"), config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "num_virtual_tokens": 50_000_000}))
+    with pytest.raises(ValueError, match=r"num_virtual_tokens=50000000\) needs 'prompt_embeddings' of shape "
+                                         r"\(50000000, 48\), the weights file holds \(4, 48\)"):
+        fastprompt.from_pretrained(tiny_model("llama"), tmp_path)
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="num_virtual_tokens=50000000"):
+        model.load_adapter(tmp_path, adapter_name="huge")
+    assert list(model.prompt_sources) == ["default"]
+
+
 def test_batch_shape_mismatch(model):
     ids, mask, labels = batch()
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[B=3, T=9\], got \(3, 8\)"):
@@ -127,7 +154,7 @@ def test_checkpoint_of_another_shape_is_refused(model, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["num_virtual_tokens"] = 7
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'prompt_embeddings' has shape \(4, 48\), expected \(7, 48\)"):
+    with pytest.raises(ValueError, match=r"needs 'prompt_embeddings' of shape \(7, 48\), the weights file holds \(4, 48\)"):
         model.load_adapter(tmp_path, adapter_name="seven")
     assert "seven" not in model.adapter_names
     with pytest.raises(ValueError, match="adapter_name='other' is already loaded"):

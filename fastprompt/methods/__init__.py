@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from fastprompt.config import MULTITASK_PROMPT_TUNING, P_TUNING, PREFIX_TUNING, PROMPT_TUNING
 from fastprompt.methods.base import PromptSource
 from fastprompt.methods.mpt import MultitaskPromptTuning
@@ -29,4 +31,22 @@ def build_source(config, backbone) -> PromptSource:
     raise ValueError(f"unsupported peft_type {config.peft_type!r}")
 
 
-__all__ = ["PromptSource", "PromptTuning", "PTuning", "PrefixTuning", "MultitaskPromptTuning", "build_source"]
+def check_file_shapes(where, config, tensors: dict[str, torch.Tensor], backbone) -> None:
+    """ValueError naming `where` (the adapter folder) unless `tensors` (an adapter file's) have exactly the
+    shapes `config` gives on this backbone. The expected shapes come from the source built on the meta
+    device, so a config asking for more than its file holds (num_virtual_tokens=50_000_000 beside a
+    3-token file) is refused before anything is allocated."""
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in build_source(config, backbone).peft_state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in tensors.items()}
+    for key, shape in expected.items():
+        if key not in found:
+            raise ValueError(f"adapter {str(where)!r}: the weights file has no tensor {key!r} (has {sorted(found)})")
+        if found[key] != shape:
+            raise ValueError(f"adapter {str(where)!r}: adapter_config.json (num_virtual_tokens="
+                             f"{config.num_virtual_tokens}) needs {key!r} of shape {shape}, the weights file holds "
+                             f"{found[key]}")
+
+
+__all__ = ["PromptSource", "PromptTuning", "PTuning", "PrefixTuning", "MultitaskPromptTuning", "build_source",
+           "check_file_shapes"]
