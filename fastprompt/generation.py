@@ -8,6 +8,8 @@ row's tokens from P on, padding included; prefix tuning numbers each row's real 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastprompt.backbones import AttentionContext, KVCache
@@ -44,6 +46,39 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on `device` can still take, in bytes: the GPU's free memory plus what torch's
+    caching allocator holds unused; on the CPU, the kernel's MemAvailable. None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_cache_fits(max_new_tokens: int, cache_bytes: int, per_token_bytes: int, device: torch.device) -> None:
+    """Refuse, before allocating, a KV cache of `cache_bytes` that `device` cannot hold: a ValueError naming
+    max_new_tokens and the most that fits, instead of the allocator's error (or the OOM killer) mid-way."""
+    available = available_bytes(device)
+    if available is None or cache_bytes <= available:
+        return
+    most = max_new_tokens - -(-(cache_bytes - available) // per_token_bytes)
+    raise ValueError(f"max_new_tokens={max_new_tokens} needs a {cache_bytes / 2**30:.1f} GiB KV cache but {device} "
+                     f"has {available / 2**30:.1f} GiB available; at most about {max(most, 0)} new tokens fit "
+                     f"for this batch")
 
 
 def _token_ids(value) -> list[int]:
@@ -100,8 +135,11 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
     else:
         positions = torch.arange(P, P + T, device=device)[None].expand(B, T)
-    cache = KVCache.allocate(backbone.num_layers, B, backbone.num_kv_heads, T + max_new_tokens,
-                             backbone.head_dim, backbone.dtype, device)
+    cache_shape = (backbone.num_layers, B, backbone.num_kv_heads, T + max_new_tokens, backbone.head_dim,
+                   backbone.dtype)
+    check_cache_fits(max_new_tokens, KVCache.nbytes(*cache_shape), KVCache.nbytes(*cache_shape[:3], 1,
+                     *cache_shape[4:]), device)
+    cache = KVCache.allocate(*cache_shape, device)
     ctx = AttentionContext("prefix", keys, values, plan.bank_rows, key_padding_mask=mask, cache=cache,
                            backend=model.backend)
     tokens, step_ids = [], input_ids

@@ -1,5 +1,6 @@
 """Sampling and stopping in PromptModel.generate."""
 
+import pytest
 import torch
 
 import fastprompt
@@ -58,3 +59,31 @@ def test_zero_new_tokens_returns_the_input():
     model = _model()
     ids, mask, _ = batch()
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=0), ids)
+
+
+def test_a_cache_larger_than_memory_is_refused_before_allocating(monkeypatch):
+    """max_new_tokens=10**12 would need ~10**14 bytes: a ValueError naming it and the most that fits, and
+    nothing allocated (the allocator never sees the request)."""
+    model = _model()
+    ids, mask, _ = batch()
+    allocated = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: allocated.append(a) or real_zeros(*a, **k))
+    with pytest.raises(ValueError, match=r"^max_new_tokens=1000000000000 needs a .* at most about \d+ new") as error:
+        model.generate(ids, attention_mask=mask, max_new_tokens=10**12)
+    message = str(error.value)
+    assert not any(isinstance(a[0], tuple) and 10**12 <= max(a[0]) for a in allocated if a)
+    fits = int(message.rsplit("at most about ", 1)[1].split()[0])
+    assert 0 < fits < 10**12
+
+
+def test_the_cache_check_uses_the_memory_the_device_has(monkeypatch):
+    model = _model()
+    ids, mask, _ = batch()
+    B, T = ids.shape
+    backbone = model.backbone
+    per_token = 2 * backbone.num_layers * B * backbone.num_kv_heads * backbone.head_dim * backbone.dtype.itemsize
+    monkeypatch.setattr(fastprompt.generation, "available_bytes", lambda device: per_token * (T + 5))
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[]).shape == (B, T + 5)
+    with pytest.raises(ValueError, match="max_new_tokens=6 .* at most about 5 new tokens"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=6)

@@ -49,6 +49,12 @@ class KVCache:
     length: int = 0  # positions already written (write_at None)
     write_at: torch.Tensor | None = None  # 0-dim int64 device tensor: the column a decode step writes
 
+    @staticmethod
+    def nbytes(n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+               dtype: torch.dtype) -> int:
+        """Bytes `allocate` takes with the same arguments (keys and values of every layer)."""
+        return 2 * n_layers * batch * n_kv_heads * max_len * head_dim * dtype.itemsize
+
     @classmethod
     def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "KVCache":
