@@ -10,7 +10,9 @@ plus optimizer, RNG and step state, so training resumes exactly.
 All or nothing, whole folders: `save_pretrained` and `save_training_checkpoint` write everything into a
 new sibling folder (`.<name>.<random>.tmp`) and switch it with the old folder in one atomic exchange
 (`renameat2(RENAME_EXCHANGE)` on Linux), so a reader, or a run killed at any moment, sees either the whole
-previous save or the whole new one, never files of two saves. Files of the old folder that the new save
+previous save or the whole new one, never files of two saves. Files and folders are fsynced before the
+exchange and the parent after it, so the same holds after a power cut. A mount point cannot be exchanged:
+a save into one switches its entries one by one instead. Files of the old folder that the new save
 does not own (a tokenizer, other adapters, a run's checkpoints) are carried over as hard links. A killed
 save leaves only its sibling temporaries, which the next save into that folder removes. One writer per
 folder at a time.
@@ -68,10 +70,14 @@ def _inside_staging(path: Path) -> bool:
 
 @contextmanager
 def atomic_folder(folder) -> Iterator[Path]:
-    """Yield an empty sibling folder to write a save into; on success it replaces `folder` in one atomic
-    exchange (the old folder's other files carried over, see the module docstring), on failure it is
-    removed and `folder` is untouched. Inside another atomic_folder's staging folder it yields `folder`
-    itself: the outer switch covers it."""
+    """Yield an empty folder to write a save into; on success it replaces `folder` in one atomic exchange
+    (the old folder's other files carried over, see the module docstring), on failure it is removed and
+    `folder` is untouched. Everything written is fsynced, with its folder, before the exchange, and the
+    parent after it, so a power cut leaves the old save or the new one, never empty files.
+
+    A mount point cannot be renamed: there the save is written into a temporary folder inside it and its
+    entries are switched in one by one (each file or subfolder atomically, the folder as a whole not).
+    Inside another atomic_folder's staging folder it yields `folder` itself: the outer switch covers it."""
     target = Path(os.path.realpath(folder))  # through a symlink: the folder it names is switched, not the link
     if _inside_staging(target):
         target.mkdir(parents=True, exist_ok=True)
@@ -80,8 +86,10 @@ def atomic_folder(folder) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise ValueError(f"{str(target)!r} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    in_place = os.path.ismount(target)
+    home = target if in_place else target.parent
+    _remove_temporaries(home, target.name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=home))
     # mkdtemp's folder is private (0700); the saved folder keeps the old one's mode, or the umask's default.
     os.chmod(staging, target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~_umask())
     roots = _staging.__dict__.setdefault("roots", [])
@@ -90,8 +98,14 @@ def atomic_folder(folder) -> Iterator[Path]:
         yield staging
         if target.is_dir():
             _carry(target, staging)
+        _fsync_tree(staging)
+        if in_place:
+            _switch_entries(staging, target)
+            _fsync_path(target)
+            return
         cwd = os.getcwd()
         _switch(staging, target)
+        _fsync_path(target.parent)
         if cwd == str(target) or cwd.startswith(str(target) + os.sep):
             os.chdir(cwd)  # the process stood in the old folder, about to be removed: move it to the new one
     finally:
@@ -99,15 +113,60 @@ def atomic_folder(folder) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)  # the previous folder after a switch, else the failed save
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and folder under `root` (symlinks are not followed), folders after their
+    entries."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                _fsync_path(path)
+        _fsync_path(Path(folder))
+
+
+def _switch_entries(staging: Path, target: Path) -> None:
+    """Move the complete new save in `staging` (which lies inside `target`) into `target` entry by entry:
+    files by rename, subfolders by `_switch`; entries of `target` that the new save does not hold go into
+    `staging`, to be removed with it."""
+    written = {entry.name for entry in os.scandir(staging)}
+    for name in written:
+        source, dest = staging / name, target / name
+        if source.is_dir() and not source.is_symlink():
+            _switch(source, dest)
+        else:
+            os.replace(source, dest)
+    for entry in os.scandir(target):
+        if entry.name not in written and not _is_temporary(entry.name):
+            os.rename(entry.path, staging / entry.name)
+
+
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (another thread may be creating
+    files); elsewhere set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _remove_temporaries(target: Path) -> None:
-    """What killed saves into `target` left beside it."""
-    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+def _remove_temporaries(home: Path, name: str) -> None:
+    """What killed saves of `name` left in `home` (its parent, or the folder itself for a mount point)."""
+    for path in home.glob(f".{glob.escape(name)}.*.tmp"):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -165,17 +224,26 @@ def _switch(staging: Path, target: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) for a temporary file beside `path`, then rename it over `path`."""
+    """Call write(tmp_path) for a temporary file beside `path`, then fsync it and rename it over `path`, and
+    fsync the folder (inside an atomic_folder's staging folder, its own fsync before the switch covers it).
+    The file gets the umask's default mode (0644 under umask 022), as `open` would give it, not mkstemp's
+    private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    staged = _inside_staging(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if not staged:
+            _fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not staged:
+        _fsync_path(path.parent)
 
 
 def write_json(path: Path, data: dict) -> None:
