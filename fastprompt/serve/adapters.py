@@ -12,6 +12,11 @@ positions, PREFIX_PAD_BIAS on padding) hides the padding from every query throug
 additive bias. A finite bias rather than a mask: a row always sees its own latest key, so the padding's
 softmax weight is exactly 0 in fp32 (exp(-1e9)), and the kernels need no per-entry prefix length. With
 one prefix length the bias is None and costs nothing.
+
+Growth costs what the new adapter costs: the bank lives in per-layer buffers with spare rows (capacity
+doubles when full), and an added adapter is written into the next free rows; only an adapter wider than the
+bank (its P larger than every loaded one's) re-pads the rest. Removing an adapter re-packs the bank.
+`ServeLimits` bounds the number of adapters and each one's num_virtual_tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.model import PromptModel
+from fastprompt.serve.limits import ServeLimits
 from fastprompt.serve.sampling import InvalidRequest
 
 PREFIX_PAD_BIAS = -1e9  # added to the scores of a padded prefix position (fp32 in the kernels)
@@ -41,16 +47,18 @@ class StoredAdapter:
 
 
 class AdapterStore:
-    """name -> StoredAdapter, and the bank tensors (rebuilt on every add/remove; the engine calls these
-    only between steps)."""
+    """name -> StoredAdapter, and the bank tensors (grown in place on add, re-packed on remove; the engine
+    calls these only between steps). limits: ServeLimits (max_adapters, max_virtual_tokens)."""
 
-    def __init__(self, base_model: torch.nn.Module, backend: str | None = None):
+    def __init__(self, base_model: torch.nn.Module, backend: str | None = None, limits: ServeLimits | None = None):
         self.base_model = base_model
         self.backend = backend
+        self.limits = limits or ServeLimits()
         self.adapters: dict[str, StoredAdapter] = {}
         self.offsets: dict[str, int] = {}
-        self.bank_k: list[torch.Tensor] | None = None
+        self.bank_k: list[torch.Tensor] | None = None   # per layer [n_entries, Hkv, P, D]: views of _buffers
         self.bank_v: list[torch.Tensor] | None = None
+        self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # [capacity, Hkv, P, D]
         self.entry_lengths: torch.Tensor | None = None  # int64 [n_entries]: each entry's P_e, on the device
         self.prefix_bias: torch.Tensor | None = None    # fp32 [n_entries, P], None when every P_e == P
         self.version = 0  # bumps on every change, so the engine knows to re-index its rows
@@ -71,9 +79,7 @@ class AdapterStore:
     @torch.no_grad()
     def add_from_dir(self, name: str, adapter_dir) -> StoredAdapter:
         """Load a PEFT or fastprompt adapter folder (PromptModel.load_adapter) and store its prefixes."""
-        self.check_name(name)
-        if name in self.adapters:
-            raise InvalidRequest("adapter_name", f"{name!r} is already loaded")
+        self._check_room(name)
         model = PromptModel(self.base_model, backend=self.backend)
         try:
             model.load_adapter(adapter_dir, name)
@@ -86,12 +92,14 @@ class AdapterStore:
     def add_from_model(self, name: str, model: PromptModel, adapter_name: str | None = None, *,
                        source: str | None = None) -> StoredAdapter:
         """Store the prefixes of `model`'s adapter `adapter_name` (default: its active one) under `name`."""
-        self.check_name(name)
-        if name in self.adapters:
-            raise InvalidRequest("adapter_name", f"{name!r} is already loaded")
+        self._check_room(name)
         adapter_name = adapter_name or model.active_adapter
         config = model.peft_config[adapter_name]
         P = config.num_virtual_tokens
+        if P > self.limits.max_virtual_tokens:
+            raise InvalidRequest("adapter_path" if source else "adapter_name",
+                                 f"adapter {name!r} has num_virtual_tokens={P}; this server takes at most "
+                                 f"{self.limits.max_virtual_tokens} (--max-virtual-tokens)")
         mpt = config.peft_type == MULTITASK_PROMPT_TUNING
         n = config.num_tasks if mpt else 1
         plan = model.plan(n, task_ids=torch.arange(n) if mpt else None, adapter_names=[adapter_name] * n)
@@ -104,8 +112,16 @@ class AdapterStore:
         stored = StoredAdapter(name, config.peft_type, P, n, [k.detach().contiguous() for k in keys],
                                [v.detach().contiguous() for v in values], source)
         self.adapters[name] = stored
-        self._rebuild()
+        self._append(stored)
         return stored
+
+    def _check_room(self, name: str) -> None:
+        self.check_name(name)
+        if name in self.adapters:
+            raise InvalidRequest("adapter_name", f"{name!r} is already loaded")
+        if len(self.adapters) >= self.limits.max_adapters:
+            raise InvalidRequest("adapter_name", f"this server holds at most {self.limits.max_adapters} adapters "
+                                                 f"(--max-adapters); unload one first")
 
     def remove(self, name: str) -> None:
         if name not in self.adapters:
@@ -127,26 +143,61 @@ class AdapterStore:
                                             f"{adapter.num_entries} task(s)")
         return offsets[name] + task
 
+    def _append(self, stored: StoredAdapter) -> None:
+        """Write `stored` into the bank's next free rows (growing the buffers if full); a prefix wider than
+        the bank re-pads every entry (`_rebuild`)."""
+        n = sum(a.num_entries for a in self.adapters.values()) - stored.num_entries
+        if self._buffers is None or stored.num_virtual_tokens > self.bank_k[0].shape[2]:
+            self._rebuild()
+            return
+        keys, values = self._buffers
+        capacity, P = keys[0].shape[0], keys[0].shape[2]
+        if n + stored.num_entries > capacity:
+            grown = max(n + stored.num_entries, 2 * capacity)
+            keys, values = ([_with_rows(t[:n], grown) for t in keys], [_with_rows(t[:n], grown) for t in values])
+            self._buffers = keys, values
+        for buffers, parts in ((keys, stored.keys), (values, stored.values)):
+            for buffer, part in zip(buffers, parts):
+                buffer[n:n + stored.num_entries] = _pad_prefix(part, P)
+        self._publish(n + stored.num_entries)
+
     def _rebuild(self) -> None:
+        """Every adapter packed into fresh buffers, exactly as wide as the longest prefix."""
+        adapters = list(self.adapters.values())
+        if not adapters:
+            self._buffers = None
+        else:
+            P = self.num_virtual_tokens
+            layers = range(len(adapters[0].keys))
+            self._buffers = ([torch.cat([_pad_prefix(a.keys[i], P) for a in adapters]) for i in layers],
+                             [torch.cat([_pad_prefix(a.values[i], P) for a in adapters]) for i in layers])
+        self._publish(sum(a.num_entries for a in adapters))
+
+    def _publish(self, n_entries: int) -> None:
+        """Point the bank at the first n_entries rows of the buffers, with their offsets, lengths and bias."""
         offsets, offset = {}, 0
         for name, adapter in self.adapters.items():
             offsets[name] = offset
             offset += adapter.num_entries
         self.offsets = offsets  # one assignment: other threads validating requests never see it half-built
-        adapters = list(self.adapters.values())
-        if not adapters:
+        if self._buffers is None:
             self.bank_k = self.bank_v = self.entry_lengths = self.prefix_bias = None
         else:
-            P = self.num_virtual_tokens
-            layers = range(len(adapters[0].keys))
-            self.bank_k = [torch.cat([_pad_prefix(a.keys[i], P) for a in adapters]) for i in layers]
-            self.bank_v = [torch.cat([_pad_prefix(a.values[i], P) for a in adapters]) for i in layers]
-            lengths = [a.num_virtual_tokens for a in adapters for _ in range(a.num_entries)]
-            device = self.bank_k[0].device
+            self.bank_k = [t[:n_entries] for t in self._buffers[0]]
+            self.bank_v = [t[:n_entries] for t in self._buffers[1]]
+            P, device = self.bank_k[0].shape[2], self.bank_k[0].device
+            lengths = [a.num_virtual_tokens for a in self.adapters.values() for _ in range(a.num_entries)]
             self.entry_lengths = torch.tensor(lengths, device=device)
             padded = torch.arange(P, device=device)[None] >= self.entry_lengths[:, None]
             self.prefix_bias = (padded.float() * PREFIX_PAD_BIAS) if padded.any() else None
         self.version += 1
+
+
+def _with_rows(prefix: torch.Tensor, rows: int) -> torch.Tensor:
+    """A new buffer of `rows` entries holding `prefix` [n, Hkv, P, D] in its first n (the rest unwritten)."""
+    buffer = prefix.new_empty((rows, *prefix.shape[1:]))
+    buffer[:len(prefix)] = prefix
+    return buffer
 
 
 def _pad_prefix(prefix: torch.Tensor, P: int) -> torch.Tensor:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+API_KEY_ENV = "FASTPROMPT_API_KEY"
 
 
 def add_commands(subparsers) -> None:
@@ -27,8 +30,21 @@ def add_commands(subparsers) -> None:
                        help="longer text prompts are refused with 400 before tokenizing (default 32 x --max-len)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    serve.add_argument("--no-adapter-loading", action="store_true",
-                       help="refuse /v1/load_adapter and /v1/unload_adapter")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                            f"(default: ${API_KEY_ENV} if set, else no key: bind to loopback only)")
+    serve.add_argument("--adapter-root", default=None, metavar="DIR",
+                       help="enable POST /v1/load_adapter and /v1/unload_adapter, loading only folders inside "
+                            "DIR (default: off, those routes do not exist)")
+    limits = serve.add_argument_group("limits (per adapter and per request)")
+    limits.add_argument("--max-adapters", type=int, default=64, help="adapters loaded at once (default 64)")
+    limits.add_argument("--max-virtual-tokens", type=int, default=256,
+                        help="an adapter's num_virtual_tokens (default 256)")
+    limits.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request (default 16)")
+    limits.add_argument("--max-stop-chars", type=int, default=256,
+                        help="characters of each stop string (default 256)")
+    limits.add_argument("--max-stop-token-ids", type=int, default=256,
+                        help="stop token ids per request (default 256)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=run)
 
@@ -48,6 +64,8 @@ def build_engine(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastprompt.serve.engine import Engine
+    from fastprompt.serve.limits import ServeLimits
+    from fastprompt.serve.sampling import InvalidRequest
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -58,10 +76,19 @@ def build_engine(args: argparse.Namespace):
         if args.tokenizer:
             raise
         tokenizer = None  # token-id prompts only
+    try:
+        limits = ServeLimits(args.max_adapters, args.max_virtual_tokens, args.max_stop_strings, args.max_stop_chars,
+                             args.max_stop_token_ids)
+    except ValueError as error:
+        raise SystemExit(f"fastprompt serve: --{str(error).replace('_', '-')}") from None
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
-                    max_prefill_tokens=args.max_prefill_tokens, request_timeout_s=args.request_timeout)
+                    max_prefill_tokens=args.max_prefill_tokens, request_timeout_s=args.request_timeout,
+                    limits=limits)
     for name, folder in parse_adapters(args.adapter):
-        engine.load_adapter(name, folder)
+        try:
+            engine.load_adapter(name, folder)
+        except InvalidRequest as error:
+            raise SystemExit(f"fastprompt serve: --adapter {name}={folder}: {error.message}") from None
     return engine
 
 
@@ -72,9 +99,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("fastprompt serve needs FastAPI and uvicorn: pip install 'fastprompt[serve]'") from error
     from fastprompt.serve.server import create_app
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
+        raise SystemExit(f"fastprompt serve: --adapter-root {args.adapter_root!r} is not a folder")
     engine = build_engine(args)
-    app = create_app(engine, request_timeout_s=args.request_timeout,
-                     allow_adapter_loading=not args.no_adapter_loading, max_body_bytes=args.max_body_bytes,
-                     max_prompt_chars=args.max_prompt_chars)
+    try:
+        app = create_app(engine, request_timeout_s=args.request_timeout, api_key=api_key,
+                         adapter_root=args.adapter_root, max_body_bytes=args.max_body_bytes,
+                         max_prompt_chars=args.max_prompt_chars)
+    except ValueError as error:
+        raise SystemExit(f"fastprompt serve: {error}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -65,6 +65,7 @@ from fastprompt.model import PromptModel
 from fastprompt.serve.adapters import AdapterStore
 from fastprompt.serve.cuda_graphs import DecodeGraphs
 from fastprompt.serve.kv_cache import SlotCache, batch_buckets, key_window
+from fastprompt.serve.limits import ServeLimits
 from fastprompt.serve.metrics import Metrics
 from fastprompt.serve.requests import QueueFull, Request, RequestUpdate, check_request, drop_reason
 from fastprompt.serve.sampling import InvalidRequest, TextTracker, sample_rows
@@ -93,14 +94,15 @@ class Engine:
     batched prefill may take, which bounds the stall it adds to running rows; cuda_graphs: on a CUDA
     device, run decode steps as CUDA graphs captured per (batch bucket, key window) (`DecodeGraphs`);
     bucketed_steps: run every decode step at those bucketed shapes (default: exactly when CUDA graphs are on,
-    since an eager step gains nothing from pad rows and unread keys; True on a CPU runs what a graph runs).
+    since an eager step gains nothing from pad rows and unread keys; True on a CPU runs what a graph runs);
+    limits: `ServeLimits`, what one adapter or one request may hold (adapters, virtual tokens, stop strings).
     """
 
     def __init__(self, model, tokenizer=None, *, max_slots: int = 8, max_len: int = 512, max_queue: int = 64,
                  cache_len: int | None = None, max_prefills_per_step: int | None = None,
                  max_prefill_tokens: int = 8192, backend: str | None = None,
                  eos_token_id=None, request_timeout_s: float | None = None, cuda_graphs: bool = True,
-                 bucketed_steps: bool | None = None):
+                 bucketed_steps: bool | None = None, limits: ServeLimits | None = None):
         base = model.base_model if isinstance(model, PromptModel) else model
         if max_slots < 1 or max_len < 2 or max_queue < 0:
             raise ValueError(f"need max_slots >= 1, max_len >= 2 and max_queue >= 0, got {max_slots}, {max_len}, "
@@ -120,7 +122,8 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.request_timeout_s = request_timeout_s
         self.device = self.backbone.device
-        self.store = AdapterStore(base, backend)
+        self.limits = limits or ServeLimits()
+        self.store = AdapterStore(base, backend, self.limits)
         self.cache = SlotCache(self.backbone.num_layers, max_slots, self.backbone.num_kv_heads, self.cache_len,
                                self.backbone.head_dim, self.backbone.dtype, self.device)
         self.keys, self.values = self.cache.keys, self.cache.values   # per layer [max_slots, Hkv, cache_len, D]
@@ -472,7 +475,7 @@ class Engine:
         row.last_time = now
         row.last_token = token
         reason = None
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_set:
             reason = "stop"
         delta, stopped = row.tracker.push([] if reason else [token])
         if stopped:

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastprompt.serve.requests import Request
-from fastprompt.serve.sampling import InvalidRequest, SamplingParams
+from fastprompt.serve.sampling import InvalidRequest, SamplingParams, unicode_text
 
 if TYPE_CHECKING:
     from fastprompt.serve.engine import Engine
@@ -70,7 +71,12 @@ def response_options(body: dict) -> tuple[bool, bool, bool]:
 
 
 async def json_body(http: HTTPRequest) -> dict:
-    """The request's body as a JSON object, parsed in a worker thread (`parse_json`)."""
+    """The request's body as a JSON object, parsed in a worker thread (`parse_json`). 415 unless its
+    Content-Type is application/json: a browser page may send a text/plain POST to any address without a
+    preflight, never an application/json one."""
+    media_type = http.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise StarletteHTTPException(415, f"Content-Type must be application/json, got {media_type or 'none'!r}")
     return await run_in_threadpool(parse_json, await http.body())
 
 
@@ -85,16 +91,6 @@ def parse_json(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise InvalidRequest("body", f"must be a JSON object, got {type(body).__name__}")
     return body
-
-
-def unicode_text(field: str, value: str) -> str:
-    """value, if it is valid Unicode: JSON lets a lone surrogate (\\ud800) through, and tokenizers and file
-    paths fail on one."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidRequest(field, f"is not valid Unicode text (a lone surrogate at index {error.start})") from None
-    return value
 
 
 def string_field(body: dict, names: tuple[str, ...]) -> str:
@@ -185,7 +181,7 @@ def sampling_params(body: dict, engine: Engine, prompt_len: int) -> SamplingPara
                           ("stop_token_ids", None), ("ignore_eos", False)):
         value = body.get(name, default)
         fields[name] = default if value is None and name not in ("seed", "stop", "stop_token_ids") else value
-    return SamplingParams(**fields).validate(engine.backbone.vocab_size)
+    return SamplingParams(**fields).validate(engine.backbone.vocab_size, engine.limits)
 
 
 def usage(requests: list[Request]) -> dict:

@@ -69,7 +69,7 @@ def check_request(request: Request, *, backbone, store, max_len: int, has_tokeni
     max_len (prompt + generated tokens) cannot run the request. Reads every prompt id; changes nothing."""
     if not isinstance(request.params, SamplingParams):
         raise InvalidRequest("params", "must be a SamplingParams")
-    request.params.validate(backbone.vocab_size)
+    request.params.validate(backbone.vocab_size, store.limits)
     ids = request.prompt_ids
     vocab = backbone.vocab_size
     # The length first: it costs nothing, and a huge prompt is refused before its ids are read.

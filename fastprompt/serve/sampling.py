@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastprompt.generation import sample_next
+from fastprompt.serve.limits import ServeLimits
 
 
 class InvalidRequest(ValueError):
@@ -18,8 +19,6 @@ class InvalidRequest(ValueError):
         self.field = field
         self.message = message
 
-
-MAX_STOP_STRINGS = 16
 
 
 @dataclass
@@ -34,13 +33,16 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False)  # for the decode loop
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
-        """Normalise in place and raise InvalidRequest naming the first bad field."""
+    def validate(self, vocab_size: int | None = None, limits: ServeLimits | None = None) -> "SamplingParams":
+        """Normalise in place and raise InvalidRequest naming the first bad field; `limits` (default
+        ServeLimits()) bounds the stop strings and stop token ids."""
+        limits = limits or ServeLimits()
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         temperature, top_p = _finite(self.temperature), _finite(self.top_p)
@@ -61,17 +63,29 @@ class SamplingParams:
             stop = []
         elif isinstance(stop, str):
             stop = [stop]
-        if (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop)
-                or len(stop) > MAX_STOP_STRINGS):
-            raise InvalidRequest("stop", f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                                         f"non-empty strings, got {self.stop!r}")
-        self.stop = list(stop)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequest("stop", f"must be a non-empty string or a list of non-empty strings, got "
+                                         f"{_preview(self.stop)}")
+        if len(stop) > limits.max_stop_strings:
+            raise InvalidRequest("stop", f"has {len(stop)} strings; at most {limits.max_stop_strings} "
+                                         f"(the server's --max-stop-strings)")
+        longest = max(stop, key=len, default="")
+        if len(longest) > limits.max_stop_chars:
+            raise InvalidRequest("stop", f"holds a string of {len(longest)} characters; at most "
+                                         f"{limits.max_stop_chars} each (the server's --max-stop-chars)")
+        self.stop = [unicode_text("stop", s) for s in stop]
         ids = self.stop_token_ids or []
-        if (not isinstance(ids, (list, tuple))
-                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidRequest("stop_token_ids", f"must be a list of token ids, got {_preview(ids)}")
+        if len(ids) > limits.max_stop_token_ids:
+            raise InvalidRequest("stop_token_ids", f"has {len(ids)} ids; at most {limits.max_stop_token_ids} (the "
+                                                   f"server's --max-stop-token-ids)")
+        if (not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
                 or (vocab_size is not None and any(t >= vocab_size for t in ids))):
-            raise InvalidRequest("stop_token_ids", f"must be a list of token ids in [0, {vocab_size}), got {ids!r}")
+            raise InvalidRequest("stop_token_ids", f"must be a list of token ids in [0, {vocab_size}), got "
+                                                   f"{_preview(ids)}")
         self.stop_token_ids = list(ids)
+        self.stop_token_set = frozenset(ids)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequest("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         return self
@@ -85,6 +99,22 @@ class SamplingParams:
         else:
             generator.seed()
         return generator
+
+
+def _preview(value, chars: int = 80) -> str:
+    """repr(value), cut to `chars` characters: an error message never echoes a huge field back."""
+    text = repr(value)
+    return text if len(text) <= chars else text[:chars] + f"... ({len(text)} characters)"
+
+
+def unicode_text(field: str, value: str) -> str:
+    """value, if it is valid Unicode: JSON lets a lone surrogate (\\ud800) through, and tokenizers and file
+    paths fail on one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(field, f"is not valid Unicode text (a lone surrogate at index {error.start})") from None
+    return value
 
 
 def _finite(value) -> float | None:
@@ -150,10 +180,14 @@ class TextTracker:
         if full.endswith("\ufffd"):
             safe -= 1
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(full)), 0, -1):
-                if full.endswith(s[:k]):
-                    safe = min(safe, len(full) - k)
+            # The longest tail of the text that begins s: only a tail starting with s[0] can (a stop string's
+            # length is bounded by ServeLimits.max_stop_chars, so this stays cheap per token).
+            at = full.find(s[0], max(len(full) - len(s) + 1, 0))
+            while at >= 0:
+                if s.startswith(full[at:]):
+                    safe = min(safe, at)
                     break
+                at = full.find(s[0], at + 1)
         if safe <= self.emitted:
             return "", False
         delta, self.emitted = full[self.emitted:safe], safe

@@ -2,11 +2,18 @@
 
 `model` in a request names an adapter (as vLLM names LoRA adapters); MPT adapters take the task in an
 extra field `task_id`. Endpoints: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has a
-chat template), GET /v1/models, POST /v1/load_adapter, POST /v1/unload_adapter, GET /health, GET /metrics.
-Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 naming the field for bad
-input, 404 for an unknown route, 413 for a body over `max_body_bytes`, 429 with Retry-After when the queue
-is full, 503/504 when a request is aborted or times out. A 500 (a bug) is answered like any other error and
-keeps the connection open.
+chat template), GET /v1/models, GET /health, GET /metrics, and, only when the server has an adapter root,
+POST /v1/load_adapter and POST /v1/unload_adapter. Errors use OpenAI's shape, `{"error": {"message", "type",
+"param", "code"}}`: 400 naming the field for bad input, 401 without the API key, 404 for an unknown route,
+413 for a body over `max_body_bytes`, 415 for a JSON route's body sent as anything but application/json, 429
+with Retry-After when the queue is full, 503/504 when a request is aborted or times out. A 500 (a bug) is
+answered like any other error and keeps the connection open.
+
+Safe by default, as a server facing strangers should be: with an `api_key`, every route but /health and
+/metrics answers 401 without `Authorization: Bearer <key>` (compared in constant time), before its body is
+read; runtime adapter loading exists only with an `adapter_root`, and loads only folders that resolve
+(symlinks followed) inside it, the files in them included, with one answer for every path outside it,
+existing or not.
 
 One client never stalls the others: the body is bounded before it is read in full, a text prompt's length
 is bounded before it is tokenized, and parsing, tokenizing and validating run in worker threads, off the
@@ -20,16 +27,20 @@ is `fastprompt.serve.protocol`'s job.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fastprompt.io import ADAPTER_NAMES
 from fastprompt.serve.engine import Engine
 from fastprompt.serve.protocol import (CHARS_PER_TOKEN, adapter_and_task, chat_prompt_ids, error_body,
                                        error_response, json_body, prompt_ids, response_options,
@@ -40,6 +51,7 @@ from fastprompt.serve.sampling import InvalidRequest
 logger = logging.getLogger("fastprompt.serve")
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 
 
 class BodyTooLarge(Exception):
@@ -47,20 +59,35 @@ class BodyTooLarge(Exception):
 
 
 class _Guard:
-    """ASGI middleware around the whole app: refuses a body over `max_body_bytes` (at once from its
-    Content-Length, else as soon as the bytes received pass the limit) with 413, and answers an unhandled
-    exception with a 500 instead of re-raising it, which would make the server drop the connection."""
+    """ASGI middleware around the whole app: answers 401 to a request without the API key (when there is
+    one) on every path but OPEN_PATHS, before reading its body; refuses a body over `max_body_bytes` (at once
+    from its Content-Length, else as soon as the bytes received pass the limit) with 413; and answers an
+    unhandled exception with a 500 instead of re-raising it, which would make the server drop the
+    connection."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, api_key: str | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.expected_authorization = None if api_key is None else b"Bearer " + api_key.encode()
+
+    def _authorized(self, headers: dict) -> bool:
+        given = headers.get(b"authorization", b"")
+        expected = self.expected_authorization
+        # The scheme is case-insensitive (RFC 7235); the key is compared in constant time.
+        return given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:], expected[7:])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit, started = self.max_body_bytes, False
         too_large = f"the request body is larger than the server's limit of {limit} bytes"
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        if (self.expected_authorization is not None and scope.get("path") not in OPEN_PATHS
+                and not self._authorized(headers)):
+            return await self._send_error(send, 401, "a valid API key is required: send the header "
+                                          "'Authorization: Bearer <key>'", close=True,
+                                          extra_headers=[(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             return await self._send_error(send, 413, too_large, close=True)
         received = 0
@@ -90,9 +117,10 @@ class _Guard:
             await self._send_error(send, 500, f"internal error: {type(error).__name__}")
 
     @staticmethod
-    async def _send_error(send, status: int, message: str, close: bool = False):
+    async def _send_error(send, status: int, message: str, close: bool = False, extra_headers=()):
         body = error_body(status, message, None, "invalid_request_error" if status < 500 else "server_error")
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   *extra_headers]
         if close:  # the unread rest of the body cannot be skipped on a kept-alive connection
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -100,13 +128,21 @@ class _Guard:
 
 
 def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry_after_s: int = 1,
-               start_engine: bool = True, allow_adapter_loading: bool = True,
+               start_engine: bool = True, api_key: str | None = None, adapter_root=None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_chars: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With start_engine, the app starts the engine's background loop on
-    startup and stops it on shutdown. max_body_bytes: larger request bodies get 413; max_prompt_chars: a
-    longer text prompt (or chat, all messages together) gets 400 before it is tokenized (default
-    CHARS_PER_TOKEN * engine.max_len)."""
+    startup and stops it on shutdown. api_key: when given, every route but /health and /metrics needs
+    `Authorization: Bearer <api_key>` (401 otherwise); adapter_root: a folder; when given, POST
+    /v1/load_adapter and /v1/unload_adapter exist and load adapter folders inside it only (else those routes
+    are 404); max_body_bytes: larger request bodies get 413; max_prompt_chars: a longer text prompt (or chat,
+    all messages together) gets 400 before it is tokenized (default CHARS_PER_TOKEN * engine.max_len)."""
     max_chars = max_prompt_chars or CHARS_PER_TOKEN * engine.max_len
+    if api_key is not None and (not isinstance(api_key, str) or not api_key or not api_key.isprintable()
+                                or not api_key.isascii() or api_key != api_key.strip()):
+        raise ValueError("api_key must be a non-empty string of printable ASCII without surrounding spaces")
+    root = None if adapter_root is None else Path(os.path.realpath(adapter_root))
+    if root is not None and not root.is_dir():
+        raise ValueError(f"adapter_root {str(adapter_root)!r} is not a folder")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -118,9 +154,10 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
             if start_engine:
                 engine.stop()
 
-    app = FastAPI(title="fastprompt", lifespan=lifespan)
+    # No interactive docs or schema routes: the API is OpenAI's, and a stranger learns nothing more here.
+    app = FastAPI(title="fastprompt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(_Guard, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, api_key=api_key)
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_, error: InvalidRequest):
@@ -158,24 +195,26 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
              "num_tasks": engine.store.adapters[name].num_entries}
             for name in engine.adapter_names()]}
 
-    @app.post("/v1/load_adapter")
-    async def load_adapter(http: HTTPRequest):
-        if not allow_adapter_loading:
-            return error_response(403, "adapter loading is disabled on this server", None, "permission_error")
-        body = await json_body(http)
-        name = string_field(body, ("adapter_name", "lora_name"))
-        path = string_field(body, ("adapter_path", "lora_path"))
-        await run_in_threadpool(engine.load_adapter, name, path)
-        return {"status": "ok", "message": f"adapter {name!r} loaded", "adapters": engine.adapter_names()}
+    if root is not None:
+        @app.post("/v1/load_adapter")
+        async def load_adapter(http: HTTPRequest):
+            body = await json_body(http)
+            name = string_field(body, ("adapter_name", "lora_name"))
+            given = string_field(body, ("adapter_path", "lora_path"))
+            folder = _inside_root(root, given)
+            try:
+                await run_in_threadpool(engine.load_adapter, name, folder)
+            except InvalidRequest as error:  # say the client's path, never where the root is on this machine
+                raise InvalidRequest(error.field, error.message.replace(str(folder), given)
+                                     .replace(str(root), "<adapter root>")) from None
+            return {"status": "ok", "message": f"adapter {name!r} loaded", "adapters": engine.adapter_names()}
 
-    @app.post("/v1/unload_adapter")
-    async def unload_adapter(http: HTTPRequest):
-        if not allow_adapter_loading:
-            return error_response(403, "adapter loading is disabled on this server", None, "permission_error")
-        body = await json_body(http)
-        name = string_field(body, ("adapter_name", "lora_name"))
-        await run_in_threadpool(engine.unload_adapter, name)
-        return {"status": "ok", "message": f"adapter {name!r} unloaded", "adapters": engine.adapter_names()}
+        @app.post("/v1/unload_adapter")
+        async def unload_adapter(http: HTTPRequest):
+            body = await json_body(http)
+            name = string_field(body, ("adapter_name", "lora_name"))
+            await run_in_threadpool(engine.unload_adapter, name)
+            return {"status": "ok", "message": f"adapter {name!r} unloaded", "adapters": engine.adapter_names()}
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -309,3 +348,19 @@ def create_app(engine: Engine, *, request_timeout_s: float | None = 300.0, retry
             engine.wakeup.set()
 
     return app
+
+
+def _inside_root(root: Path, given: str) -> Path:
+    """The folder `given` names (relative to `root`, or absolute) after following every symlink, if it and
+    the adapter files in it lie inside `root`; else one InvalidRequest whatever exists there, so a client
+    learns nothing about the machine's other paths."""
+    outside = InvalidRequest("adapter_path", "must name an adapter folder inside the server's adapter root "
+                                             "(--adapter-root)")
+    if "\0" in given:
+        raise outside
+    folder = Path(os.path.realpath(root / given))
+    paths = [folder] + [Path(os.path.realpath(folder / name)) for name in ADAPTER_NAMES
+                        if os.path.lexists(folder / name)]
+    if not all(path == root or root in path.parents for path in paths):
+        raise outside
+    return folder

@@ -152,7 +152,7 @@ def good_answers(conn) -> list:
 
 def test_fuzzed_requests_get_4xx_and_keep_the_connection(served, tmp_path):
     _, tokenizer, folders, _ = served
-    server, engine = serve_adapters(served, max_slots=4)
+    server, engine = serve_adapters(served, max_slots=4, adapter_root=tmp_path)
     try:
         host, port = server.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)

@@ -42,14 +42,17 @@ class Server:
         self.thread.join(20)
 
 
-def serve_adapters(served, max_slots: int) -> tuple[Server, Engine]:
-    """A running server over a fresh engine (max_len 48, queue 400) with adapters a, b and mpt loaded."""
+def serve_adapters(served, max_slots: int, adapter_root=None, **options) -> tuple[Server, Engine]:
+    """A running server over a fresh engine (max_len 48, queue 400) with adapters a, b and mpt loaded; runtime
+    loading from `adapter_root` (default: the folder holding the served adapters); `options` go to
+    create_app."""
     base, tokenizer, folders, _ = served
     tokenizer.chat_template = CHAT_TEMPLATE
     engine = Engine(base, tokenizer, max_slots=max_slots, max_len=48, max_queue=400)
     for name in ("a", "b", "mpt"):
         engine.load_adapter(name, folders[name])
-    return Server(create_app(engine, request_timeout_s=60)), engine
+    app = create_app(engine, request_timeout_s=60, adapter_root=adapter_root or folders["a"].parent, **options)
+    return Server(app), engine
 
 
 @pytest.fixture(scope="module")
