@@ -24,6 +24,11 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
 PREFIX_SITES = ("encoder", "decoder", "cross")
 
 
+# Fields fastprompt adds to PEFT's configs. A save keeps them out of adapter_config.json (PEFT warns on a
+# field it does not know) in fastprompt_config.json beside it (`fastprompt.io.save_adapter`).
+FASTPROMPT_FIELDS = ("class_label_words", "prefix_sites")
+
+
 def _check_positive_int(name: str, value) -> None:
     """ValueError naming `name` unless value is an int >= 1 (True is an int in Python, not a count)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

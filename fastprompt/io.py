@@ -36,7 +36,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastprompt.config import FASTPROMPT_FIELDS
+
 CONFIG_NAME = "adapter_config.json"
+EXTRAS_NAME = "fastprompt_config.json"  # fastprompt's own config fields (FASTPROMPT_FIELDS), when set
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 TRAINING_STATE_NAME = "fastprompt_training_state.safetensors"
@@ -46,7 +49,7 @@ RNG_NAME = "rng_state.pt"
 
 
 TRAINING_NAMES = (TRAINING_STATE_NAME, TRAINING_META_NAME, OPTIMIZER_NAME, RNG_NAME)
-ADAPTER_NAMES = (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+ADAPTER_NAMES = (CONFIG_NAME, EXTRAS_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
 # adapter_config.json fields and the JSON types they take (None is allowed for all but peft_type)
 _CONFIG_TYPES = {
     "peft_type": (str,), "task_type": (str,), "prompt_tuning_init": (str,), "prompt_tuning_init_text": (str,),
@@ -57,6 +60,7 @@ _CONFIG_TYPES = {
     "encoder_num_layers": (int,), "prompt_tuning_init_task": (int,), "num_ranks": (int,), "num_tasks": (int,),
     "inference_mode": (bool,), "prefix_projection": (bool,), "encoder_dropout": (int, float),
 }
+_EXTRA_TYPES = {"class_label_words": str, "prefix_sites": str}  # fastprompt_config.json: lists of these
 _staging = threading.local()  # the staging folders this thread is writing (see atomic_folder)
 
 
@@ -284,10 +288,15 @@ def adapter_folder(root, adapter_name: str, default_name: str = "default") -> Pa
 
 
 def save_adapter(folder, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one adapter in PEFT's layout, all or nothing (`atomic_folder`)."""
+    """Write one adapter in PEFT's layout, all or nothing (`atomic_folder`): adapter_config.json holds PEFT's
+    fields only, so PEFT loads it without a warning; fastprompt's own (`FASTPROMPT_FIELDS`), where set, go
+    to fastprompt_config.json beside it."""
+    extras = {key: config_dict[key] for key in FASTPROMPT_FIELDS if config_dict.get(key) is not None}
     with atomic_folder(folder) as staging:
         write_tensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-        write_json(staging / CONFIG_NAME, config_dict)
+        write_json(staging / CONFIG_NAME, {k: v for k, v in config_dict.items() if k not in FASTPROMPT_FIELDS})
+        if extras:
+            write_json(staging / EXTRAS_NAME, extras)
 
 
 def load_adapter_files(folder) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -307,6 +316,8 @@ def load_adapter_files(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     except (ValueError, RecursionError) as error:
         raise ValueError(f"{str(config_path)!r} is not valid JSON: {error}") from error
     _check_config(config_path, config)
+    if (folder / EXTRAS_NAME).is_file():
+        config = {**config, **_read_extras(folder / EXTRAS_NAME)}
     weights = folder / WEIGHTS_NAME
     if not weights.is_file() and (folder / LEGACY_WEIGHTS_NAME).is_file():
         weights = folder / LEGACY_WEIGHTS_NAME
@@ -317,6 +328,17 @@ def load_adapter_files(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{str(weights)!r}: tensor {key!r} holds NaN or inf values")
     return config, tensors
+
+
+def _read_extras(path: Path) -> dict:
+    """fastprompt_config.json: an object of FASTPROMPT_FIELDS, each a list of strings."""
+    extras = read_json_object(path)
+    for key, value in extras.items():
+        if key not in _EXTRA_TYPES:
+            raise ValueError(f"{str(path)!r}: unknown field {key!r}; expected some of {sorted(_EXTRA_TYPES)}")
+        if not isinstance(value, list) or not all(isinstance(item, _EXTRA_TYPES[key]) for item in value):
+            raise ValueError(f"{str(path)!r}: {key} must be a list of strings, got {value!r}")
+    return extras
 
 
 def _check_config(path: Path, config) -> None:

@@ -156,3 +156,48 @@ def test_save_into_the_working_folder_and_through_a_symlink(tmp_path, monkeypatc
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.equal(saved, model.prompt_sources["default"].embedding.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run"]
+
+
+def test_adapter_config_holds_peft_fields_only_and_peft_loads_it_silently(tmp_path):
+    """fastprompt's own fields (class_label_words) live in fastprompt_config.json: PEFT 0.21 warned
+    `Unexpected keyword arguments ['class_label_words']` when they were in adapter_config.json."""
+    from tests.tiny_models import save_tiny_tokenizer
+
+    save_tiny_tokenizer(tmp_path / "tok")
+    config = fastprompt.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="CLASS_LABELS",
+                                           class_label_words=["positive", "negative"],
+                                           tokenizer_name_or_path=str(tmp_path / "tok"))
+    ours = fastprompt.get_peft_model(tiny_model("llama"), config)
+    ours.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / io.CONFIG_NAME).read_text())
+    peft_fields = set(peft.PromptTuningConfig.__dataclass_fields__)
+    assert set(saved) <= peft_fields, set(saved) - peft_fields
+    assert json.loads((tmp_path / "adapter" / io.EXTRAS_NAME).read_text()) == {
+        "class_label_words": ["positive", "negative"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)], [str(w.message) for w in caught]
+    assert torch.equal(theirs.get_prompt_embedding_to_save("default"), ours.get_prompt_embedding_to_save("default"))
+    loaded = fastprompt.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    assert loaded.peft_config["default"].class_label_words == ["positive", "negative"]
+    assert torch.equal(loaded.get_prompt_embedding_to_save("default"), ours.get_prompt_embedding_to_save("default"))
+
+
+def test_an_adapter_without_fastprompt_fields_has_no_extras_file(tmp_path):
+    fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4)).save_pretrained(
+        tmp_path)
+    assert not (tmp_path / io.EXTRAS_NAME).exists()
+
+
+@pytest.mark.parametrize("extras, message", [
+    ('{"class_label_words": "positive"}', "class_label_words must be a list of strings"),
+    ('{"run_me": ["x"]}', "unknown field 'run_me'"),
+    ('{"class_label_words": ["a"', "is corrupt"),
+])
+def test_a_bad_extras_file_is_named(tmp_path, extras, message):
+    fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=4)).save_pretrained(
+        tmp_path)
+    (tmp_path / io.EXTRAS_NAME).write_text(extras)
+    with pytest.raises(ValueError, match=f"fastprompt_config.json.*{message}"):
+        fastprompt.from_pretrained(tiny_model("llama"), tmp_path)
