@@ -24,6 +24,7 @@ The option groups and helpers here (`add_training_options`, `training_config`, `
 
 from __future__ import annotations
 
+import argparse
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,8 +107,10 @@ def add_training_options(parser) -> None:
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     parser.add_argument("--progress", choices=("auto", "tqdm", "print", "none"), default="auto")
     parser.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="CUDA: replay each step's loss from CUDA graphs (batches padded to bucketed lengths)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each micro-batch's loss from CUDA graphs, batches padded to bucketed lengths "
+                             "(default: on CUDA wherever a graph can serve, else eager with a line saying why; "
+                             "--cuda-graphs: required, --no-cuda-graphs: never)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the frozen decoder layers across the ranks (FSDP2)")
 

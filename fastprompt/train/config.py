@@ -40,8 +40,9 @@ class TrainingConfig:
     progress: str = "auto"                # "auto" (tqdm on a terminal, else lines), "tqdm", "print", "none"
     plot: bool = True                     # loss-curve PNG at the end (skipped, with a note, without matplotlib)
     score: str = "sum"                    # classification: "sum" or "mean" log-probability of the verbalizer
-    cuda_graphs: bool = False             # CUDA: replay each micro-batch's loss from a graph (batches padded
-                                          # to bucketed lengths; see fastprompt.train.trainer)
+    cuda_graphs: bool | None = None       # replay each micro-batch's loss from a CUDA graph (batches padded
+                                          # to bucketed lengths; see fastprompt.train.trainer). None: wherever
+                                          # a graph can serve (CUDA), True: required, False: never
 
     def __post_init__(self):
         checks = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,

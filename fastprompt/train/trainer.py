@@ -24,8 +24,11 @@ Subclasses change the objective through two hooks: `normalizers` (global counts 
 The backbone keeps its mode (``from_pretrained`` gives eval mode: no backbone dropout); the prompt
 sources are put in train mode while training.
 
-CUDA graphs (``cuda_graphs=True``, CUDA only): each micro-batch's loss, forward and backward, is replayed
-from a graph (`fastprompt.train.cuda_graphs.CudaGraphLoss`), so the host no longer sets the pace of a step.
+CUDA graphs (the default on CUDA, ``cuda_graphs=None``): each micro-batch's loss, forward and backward, is
+replayed from a graph (`fastprompt.train.cuda_graphs.CudaGraphLoss`), so the host no longer sets the pace of
+a step. Where a graph cannot serve (rows routed to adapters by name, a subclass with its own loss, a
+sharded backbone) the trainer runs eagerly and says why in one line on stderr; ``cuda_graphs=True`` makes
+that a ValueError, ``cuda_graphs=False`` always runs eagerly. Off CUDA it runs eagerly, silently.
 Batches are padded to fixed shapes for that: ``batch_size`` rows (filler rows carry no labels) and a length
 from `data.bucket_length` (16, 24, 32, 48, 64, ...: at most 50% padding), one capture per length. The graph
 computes the micro-batch's token-mean loss; its share of the step is that mean times its target tokens over
@@ -39,6 +42,7 @@ schedule (`optim`), the checkpoint folders (`checkpoints`), the JSON-lines log (
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,12 +128,17 @@ class Trainer:
         self.is_mpt = model.active_peft_config.peft_type == MULTITASK_PROMPT_TUNING
         self.output_dir = Path(config.output_dir)
         self.optimizer = None
-        self._graphed_loss: CudaGraphLoss | None = None   # made by train() when config.cuda_graphs
+        self._graphed_loss: CudaGraphLoss | None = None   # made by train() when use_graphs
         self._check_routing(train_data, "train_data")
         if eval_data is not None:
             self._check_routing(eval_data, "eval_data")
-        if config.cuda_graphs:
-            self._check_graphable()
+        obstacle = self._graph_obstacle()
+        if config.cuda_graphs and obstacle:
+            raise ValueError(f"cuda_graphs=True: {obstacle}; set cuda_graphs=False")
+        # Whether micro-batches replay CUDA graphs: config.cuda_graphs, or where it is None, wherever one can.
+        self.use_graphs = obstacle is None if config.cuda_graphs is None else config.cuda_graphs
+        if config.cuda_graphs is None and obstacle and self.model.backbone.device.type == "cuda":
+            print(f"fastprompt: training without CUDA graphs: {obstacle}", file=sys.stderr)
 
     # routing ---------------------------------------------------------------------------------
     def _check_routing(self, data: PromptDataset, argument: str) -> None:
@@ -143,16 +152,20 @@ class Trainer:
             raise ValueError(f"{len(self.tasks)} tasks {self.tasks} but the MPT adapter has num_tasks="
                              f"{self.model.active_peft_config.num_tasks}")
 
-    def _check_graphable(self) -> None:
+    def _graph_obstacle(self) -> str | None:
+        """Why a CUDA graph cannot serve this run's micro-batches, or None when one can."""
         device = self.model.backbone.device
         if device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {device}; set "
-                             f"cuda_graphs=False")
+            return f"it needs the model on a CUDA device, got {device}"
         named = sorted({t for t in self.train_data.tasks if t is not None})
         if not self.is_mpt and named and named != [self.model.active_adapter]:
-            raise ValueError(f"cuda_graphs=True trains the active adapter ({self.model.active_adapter!r}) or "
-                             f"the tasks of one MPT adapter, but train_data routes rows to adapters {named} by "
-                             f"name; set cuda_graphs=False")
+            return (f"a graph trains the active adapter ({self.model.active_adapter!r}) or the tasks of one MPT "
+                    f"adapter, but train_data routes rows to adapters {named} by name")
+        if type(self).compute_loss is not Trainer.compute_loss:
+            return f"{type(self).__name__} computes its own loss, which is not graphed"
+        if any(type(p).__name__ == "DTensor" for p in self.model.backbone.model.parameters()):
+            return "the backbone is sharded (FSDP), whose collectives a graph does not capture"
+        return None
 
     def model_inputs(self, batch: dict) -> dict:
         """Model kwargs from a collated batch: tensors on the model's device plus the rows' routing."""
@@ -162,7 +175,7 @@ class Trainer:
         if self.is_mpt:
             inputs["task_ids"] = torch.tensor([self.task_index.get(t, 0) for t in tasks], dtype=torch.long,
                                               device=device)
-        elif any(t is not None for t in tasks) and not self.config.cuda_graphs:  # one adapter with graphs
+        elif any(t is not None for t in tasks) and not self.use_graphs:  # one adapter with graphs
             inputs["adapter_names"] = list(tasks)
         return inputs
 
@@ -170,7 +183,7 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
         # A graph captures the casts themselves; autocast's weight-cast cache would outlive the capture.
         return torch.autocast(self.model.backbone.device.type, dtype=dtype, enabled=dtype is not None,
-                              cache_enabled=not self.config.cuda_graphs)
+                              cache_enabled=not self.use_graphs)
 
     # training --------------------------------------------------------------------------------
     @property
@@ -186,7 +199,7 @@ class Trainer:
                                       shuffle=cfg.shuffle)
         chunks = [[self.train_data[i] for i in indices[i:i + cfg.batch_size]]
                   for i in range(0, len(indices), cfg.batch_size)]
-        if not cfg.cuda_graphs:
+        if not self.use_graphs:
             return [collate(chunk, self.pad_token_id) for chunk in chunks]
         longest = self.train_data.longest
         return [collate(chunk, self.pad_token_id, rows=cfg.batch_size,
@@ -226,7 +239,7 @@ class Trainer:
         if frozen:
             raise ValueError(f"only prompt parameters may train; these also require grad: {frozen[:5]}")
         self.optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-        if cfg.cuda_graphs and self._graphed_loss is None:
+        if self.use_graphs and self._graphed_loss is None:
             self._graphed_loss = CudaGraphLoss(model, max_shapes=16)
         device_type = model.backbone.device.type
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")

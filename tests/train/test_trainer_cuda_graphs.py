@@ -5,6 +5,9 @@ in tests/gpu/test_cuda_graphs_native.py."""
 
 from __future__ import annotations
 
+import argparse
+import re
+
 import pytest
 import torch
 
@@ -38,7 +41,7 @@ class EagerGraphStandIn:
 
 def test_refused_off_cuda(tmp_path):
     data = dataset(tmp_path, seq2seq_records(4))
-    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device, got cpu"):
+    with pytest.raises(ValueError, match="cuda_graphs=True: it needs the model on a CUDA device, got cpu"):
         Trainer(prompt_model(), _config(tmp_path, cuda_graphs=True), data)
 
 
@@ -48,6 +51,60 @@ def test_refused_with_rows_routed_to_adapters_by_name(tmp_path, monkeypatch):
     data = dataset(tmp_path, seq2seq_records(4, tasks=["up", "down"]))
     with pytest.raises(ValueError, match=r"routes rows to adapters \['down', 'up'\] by name"):
         Trainer(model, _config(tmp_path, cuda_graphs=True), data)
+
+
+def _on_fake_cuda(model, monkeypatch):
+    monkeypatch.setattr(type(model.backbone), "device", property(lambda self: torch.device("cuda")))
+    return model
+
+
+def test_graphs_are_the_default_wherever_they_can_serve(tmp_path, monkeypatch, capsys):
+    """cuda_graphs=None (the default): graphs on CUDA with nothing to say; off CUDA eager and silent."""
+    data = dataset(tmp_path, seq2seq_records(4))
+    assert TrainingConfig(output_dir=str(tmp_path)).cuda_graphs is None
+    assert not Trainer(prompt_model(), _config(tmp_path), data).use_graphs
+    model = _on_fake_cuda(prompt_model(), monkeypatch)
+    assert not Trainer(model, _config(tmp_path, cuda_graphs=False), data).use_graphs
+    assert Trainer(model, _config(tmp_path), data).use_graphs
+    assert capsys.readouterr().err == ""
+
+
+class _OwnLoss(Trainer):
+    def compute_loss(self, batch, norms):
+        return super().compute_loss(batch, norms)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("by name", r"routes rows to adapters \['down', 'up'\] by name"),
+    ("own loss", "_OwnLoss computes its own loss, which is not graphed"),
+])
+def test_where_a_graph_cannot_serve_the_default_runs_eagerly_and_says_why(tmp_path, monkeypatch, capsys, case,
+                                                                           reason):
+    if case == "by name":
+        model, trainer_class = prompt_model(names=("up", "down")), Trainer
+        data = dataset(tmp_path, seq2seq_records(4, tasks=["up", "down"]))
+    else:
+        model, trainer_class = prompt_model(), _OwnLoss
+        data = dataset(tmp_path, seq2seq_records(4))
+    _on_fake_cuda(model, monkeypatch)
+    trainer = trainer_class(model, _config(tmp_path), data)
+    assert not trainer.use_graphs
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastprompt: training without CUDA graphs: ")
+    assert re.search(reason, lines[0])
+    with pytest.raises(ValueError, match="cuda_graphs=True: .*" + reason):
+        trainer_class(model, _config(tmp_path, cuda_graphs=True), data)
+
+
+def test_the_cli_flag_is_three_way(tmp_path):
+    from fastprompt.train.cli import add_data_options, add_training_options, training_config
+
+    parser = argparse.ArgumentParser()
+    add_training_options(parser)
+    add_data_options(parser)
+    values = [training_config(parser.parse_args(["--out", str(tmp_path), *flag])).cuda_graphs
+              for flag in ([], ["--cuda-graphs"], ["--no-cuda-graphs"])]
+    assert values == [None, True, False]
 
 
 def test_bucket_lengths_and_filler_rows(tmp_path):
@@ -72,7 +129,7 @@ def test_graph_steps_equal_eager_steps(tmp_path, monkeypatch, config):
     data = dataset(tmp_path, seq2seq_records(7, seed=5, tasks=tasks))
     options = dict(steps=4, batch_size=2, grad_accum=2, max_grad_norm=None, lr=0.05)
     eager = Trainer(prompt_model(config), _config(tmp_path / "eager", **options), data)
-    monkeypatch.setattr(Trainer, "_check_graphable", lambda self: None)
+    monkeypatch.setattr(Trainer, "_graph_obstacle", lambda self: None)
     monkeypatch.setattr(trainer_module, "CudaGraphLoss", EagerGraphStandIn)
     EagerGraphStandIn.shapes = []
     graphed = Trainer(prompt_model(config), _config(tmp_path / "graphed", cuda_graphs=True, **options), data)
