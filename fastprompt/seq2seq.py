@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
@@ -99,7 +102,7 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
         prefixes = self._site_prefixes(plan, config)
         if "decoder" in prefixes:
             keys, values = prefixes.pop("decoder")
-            inputs["past_key_values"] = decoder_prefix_cache(keys, values, plan.bank_rows)
+            inputs[cache_argument(type(self.base_model))] = decoder_prefix_cache(keys, values, plan.bank_rows)
             inputs["decoder_attention_mask"] = prepend_ones(decoder_attention_mask, P)
         if not prefixes:
             return inputs, 0, None
@@ -157,8 +160,9 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
         with self.sites(ctx):
             out = self.base_model(**inputs, use_cache=True)
             step = dict(encoder_outputs=BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state),
-                        attention_mask=inputs["attention_mask"], past_key_values=out.past_key_values,
-                        use_cache=True, **({} if ctx is None else {"fastprompt_ctx": ctx}))
+                        attention_mask=inputs["attention_mask"], use_cache=True,
+                        **{cache_argument(type(self.base_model)): output_cache(out)},
+                        **({} if ctx is None else {"fastprompt_ctx": ctx}))
             for i in range(max_new_tokens):
                 next_ids = sample_next(out.logits[:, -1], do_sample=do_sample, temperature=temperature,
                                        top_k=top_k, top_p=top_p, generator=generator)
@@ -170,6 +174,20 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
                     break
                 out = self.base_model(decoder_input_ids=next_ids[:, None], **step)
         return sequence
+
+
+@lru_cache(maxsize=None)
+def cache_argument(model_class: type) -> str:
+    """The keyword a model's forward takes its key/value cache by: `cache` from transformers 5.25 on, which
+    warns on `past_key_values`; `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The key/value cache a forward returned (`out.cache` from transformers 5.25 on, else
+    `out.past_key_values`), read without touching the deprecated name."""
+    returned = getattr(out, "cache", None)
+    return returned if returned is not None else out.past_key_values
 
 
 def decoder_prefix_cache(keys: list[torch.Tensor], values: list[torch.Tensor],

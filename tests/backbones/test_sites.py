@@ -10,6 +10,7 @@ from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
 
 import fastprompt
 from fastprompt.config import PREFIX_SITES
+from fastprompt.seq2seq import cache_argument
 from tests.backbones.tiny_bidirectional import P, batch, greedy_through_forward, targets, tiny
 from tests.helpers import assert_close
 
@@ -78,7 +79,7 @@ def reference_logits(model, weight, sites, ids, mask, decoder_ids, decoder_mask=
         cache = DynamicCache()
         for i, (k, v) in enumerate(prefix.pop("decoder")):
             cache.update(k, v, i)
-        kwargs["past_key_values"] = EncoderDecoderCache(cache, DynamicCache())
+        kwargs[cache_argument(type(model))] = EncoderDecoderCache(cache, DynamicCache())
         decoder_mask = torch.ones(B, decoder_ids.shape[1], dtype=torch.long) if decoder_mask is None else decoder_mask
         decoder_mask = torch.cat([torch.ones(B, P, dtype=torch.long), decoder_mask], dim=1)
     padding["decoder"] = decoder_mask
