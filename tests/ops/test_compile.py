@@ -19,8 +19,8 @@ from fastprompt.ops import reference
 from tests.helpers import DEVICE, RTOL, assert_close
 
 # the modules (fastprompt.ops re-exports functions of the same names)
-PA, PE, NORMS = (importlib.import_module(f"fastprompt.ops.{name}") for name in ("prefix_attention", "prompt_embed",
-                                                                               "norms"))
+PA, PE, NORMS, LCE = (importlib.import_module(f"fastprompt.ops.{name}")
+                      for name in ("prefix_attention", "prompt_embed", "norms", "linear_cross_entropy"))
 BACKENDS = ["torch", "triton"]
 
 
@@ -106,8 +106,9 @@ def test_fullgraph_compile_equals_eager(backend):
 
 
 def test_custom_op_registrations_pass_opcheck():
-    """Schema, fake kernel and autograd registration of every custom op (torch.library.opcheck), on the
-    PyTorch implementations where an op has one and the kernels (interpreter) otherwise."""
+    """Schema, fake kernel and autograd registration of every custom op (torch.library.opcheck; the fused
+    loss with each reduction), on the PyTorch implementations where an op has one and the kernels
+    (interpreter) otherwise."""
     x, w = _randn(6, 24, seed=0), _randn(24, seed=1, requires_grad=False)
     torch.library.opcheck(NORMS._norm.op, (x, w, None, 1e-6, True, False))
     torch.library.opcheck(NORMS._activation.op, ("swiglu", x, _randn(6, 24, seed=2), False))
@@ -121,6 +122,11 @@ def test_custom_op_registrations_pass_opcheck():
     pk = _randn(2, 1, 2, 16, seed=7)
     torch.library.opcheck(PA._kernel_fwd.op, (q, k, k, pk, pk, rows, None, None, True, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    labels = torch.tensor([3, -100, 0, 10, 7], device=DEVICE)
+    for reduction, with_grad in ((0, True), (1, True), (2, False)):   # none, mean, sum (ATen's codes)
+        torch.library.opcheck(LCE._lce.op, (_randn(5, 24, seed=8), _randn(11, 24, seed=9, requires_grad=False), None,
+                                            labels, -100, reduction, 2, with_grad, False),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------------------------------
