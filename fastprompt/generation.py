@@ -69,16 +69,18 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_cache_fits(max_new_tokens: int, cache_bytes: int, per_token_bytes: int, device: torch.device) -> None:
-    """Refuse, before allocating, a KV cache of `cache_bytes` that `device` cannot hold: a ValueError naming
-    max_new_tokens and the most that fits, instead of the allocator's error (or the OOM killer) mid-way."""
+def check_cache_fits(max_new_tokens: int, input_length: int, per_token_bytes: int, device: torch.device) -> None:
+    """Refuse, before allocating, a KV cache of input_length + max_new_tokens positions at `per_token_bytes`
+    each that `device` cannot hold: a ValueError naming max_new_tokens and the most that fits, instead of the
+    allocator's error (or the OOM killer) mid-way."""
     available = available_bytes(device)
+    cache_bytes = (input_length + max_new_tokens) * per_token_bytes
     if available is None or cache_bytes <= available:
         return
-    most = max_new_tokens - -(-(cache_bytes - available) // per_token_bytes)
+    most = max(available // per_token_bytes - input_length, 0)
     raise ValueError(f"max_new_tokens={max_new_tokens} needs a {cache_bytes / 2**30:.1f} GiB KV cache but {device} "
-                     f"has {available / 2**30:.1f} GiB available; at most about {max(most, 0)} new tokens fit "
-                     f"for this batch")
+                     f"has {available / 2**30:.1f} GiB available; at most about {most} new tokens fit for this "
+                     f"batch")
 
 
 def _token_ids(value) -> list[int]:
@@ -135,11 +137,10 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
     else:
         positions = torch.arange(P, P + T, device=device)[None].expand(B, T)
-    cache_shape = (backbone.num_layers, B, backbone.num_kv_heads, T + max_new_tokens, backbone.head_dim,
-                   backbone.dtype)
-    check_cache_fits(max_new_tokens, KVCache.nbytes(*cache_shape), KVCache.nbytes(*cache_shape[:3], 1,
-                     *cache_shape[4:]), device)
-    cache = KVCache.allocate(*cache_shape, device)
+    per_token = KVCache.nbytes(backbone.num_layers, B, backbone.num_kv_heads, 1, backbone.head_dim, backbone.dtype)
+    check_cache_fits(max_new_tokens, T, per_token, device)
+    cache = KVCache.allocate(backbone.num_layers, B, backbone.num_kv_heads, T + max_new_tokens,
+                             backbone.head_dim, backbone.dtype, device)
     ctx = AttentionContext("prefix", keys, values, plan.bank_rows, key_padding_mask=mask, cache=cache,
                            backend=model.backend)
     tokens, step_ids = [], input_ids

@@ -20,7 +20,6 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
-
 @dataclass
 class SamplingParams:
     """max_tokens new tokens at most; temperature 0 = greedy; top_k 0 (or -1) = off; top_p 1 = off."""
