@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from fastprompt import bank
 from fastprompt.backbones import SiteContext
 from fastprompt.backbones.sites import SITES_ATTENTION_NAME
 from fastprompt.model import PromptModel
@@ -50,12 +51,7 @@ class BidirectionalPromptModel(PromptModel):
     def prefix_bank(self, plan: BankPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Prefix tuning: the plan's keys and values for every prefixed layer (config.num_layers of them,
         the sites' blocks in order), each [n_entries, H, P, D] in the backbone's dtype."""
-        parts = [self.prompt_sources[name].prefix_kv(entries) for name, entries in plan.sources]
-        n = len(parts[0][0])
-        dtype = self.backbone.dtype
-        keys = [torch.cat([p[0][i] for p in parts]).to(dtype) for i in range(n)]
-        values = [torch.cat([p[1][i] for p in parts]).to(dtype) for i in range(n)]
-        return keys, values
+        return bank.stacked_kv(self._plan_sources(plan), self.backbone.dtype)
 
     def site_context(self, plan: BankPlan, prefixes: dict, key_padding_mask: dict) -> SiteContext:
         """A SiteContext giving each row its bank prefix at the sites in `prefixes` (site → (keys, values))."""

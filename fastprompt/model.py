@@ -23,15 +23,13 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fastprompt import io
+from fastprompt import bank, io
 from fastprompt.backbones import AttentionContext, get_backbone, patches
-from fastprompt.backbones.attention import Captures, packed_attention_mask
-from fastprompt.config import as_fastprompt_config, resolve_config
+from fastprompt.backbones.attention import packed_attention_mask
+from fastprompt.config import resolve_config
 from fastprompt.inputs import check_model_inputs
-from fastprompt.methods import build_source, check_file_shapes
-from fastprompt.ops import linear_cross_entropy, prompt_embed
-from fastprompt.ops._dispatch import resolve_backend
-from fastprompt.ops.reference import rows_of
+from fastprompt.methods import build_source, load_source
+from fastprompt.ops import linear_cross_entropy, prompt_embed, resolve_backend, rows_of
 from fastprompt.path_choice import PATHS, packed_attention_form, path_costs
 from fastprompt.routing import BankPlan, BankRouting
 
@@ -123,19 +121,11 @@ class PromptModel(BankRouting, nn.Module):
 
     def load_adapter(self, adapter_dir, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Load a PEFT or fastprompt adapter folder into the bank under `adapter_name`."""
-        config_dict, tensors = io.load_adapter_files(adapter_dir)
-        config = as_fastprompt_config(config_dict)
-        config.inference_mode = True  # the file holds the folded prompt; no encoder or projection
         if adapter_name in self.prompt_sources:
             raise ValueError(f"adapter_name={adapter_name!r} is already loaded")
-        config = resolve_config(config, self.backbone)
-        check_file_shapes(adapter_dir, config, tensors, self.backbone)
-        source = build_source(config, self.backbone)
-        source.load_peft_state_dict(tensors)  # raises before anything is added on a bad file
-        source.to(self.backbone.device)
+        config, source = load_source(adapter_dir, self.backbone)  # raises before anything is added
         config.inference_mode = not is_trainable
-        for param in source.parameters():
-            param.requires_grad_(is_trainable)
+        source.requires_grad_(is_trainable)
         self._register(adapter_name, source, config)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -183,33 +173,18 @@ class PromptModel(BankRouting, nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # the bank --------------------------------------------------------------------------------
+    def _plan_sources(self, plan: BankPlan) -> list:
+        return [(self.prompt_sources[name], entries) for name, entries in plan.sources]
+
     def bank_prompts(self, plan: BankPlan) -> torch.Tensor:
         """Virtual-token embeddings of the plan's entries: [n_entries, P, d] in the backbone's dtype."""
-        parts = [self.prompt_sources[name].prompts(entries, self.backend) for name, entries in plan.sources]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.backbone.dtype)
+        return bank.entry_prompts(self._plan_sources(plan), self.backbone.dtype, self.backend)
 
     def bank_kv(self, plan: BankPlan):
         """(keys, values, last_hidden): per-layer prefix keys/values of the plan's entries, each
-        [n_entries, Hkv, P, D], and the last virtual token's final hidden state [n_entries, d].
-
-        For prefix tuning the keys/values are the parameters (last_hidden is None); for virtual-token
-        methods they come from one backbone pass over the entries' prompts (the prompt pass).
-        """
-        if plan.kind == "kv":
-            parts = [self.prompt_sources[name].prefix_kv(entries) for name, entries in plan.sources]
-            dtype = self.backbone.dtype
-            if len(parts) == 1:  # one adapter: its per-layer views as they are, no concatenation
-                return [k.to(dtype) for k in parts[0][0]], [v.to(dtype) for v in parts[0][1]], None
-            keys = [torch.cat([p[0][layer] for p in parts]).to(dtype) for layer in range(self.backbone.num_layers)]
-            values = [torch.cat([p[1][layer] for p in parts]).to(dtype) for layer in range(self.backbone.num_layers)]
-            return keys, values, None
-        prompts = self.bank_prompts(plan)
-        n, P = prompts.shape[:2]
-        ctx = AttentionContext("capture", backend=self.backend, captured=Captures())
-        positions = torch.arange(P, device=prompts.device)[None].expand(n, P)
-        hidden = self.backbone.hidden_states(inputs_embeds=prompts, position_ids=positions, ctx=ctx)
-        layers = range(self.backbone.num_layers)
-        return [ctx.captured.keys[i] for i in layers], [ctx.captured.values[i] for i in layers], hidden[:, -1]
+        [n_entries, Hkv, P, D], and the last virtual token's final hidden state [n_entries, d] or None
+        (`fastprompt.bank.entry_kv`: prefix tuning's parameters, or the prompt pass)."""
+        return bank.entry_kv(self.backbone, self._plan_sources(plan), self.backend)
 
     # forward ---------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, adapter_names=None,

@@ -6,7 +6,9 @@ import dataclasses
 
 import torch
 
-from fastprompt.config import MULTITASK_PROMPT_TUNING, P_TUNING, PREFIX_TUNING, PROMPT_TUNING
+from fastprompt import io
+from fastprompt.config import (MULTITASK_PROMPT_TUNING, P_TUNING, PREFIX_TUNING, PROMPT_TUNING, as_fastprompt_config,
+                               resolve_config)
 from fastprompt.methods.base import PromptSource
 from fastprompt.methods.mpt import MultitaskPromptTuning
 from fastprompt.methods.p_tuning import PTuning
@@ -48,5 +50,21 @@ def check_file_shapes(where, config, tensors: dict[str, torch.Tensor], backbone)
                              f"{found[key]}")
 
 
+def load_source(adapter_dir, backbone):
+    """(config, source) of a PEFT or fastprompt adapter folder on `backbone`: the resolved config
+    (inference_mode True: the file holds the folded prompt, no encoder or projection) and its prompt source on
+    the backbone's device, parameters frozen. Raises (OSError, ValueError naming the folder) before
+    allocating anything for a file whose tensors do not match its config."""
+    config_dict, tensors = io.load_adapter_files(adapter_dir)
+    config = as_fastprompt_config(config_dict)
+    config.inference_mode = True
+    config = resolve_config(config, backbone)
+    check_file_shapes(adapter_dir, config, tensors, backbone)
+    source = build_source(config, backbone)
+    source.load_peft_state_dict(tensors)
+    source.requires_grad_(False)
+    return config, source.to(backbone.device)
+
+
 __all__ = ["PromptSource", "PromptTuning", "PTuning", "PrefixTuning", "MultitaskPromptTuning", "build_source",
-           "check_file_shapes"]
+           "check_file_shapes", "load_source"]

@@ -60,7 +60,7 @@ from typing import Callable
 
 import torch
 
-from fastprompt.backbones import AttentionContext, KVCache, get_backbone
+from fastprompt.backbones import AttentionContext, KVCache, get_backbone, patches
 from fastprompt.model import PromptModel
 from fastprompt.serve.adapters import AdapterStore
 from fastprompt.serve.cuda_graphs import DecodeGraphs
@@ -112,6 +112,9 @@ class Engine:
                              f"{max_prefills_per_step}, {max_prefill_tokens}")
         self.base_model = base.eval()
         self.backbone = get_backbone(base)
+        # The frozen model's norms and activations through fastprompt.ops, as under a PromptModel (the
+        # adapters' prompt passes and every step); the engine holds the base model for its life.
+        self._frozen_ops = patches.patch_frozen_ops(self.backbone, backend)
         self.tokenizer = tokenizer
         self.backend = backend
         self.max_slots, self.max_len, self.max_queue = max_slots, max_len, max_queue
@@ -123,7 +126,7 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self.device = self.backbone.device
         self.limits = limits or ServeLimits()
-        self.store = AdapterStore(base, backend, self.limits)
+        self.store = AdapterStore(self.backbone, backend, self.limits)
         self.cache = SlotCache(self.backbone.num_layers, max_slots, self.backbone.num_kv_heads, self.cache_len,
                                self.backbone.head_dim, self.backbone.dtype, self.device)
         self.keys, self.values = self.cache.keys, self.cache.values   # per layer [max_slots, Hkv, cache_len, D]
@@ -140,9 +143,9 @@ class Engine:
         self.eos_ids = set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._store_version = self.store.version
+        self._store_version = self.store.bank.version
         self.batch_buckets = batch_buckets(max_slots)
-        self._graphs = (DecodeGraphs(self._decode_step, lambda: self.store.version)
+        self._graphs = (DecodeGraphs(self._decode_step, lambda: self.store.bank.version)
                         if cuda_graphs and self.device.type == "cuda" else None)
         if self._graphs is not None and bucketed_steps is False:
             raise ValueError("bucketed_steps=False needs cuda_graphs=False on a CUDA device: graphs are captured "
@@ -204,10 +207,10 @@ class Engine:
         self._reindex()
 
     def _reindex(self) -> None:
-        if self.store.version != self._store_version:
+        if self.store.bank.version != self._store_version:
             for row in self.rows:
                 row.entry = self.store.entry(row.request.adapter, row.request.task)
-            self._store_version = self.store.version
+            self._store_version = self.store.bank.version
 
     # requests --------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -396,7 +399,7 @@ class Engine:
                            dtype=torch.long, device=self.device)
         entries = torch.tensor([entry for _, entry in batch], device=self.device)
         ctx = self._context(entries, mask, cache)
-        positions = self.store.entry_lengths[entries, None] + (columns - pads[:, None]).clamp(min=0)
+        positions = self.store.bank.entry_lengths[entries, None] + (columns - pads[:, None]).clamp(min=0)
         hidden = self.backbone.hidden_states(input_ids=ids, position_ids=positions, ctx=ctx)
         logits = self.backbone.lm_head(hidden[:, -1])
         rows = [_Row(request, n, entry, request.params.make_generator(self.device),
@@ -445,7 +448,7 @@ class Engine:
         columns = torch.arange(window, device=inputs.device)[None]
         mask = (columns >= (offset - lengths)[:, None]) & (columns <= offset)
         cache = self.cache.decode_view(nb, window, offset)
-        positions = lengths[:, None] + self.store.entry_lengths[task_ids, None]
+        positions = lengths[:, None] + self.store.bank.entry_lengths[task_ids, None]
         hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=positions,
                                              ctx=self._context(task_ids, mask, cache))
         return self.backbone.lm_head(hidden[:, -1])
@@ -453,9 +456,10 @@ class Engine:
     def _context(self, entries: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> AttentionContext:
         """Prefix attention of rows reading bank `entries` [n] (their prefix padding hidden by the store's
         bias when adapters differ in length), own keys under `mask` [n, S], through `cache`."""
-        bias = None if self.store.prefix_bias is None else self.store.prefix_bias[entries]
-        return AttentionContext("prefix", self.store.bank_k, self.store.bank_v, entries, key_padding_mask=mask,
-                                cache=cache, backend=self.backend, prefix_bias=bias)
+        bank = self.store.bank
+        bias = None if bank.prefix_bias is None else bank.prefix_bias[entries]
+        return AttentionContext("prefix", bank.keys, bank.values, entries, key_padding_mask=mask, cache=cache,
+                                backend=self.backend, prefix_bias=bias)
 
     # rows and slots ---------------------------------------------------------------------------
     def _emit(self, row: _Row, token: int | None) -> bool:

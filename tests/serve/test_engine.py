@@ -144,15 +144,34 @@ def test_adapters_of_different_prompt_lengths_share_a_batch(served, tmp_path, bu
         references[name] = fastprompt.from_pretrained(base, tmp_path / name, adapter_name=name)
     names = ("short", "a", "long", "mpt")
     engine = make_engine((base, served[1], folders, references), names=names, bucketed_steps=bucketed)
-    assert engine.store.num_virtual_tokens == 8 and engine.store.prefix_bias is not None
+    assert engine.store.bank.num_virtual_tokens == 8 and engine.store.bank.prefix_bias is not None
     requests = engine.generate(mixed_requests(seed=29, count=10, names=names))
     for r in requests:
         expected = reference_tokens(references, r.adapter, r.prompt_ids, r.params.max_tokens, r.task)
         assert r.output_ids == expected, (r.adapter, r.task, r.prompt_ids)
     engine.unload_adapter("long")
-    assert engine.store.num_virtual_tokens == 5 and engine.store.prefix_bias is not None
+    assert engine.store.bank.num_virtual_tokens == 5 and engine.store.bank.prefix_bias is not None
     engine.unload_adapter("short")
-    assert engine.store.prefix_bias is None  # one length again: no bias at all
+    assert engine.store.bank.prefix_bias is None  # one length again: no bias at all
+
+
+def test_a_loaded_adapter_is_its_prompt_source_alone(served, monkeypatch):
+    """Loading a folder builds no PromptModel around the shared base model (which would patch it again) and
+    touches no module of it: the store runs the adapter's prompt source once through the engine's backbone."""
+    base, tokenizer, folders, references = served
+    engine = Engine(base, tokenizer, max_slots=2, max_len=24)
+    forwards = {name: module.__dict__.get("forward") for name, module in base.named_modules()}
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the store built a PromptModel to load an adapter")
+    monkeypatch.setattr(fastprompt.PromptModel, "__init__", refused)
+    for name in ("a", "pre", "mpt", "pt"):
+        engine.load_adapter(name, folders[name])
+    assert {name: module.__dict__.get("forward") for name, module in base.named_modules()} == forwards
+    rows = [Request([4, 5, 6], name, SamplingParams(max_tokens=3, **GREEDY), task)
+            for name, task in (("a", 0), ("pre", 0), ("pt", 0), ("mpt", 1))]
+    for request, out in zip(rows, engine.generate(rows)):
+        assert out.output_ids == reference_tokens(references, request.adapter, [4, 5, 6], 3, task=request.task)
 
 
 def test_slots_are_reused_and_freed_at_once(served):
@@ -373,12 +392,12 @@ def test_batch_buckets_and_key_windows():
 def plain_decode_logits(engine) -> torch.Tensor:
     """The decode step without buckets, as the engine ran it before: the n active rows, keys [0, L + 1),
     the cache written at the Python-int offset L (into a copy, leaving the engine's cache alone)."""
-    n, L, P = len(engine.rows), engine.L, engine.store.num_virtual_tokens
+    n, L, P = len(engine.rows), engine.L, engine.store.bank.num_virtual_tokens
     lengths = torch.tensor([r.length for r in engine.rows])
     bank_rows = torch.tensor([r.entry for r in engine.rows])
     mask = torch.arange(L + 1)[None] >= (L - lengths)[:, None]
     cache = KVCache([k[:n].clone() for k in engine.keys], [v[:n].clone() for v in engine.values], length=L)
-    ctx = AttentionContext("prefix", engine.store.bank_k, engine.store.bank_v, bank_rows, key_padding_mask=mask,
+    ctx = AttentionContext("prefix", engine.store.bank.keys, engine.store.bank.values, bank_rows, key_padding_mask=mask,
                            cache=cache, backend=engine.backend)
     input_ids = torch.tensor([[r.last_token] for r in engine.rows])
     hidden = engine.backbone.hidden_states(input_ids=input_ids, position_ids=lengths[:, None] + P, ctx=ctx)

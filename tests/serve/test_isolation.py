@@ -29,10 +29,10 @@ def _reference(references, request: Request) -> list[int]:
 
 
 def _poison(engine: Engine, name: str, value: float) -> None:
-    stored = engine.store.adapters[name]
-    for tensor in stored.keys + stored.values:
+    keys, values = engine.store.bank.groups[name]
+    for tensor in keys + values:
         tensor.fill_(value)
-    engine.store._rebuild()
+    engine.store.bank._repack()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

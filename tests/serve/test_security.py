@@ -137,7 +137,7 @@ def test_adapter_paths_outside_the_root_get_one_answer(served, tmp_path):
         messages.add(error["message"])
     assert len(messages) == 1, messages  # existing or not, the answer is the same
     assert str(tmp_path) not in messages.pop()
-    assert engine.adapter_names() == ["a"] and engine.store.bank_k[0].shape[0] == 1
+    assert engine.adapter_names() == ["a"] and engine.store.bank.keys[0].shape[0] == 1
 
 
 def test_adapters_inside_the_root_load_by_relative_or_absolute_path(served, tmp_path):
@@ -182,10 +182,10 @@ def test_max_adapters_is_enforced_and_nothing_is_added(served, tmp_path):
     root, _ = _root_with_adapters(served, tmp_path)
     client, engine = _client(served, adapter_root=root, limits=ServeLimits(max_adapters=2))
     assert client.post("/v1/load_adapter", json={"adapter_name": "pre", "adapter_path": "pre"}).status_code == 200
-    bank = engine.store.bank_k[0].clone()
+    bank = engine.store.bank.keys[0].clone()
     refused = client.post("/v1/load_adapter", json={"adapter_name": "b", "adapter_path": "b"})
     assert refused.status_code == 400 and "at most 2 adapters" in refused.json()["error"]["message"]
-    assert engine.adapter_names() == ["a", "pre"] and torch.equal(engine.store.bank_k[0], bank)
+    assert engine.adapter_names() == ["a", "pre"] and torch.equal(engine.store.bank.keys[0], bank)
 
 
 def test_max_virtual_tokens_is_enforced(served, tmp_path):
@@ -196,7 +196,7 @@ def test_max_virtual_tokens_is_enforced(served, tmp_path):
     client, engine = _client(served, adapter_root=root, limits=ServeLimits(max_virtual_tokens=8))
     refused = client.post("/v1/load_adapter", json={"adapter_name": "wide", "adapter_path": "wide"})
     assert refused.status_code == 400 and "num_virtual_tokens=9" in refused.json()["error"]["message"]
-    assert engine.adapter_names() == ["a"] and engine.store.num_virtual_tokens == 5
+    assert engine.adapter_names() == ["a"] and engine.store.bank.num_virtual_tokens == 5
 
 
 def test_an_adapter_config_larger_than_its_file_is_refused_before_allocating(served, tmp_path):
@@ -264,11 +264,11 @@ def test_growing_the_bank_writes_only_the_new_entry(served):
     pointers = []
     for name in ("a", "b", "pre", "pt"):
         engine.load_adapter(name, folders[name])
-        pointers.append(engine.store.bank_k[0].data_ptr())
-    assert engine.store.bank_k[0].shape[0] == 4
+        pointers.append(engine.store.bank.keys[0].data_ptr())
+    assert engine.store.bank.keys[0].shape[0] == 4
     assert pointers[3] == pointers[2]  # capacity 4 after the third add: the fourth wrote into a spare row
     engine.unload_adapter("b")
-    assert engine.store.bank_k[0].shape[0] == 3 and engine.store.offsets == {"a": 0, "pre": 1, "pt": 2}
+    assert engine.store.bank.keys[0].shape[0] == 3 and engine.store.bank.offsets == {"a": 0, "pre": 1, "pt": 2}
     engine.load_adapter("mpt", folders["mpt"])
     rows = [Request([4, 5, 6], name, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), task)
             for name, task in (("a", 0), ("pre", 0), ("pt", 0), ("mpt", 1))]
