@@ -26,7 +26,7 @@ from fastprompt import io
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape
 from fastprompt.config import resolve_config
 from fastprompt.heads import WithHeads, copy_heads, load_heads, routed_heads
-from fastprompt.ops.reference import default_positions
+from fastprompt.ops import default_positions
 from fastprompt.routing import BankPlan
 
 POOLINGS = ("first", "mean")

@@ -15,7 +15,7 @@ import numbers
 import torch
 
 from fastprompt.config import MULTITASK_PROMPT_TUNING
-from fastprompt.ops._checks import check_index_values
+from fastprompt.ops import check_index_values
 
 SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed takes
 

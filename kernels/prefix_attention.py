@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-DECODE_MAX_T = 16
+from fastprompt.kernels.decode_shapes import DECODE_MAX_T
+
 _LOG2E = 1.4426950408889634
 _LOG2E_JIT = tl.constexpr(_LOG2E)  # the same, readable inside @triton.jit (the bias in base-2 scores)
 

@@ -301,3 +301,51 @@ def test_the_readers_see_what_is_there(graph, modules):
     planted = {"fastprompt.ops.norms": [("fastprompt.model", 3)], "fastprompt.model": [("fastprompt.ops", 1)]}
     assert layer_violations(planted, modules, layers) == [
         "fastprompt/ops/norms.py:3 imports fastprompt.model (layer high), which layer low may not import"]
+
+
+# -- what the layers share --------------------------------------------------------------------------------------
+def package_modules(modules: dict[str, Path]) -> dict[str, Path]:
+    """The installed package's modules: fastprompt.* with the kernels."""
+    return {name: path for name, path in modules.items() if name.split(".")[0] == "fastprompt"}
+
+
+def test_ops_are_imported_by_their_public_names(modules):
+    """Above the ops, code imports `fastprompt.ops` (whose names are its API, the helpers the model layer
+    uses included) and never one of its modules: what an op module keeps to itself can change freely."""
+    found = []
+    for name, path in package_modules(modules).items():
+        if name.startswith(("fastprompt.ops", "fastprompt.kernels")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = ([node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {m}" for m in named
+                      if m.startswith("fastprompt.ops.")]
+    assert not found, "ops' modules imported from above the ops:\n" + "\n".join(found)
+
+
+def literal_constants(path: Path) -> list[tuple[str, object, int]]:
+    """(name, value, line) of the module-level UPPER_CASE names bound to a literal in `path`."""
+    constants = []
+    for node in ast.parse(path.read_text()).body:
+        target = (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1
+                  else node.target if isinstance(node, ast.AnnAssign) and node.value is not None else None)
+        if isinstance(target, ast.Name) and target.id.lstrip("_").isupper():
+            try:
+                constants.append((target.id, ast.literal_eval(node.value), node.lineno))
+            except ValueError:
+                continue  # computed, not a literal
+    return constants
+
+
+def test_each_constant_is_defined_once(modules):
+    """A constant the package needs in two places is defined in one and imported in the other: two modules
+    binding the same name to the same literal (DECODE_MAX_T once was) drift apart when one changes."""
+    seen: dict[tuple, list[str]] = {}
+    for name, path in package_modules(modules).items():
+        for constant, value, line in literal_constants(path):
+            seen.setdefault((constant, repr(value)), []).append(f"{path.relative_to(ROOT)}:{line}")
+    twice = {key[0]: places for key, places in seen.items() if len(places) > 1}
+    assert not twice, f"constants defined more than once: {twice}"
+    read = [(constant, value) for constant, value, _ in literal_constants(ROOT / "kernels" / "decode_shapes.py")]
+    assert read == [("DECODE_MAX_T", 16)]  # the reader reads

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
 from fastprompt import ops
-from fastprompt.ops._dispatch import resolve_backend
+from fastprompt.ops import resolve_backend
 
 
 class PatchHandle:

@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from fastprompt.kernels.decode_shapes import DECODE_MAX_T
 from fastprompt.ops._checks import (
     cached, check_float, check_index_dtype, check_index_values, check_rank, check_same_device, spec)
 from fastprompt.ops._dispatch import resolve_backend
 from fastprompt.ops._registry import autograd_op, plain_op, public_op
 from fastprompt.ops.reference import rows_of
 
-# The forward's split-KV decode kernel serves T <= DECODE_MAX_T (kernels.prefix_attention.DECODE_MAX_T).
-DECODE_MAX_T = 16
 # SDPA on keys that include a prefix needs lower-right causal alignment: torch's CausalBias, which takes
 # `enable_gqa` only in newer releases; without it, grouped-query calls with a prefix stay on the kernel.
 _CAUSAL_BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
