@@ -53,7 +53,7 @@ class WithHeads(PromptSource):
 
     def __init__(self, source: PromptSource, heads: dict[str, nn.Module]):
         super().__init__(source.config)
-        self.kind = source.kind
+        self.kind, self.routes_by_task = source.kind, source.routes_by_task
         self.source = source
         self.heads = nn.ModuleDict(heads)
 

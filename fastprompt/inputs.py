@@ -14,7 +14,6 @@ import numbers
 
 import torch
 
-from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.ops import check_index_values
 
 SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed takes
@@ -38,11 +37,10 @@ def check_routing(model, task_ids, adapter_names) -> None:
     if task_ids is None or adapter_names is None or isinstance(adapter_names, str):
         return
     for i, name in enumerate(adapter_names):
-        config = model.peft_config.get(name)
-        if config is not None and config.peft_type != MULTITASK_PROMPT_TUNING:
+        if name in model.prompt_sources and not model.prompt_sources[name].routes_by_task:
             raise ValueError(f"pass task_ids or adapter_names, not both: adapter_names picks each row's adapter, "
                              f"and task_ids only picks the task within a multitask (MPT) adapter, while "
-                             f"adapter_names[{i}]={name!r} is {config.peft_type}")
+                             f"adapter_names[{i}]={name!r} is {model.peft_config[name].peft_type}")
 
 
 def check_model_inputs(model, input_ids, task_ids, adapter_names) -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastprompt.config import MULTITASK_PROMPT_TUNING
 
 
 @dataclass
@@ -55,9 +54,8 @@ class BankRouting:
         if task_ids.shape != (batch_size,) or task_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"task_ids must be an int64 tensor of shape [{batch_size}], got "
                              f"{task_ids.dtype} {tuple(task_ids.shape)}")
-        config = self.peft_config[self.active_adapter]
-        if (adapter_names is None and config.peft_type == MULTITASK_PROMPT_TUNING
-                and config.num_tasks <= batch_size):
+        source = self.prompt_sources[self.active_adapter]
+        if adapter_names is None and source.routes_by_task and source.num_entries <= batch_size:
             if not task_ids.is_cuda and not torch.compiler.is_compiling():  # a free check on the host
                 self._check_task_range(task_ids.tolist(), [self.active_adapter] * batch_size)
             every_task = self._cached_plan((batch_size, routing, "every task"), batch_size, None, None,
@@ -81,7 +79,7 @@ class BankRouting:
 
     def _check_task_range(self, task_list: list[int], names: list[str]) -> None:
         for i, (t, name) in enumerate(zip(task_list, names)):
-            num_tasks = self.peft_config[name].num_tasks
+            num_tasks = self.prompt_sources[name].num_entries
             if not 0 <= t < num_tasks:
                 raise ValueError(f"task_ids[{i}]={t} is out of range for adapter {name!r} with "
                                  f"num_tasks={num_tasks}")
@@ -91,14 +89,13 @@ class BankRouting:
         """The plan of `plan`'s validated routing (task_list: the task ids read on the host, or None)."""
         names = list(adapter_names) if adapter_names is not None else [self.active_adapter] * batch_size
         configs = [self.peft_config[n] for n in names]
-        uses_mpt = configs[0].peft_type == MULTITASK_PROMPT_TUNING
+        by_task = self.prompt_sources[names[0]].routes_by_task
         device = self.backbone.device
         if every_task:
-            config = configs[0]
-            entries = torch.arange(config.num_tasks, device=device)
-            return BankPlan("tokens", config.num_virtual_tokens, [(names[0], entries)],
+            entries = torch.arange(self.prompt_sources[names[0]].num_entries, device=device)
+            return BankPlan("tokens", configs[0].num_virtual_tokens, [(names[0], entries)],
                             torch.zeros(batch_size, dtype=torch.long, device=device))
-        if task_list is not None and adapter_names is None and not uses_mpt:
+        if task_list is not None and adapter_names is None and not by_task:
             # Mixing adapters by index: task id k is the k-th loaded adapter.
             for i, t in enumerate(task_list):
                 if not 0 <= t < len(self.adapter_names):
@@ -112,7 +109,7 @@ class BankRouting:
                 raise ValueError(f"adapters of one batch must share method and num_virtual_tokens: "
                                  f"{names[0]!r} is {first.peft_type} with {first.num_virtual_tokens} tokens, "
                                  f"{name!r} is {cfg.peft_type} with {cfg.num_virtual_tokens}")
-        if uses_mpt:
+        if by_task:
             if task_list is None:
                 raise ValueError("task_ids is required for multitask prompt tuning: an int64 tensor [B] of "
                                  "task indices")

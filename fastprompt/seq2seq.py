@@ -20,7 +20,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape, prepend_ones
-from fastprompt.config import MULTITASK_PROMPT_TUNING, PREFIX_TUNING
+from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.generation import _check_sampling, sample_next, stopping_setup
 from fastprompt.routing import BankPlan
 
@@ -32,7 +32,7 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
     kind = "seq2seq"
 
     def _register(self, adapter_name, source, config) -> None:
-        if config.peft_type == PREFIX_TUNING:
+        if source.kind == "kv":
             backbone = self.backbone
             if backbone.num_decoder_layers != backbone.num_layers:
                 raise ValueError(f"prefix tuning needs as many decoder layers as encoder layers (PEFT sizes the "

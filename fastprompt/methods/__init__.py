@@ -1,4 +1,5 @@
-"""Prompt sources, one per method, and `build_source` choosing by config."""
+"""Prompt sources, one per method, registered by peft_type (`methods.base.register`); `build_source` and
+`load_source` make one from a config or an adapter folder. Importing this package registers every method."""
 
 from __future__ import annotations
 
@@ -7,30 +8,29 @@ import dataclasses
 import torch
 
 from fastprompt import io
-from fastprompt.config import (MULTITASK_PROMPT_TUNING, P_TUNING, PREFIX_TUNING, PROMPT_TUNING, as_fastprompt_config,
-                               resolve_config)
-from fastprompt.methods.base import PromptSource
+from fastprompt.config import as_fastprompt_config, resolve_config
+from fastprompt.methods.base import SOURCES, PromptSource
 from fastprompt.methods.mpt import MultitaskPromptTuning
 from fastprompt.methods.p_tuning import PTuning
 from fastprompt.methods.prefix_tuning import PrefixTuning
 from fastprompt.methods.prompt_tuning import PromptTuning
 
 
+def source_class(peft_type: str) -> type[PromptSource]:
+    """The registered source class of a method (`methods.base.register`)."""
+    if peft_type not in SOURCES:
+        raise ValueError(f"unsupported peft_type {peft_type!r}; fastprompt has {sorted(SOURCES)}")
+    return SOURCES[peft_type]
+
+
 def build_source(config, backbone) -> PromptSource:
     """The prompt source for a resolved config (see `fastprompt.config.resolve_config`) on a backbone."""
-    if config.peft_type != PREFIX_TUNING and (config.num_transformer_submodules or 1) > 1:
+    cls = source_class(config.peft_type)
+    if cls.kind == "tokens" and (config.num_transformer_submodules or 1) > 1:
         # As PEFT's prompt encoders: num_virtual_tokens per transformer submodule (encoder-decoders: 2).
         config = dataclasses.replace(config, num_virtual_tokens=config.num_virtual_tokens
                                      * config.num_transformer_submodules)
-    if config.peft_type == PROMPT_TUNING:
-        return PromptTuning(config, backbone.word_embeddings)
-    if config.peft_type == MULTITASK_PROMPT_TUNING:
-        return MultitaskPromptTuning(config, backbone.word_embeddings)
-    if config.peft_type == P_TUNING:
-        return PTuning(config)
-    if config.peft_type == PREFIX_TUNING:
-        return PrefixTuning(config, backbone.num_kv_heads, backbone.head_dim)
-    raise ValueError(f"unsupported peft_type {config.peft_type!r}")
+    return cls.build(config, backbone)
 
 
 def check_file_shapes(where, config, tensors: dict[str, torch.Tensor], backbone) -> None:
@@ -67,4 +67,4 @@ def load_source(adapter_dir, backbone):
 
 
 __all__ = ["PromptSource", "PromptTuning", "PTuning", "PrefixTuning", "MultitaskPromptTuning", "build_source",
-           "check_file_shapes", "load_source"]
+           "check_file_shapes", "load_source", "source_class"]

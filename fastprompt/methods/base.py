@@ -3,6 +3,11 @@
 A source owns `num_entries` bank entries (1 per adapter; MPT: one per task). Parameter names follow
 PEFT's prompt encoders (`embedding.weight`, `mlp_head.*`, `transform.*`, `prefix_task_cols`, ...), so a
 PEFT `prompt_encoder[name].state_dict()` loads as it is.
+
+A method is one source class registered with its config class (`@register(PROMPT_TUNING, PromptTuningConfig)`:
+`as_fastprompt_config` then reads its adapter_config.json too); the runtime asks the source, never the type,
+what it does: `kind` (tokens or keys/values), `routes_by_task` (rows pick one of the adapter's entries by
+task id) and `num_entries`.
 """
 
 from __future__ import annotations
@@ -10,13 +15,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastprompt.config import CONFIG_CLASSES
+
+
+SOURCES: dict[str, type["PromptSource"]] = {}  # peft_type -> its source class, filled by `register`
+
+
+def register(peft_type: str, config_class: type):
+    """Class decorator: the source class of `peft_type`, whose configs are `config_class` (a
+    PromptLearningConfig subclass setting that peft_type)."""
+    def add(cls):
+        if peft_type in SOURCES:
+            raise ValueError(f"peft_type {peft_type!r} already has a source: {SOURCES[peft_type].__name__}")
+        if CONFIG_CLASSES.setdefault(peft_type, config_class) is not config_class:
+            raise ValueError(f"peft_type {peft_type!r} already has a config class: "
+                             f"{CONFIG_CLASSES[peft_type].__name__}")
+        SOURCES[peft_type] = cls
+        return cls
+    return add
+
 
 class PromptSource(nn.Module):
     kind: str  # "tokens": virtual-token embeddings; "kv": per-layer key/value prefixes
+    routes_by_task = False  # True: the adapter holds one entry per task and task_ids picks a row's (MPT)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def build(cls, config, backbone) -> "PromptSource":
+        """The source of a resolved config on a backbone (which gives its sizes and word embeddings)."""
+        raise NotImplementedError
 
     @property
     def num_virtual_tokens(self) -> int:

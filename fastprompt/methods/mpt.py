@@ -5,13 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastprompt.methods.base import PromptSource, load_tensor
+from fastprompt.config import MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig
+from fastprompt.methods.base import PromptSource, load_tensor, register
 from fastprompt.methods.prompt_tuning import init_token_ids
 from fastprompt.ops import mpt_prompts
 
 
+@register(MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig)
 class MultitaskPromptTuning(PromptSource):
     kind = "tokens"
+    routes_by_task = True
+
+    @classmethod
+    def build(cls, config, backbone):
+        return cls(config, backbone.word_embeddings)
 
     def __init__(self, config, word_embeddings: nn.Embedding):
         super().__init__(config)

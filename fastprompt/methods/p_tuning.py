@@ -10,11 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastprompt.methods.base import PromptSource, load_tensor
+from fastprompt.config import P_TUNING, PromptEncoderConfig
+from fastprompt.methods.base import PromptSource, load_tensor, register
 
 
+@register(P_TUNING, PromptEncoderConfig)
 class PTuning(PromptSource):
     kind = "tokens"
+
+    @classmethod
+    def build(cls, config, backbone):
+        return cls(config)
 
     def __init__(self, config):
         super().__init__(config)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastprompt.methods.base import PromptSource, load_tensor
+from fastprompt.config import PREFIX_TUNING, PrefixTuningConfig
+from fastprompt.methods.base import PromptSource, load_tensor, register
 
 
+@register(PREFIX_TUNING, PrefixTuningConfig)
 class PrefixTuning(PromptSource):
     """Parameters in PEFT's layout: [P, num_layers * 2 * token_dim], token_dim = Hkv * head_dim.
 
@@ -16,6 +18,10 @@ class PrefixTuning(PromptSource):
     """
 
     kind = "kv"
+
+    @classmethod
+    def build(cls, config, backbone):
+        return cls(config, backbone.num_kv_heads, backbone.head_dim)
 
     def __init__(self, config, num_kv_heads: int, head_dim: int):
         super().__init__(config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastprompt.methods.base import PromptSource, load_tensor
+from fastprompt.config import PROMPT_TUNING, PromptTuningConfig
+from fastprompt.methods.base import PromptSource, load_tensor, register
 
 
 def load_tokenizer(path: str, kwargs: dict | None = None):
@@ -39,8 +40,13 @@ def init_token_ids(config, vocab_size: int, total: int) -> torch.Tensor | None:
     return None
 
 
+@register(PROMPT_TUNING, PromptTuningConfig)
 class PromptTuning(PromptSource):
     kind = "tokens"
+
+    @classmethod
+    def build(cls, config, backbone):
+        return cls(config, backbone.word_embeddings)
 
     def __init__(self, config, word_embeddings: nn.Embedding):
         super().__init__(config)

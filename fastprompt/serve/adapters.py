@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from fastprompt.bank import PrefixBank, entry_kv
-from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.methods import load_source
 from fastprompt.model import PromptModel
 from fastprompt.serve.limits import ServeLimits
@@ -83,7 +82,7 @@ class AdapterStore:
         if P > self.limits.max_virtual_tokens:
             raise InvalidRequest(field, f"adapter {name!r} has num_virtual_tokens={P}; this server takes at most "
                                         f"{self.limits.max_virtual_tokens} (--max-virtual-tokens)")
-        n = config.num_tasks if config.peft_type == MULTITASK_PROMPT_TUNING else 1
+        n = prompt_source.num_entries
         entries = torch.arange(n, device=self.backbone.device)
         keys, values, _ = entry_kv(self.backbone, [(prompt_source, entries)], self.backend)
         # A finite prompt can still overflow in the backbone; what is refused here never reaches the bank.

@@ -411,7 +411,8 @@ def run_eval(args) -> int:
         raise UsageError(str(error)) from None
     model = load_adapters(base, adapter, saved, path=args.path)
     tasks = saved.get("tasks") or data.tasks
-    if data.tasks and model.active_peft_config.peft_type != "MULTITASK_PROMPT_TUNING" and not saved.get("tasks"):
+    routes_by_task = model.prompt_sources[model.active_adapter].routes_by_task
+    if data.tasks and not routes_by_task and not saved.get("tasks"):
         if set(model.adapter_names) == {"default"}:
             data = _without_tasks(data)
             tasks = []

@@ -91,7 +91,7 @@ class DistillationTrainer(Trainer):
     def __init__(self, model, config, train_data, eval_data=None, *, teachers: dict[str, str],
                  distill_weight: float = 1.0, temperature: float = 1.0, **kwargs):
         super().__init__(model, config, train_data, eval_data, **kwargs)
-        if not self.is_mpt:
+        if not self.routes_by_task:
             raise ValueError(f"the active adapter {model.active_adapter!r} must be the MPT student, it is "
                              f"{model.active_peft_config.peft_type}")
         if not train_data.tasks or any(e.task is None for e in train_data.examples):

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastprompt.config import MULTITASK_PROMPT_TUNING
+from fastprompt.methods import source_class
 from fastprompt.train import checkpoints
 from fastprompt.train.config import TrainingConfig
 from fastprompt.train.cuda_graphs import CudaGraphLoss
@@ -83,7 +83,7 @@ def task_model(base_model, config, tasks: list[str], *, path: str = "auto"):
     all from `config` (rows reach theirs by name); for MPT, or without tasks, one adapter "default"."""
     import fastprompt
 
-    if config.peft_type == MULTITASK_PROMPT_TUNING or not tasks:
+    if source_class(config.peft_type).routes_by_task or not tasks:
         return fastprompt.get_peft_model(base_model, config, path=path)
     model = fastprompt.get_peft_model(base_model, config, tasks[0], path=path)
     for task in tasks[1:]:
@@ -125,7 +125,7 @@ class Trainer:
         self.pad_token_id = pad_token_id
         self.tasks = list(tasks) if tasks is not None else train_data.tasks
         self.task_index = {t: i for i, t in enumerate(self.tasks)}
-        self.is_mpt = model.active_peft_config.peft_type == MULTITASK_PROMPT_TUNING
+        self.routes_by_task = model.prompt_sources[model.active_adapter].routes_by_task
         self.output_dir = Path(config.output_dir)
         self.optimizer = None
         self._graphed_loss: CudaGraphLoss | None = None   # made by train() when use_graphs
@@ -145,10 +145,10 @@ class Trainer:
         for task in data.tasks:
             if task not in self.task_index:
                 raise ValueError(f"{argument}: task {task!r} is not one of the training tasks {self.tasks}")
-            if not self.is_mpt and task not in self.model.adapter_names:
+            if not self.routes_by_task and task not in self.model.adapter_names:
                 raise ValueError(f"{argument}: task {task!r} has no adapter of that name; loaded: "
                                  f"{self.model.adapter_names}")
-        if self.is_mpt and len(self.tasks) > self.model.active_peft_config.num_tasks:
+        if self.routes_by_task and len(self.tasks) > self.model.active_peft_config.num_tasks:
             raise ValueError(f"{len(self.tasks)} tasks {self.tasks} but the MPT adapter has num_tasks="
                              f"{self.model.active_peft_config.num_tasks}")
 
@@ -158,7 +158,7 @@ class Trainer:
         if device.type != "cuda":
             return f"it needs the model on a CUDA device, got {device}"
         named = sorted({t for t in self.train_data.tasks if t is not None})
-        if not self.is_mpt and named and named != [self.model.active_adapter]:
+        if not self.routes_by_task and named and named != [self.model.active_adapter]:
             return (f"a graph trains the active adapter ({self.model.active_adapter!r}) or the tasks of one MPT "
                     f"adapter, but train_data routes rows to adapters {named} by name")
         if type(self).compute_loss is not Trainer.compute_loss:
@@ -172,7 +172,7 @@ class Trainer:
         device = self.model.backbone.device
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch}
         tasks = batch.get("tasks") or []
-        if self.is_mpt:
+        if self.routes_by_task:
             inputs["task_ids"] = torch.tensor([self.task_index.get(t, 0) for t in tasks], dtype=torch.long,
                                               device=device)
         elif any(t is not None for t in tasks) and not self.use_graphs:  # one adapter with graphs

@@ -1,0 +1,63 @@
+"""Methods are registered source classes: the runtime asks a source what it does (`kind`, `routes_by_task`,
+`num_entries`), never which method it is, so a new soft-prompt method is one class and its registration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt.config import CONFIG_CLASSES
+from fastprompt.methods import PromptTuning, source_class
+from fastprompt.methods.base import SOURCES, register
+from tests.tiny_models import tiny_model
+
+
+def test_every_config_type_has_its_source_and_capabilities():
+    assert set(SOURCES) == set(CONFIG_CLASSES)
+    assert {t: (SOURCES[t].kind, SOURCES[t].routes_by_task) for t in SOURCES} == {
+        "PROMPT_TUNING": ("tokens", False), "P_TUNING": ("tokens", False), "PREFIX_TUNING": ("kv", False),
+        "MULTITASK_PROMPT_TUNING": ("tokens", True)}
+    with pytest.raises(ValueError, match="unsupported peft_type 'LORA'; fastprompt has"):
+        source_class("LORA")
+    with pytest.raises(ValueError, match="'PROMPT_TUNING' already has a source: PromptTuning"):
+        register("PROMPT_TUNING", fastprompt.PromptTuningConfig)(PromptTuning)
+
+
+@dataclass
+class DoubledPromptConfig(fastprompt.PromptTuningConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = "DOUBLED_PROMPT_TUNING"
+
+
+@pytest.fixture
+def doubled_prompt():
+    """A made-up method, written as a user would add one: its config and its source class, registered in one
+    line."""
+    @register("DOUBLED_PROMPT_TUNING", DoubledPromptConfig)
+    class DoubledPrompt(PromptTuning):
+        def prompts(self, entries, backend=None):
+            return 2 * super().prompts(entries, backend)
+    yield DoubledPrompt
+    del SOURCES["DOUBLED_PROMPT_TUNING"], CONFIG_CLASSES["DOUBLED_PROMPT_TUNING"]
+
+
+@pytest.mark.parametrize("path", ["concat", "shared_prefix"])
+def test_a_registered_method_runs_every_path_and_loads_back(doubled_prompt, path, tmp_path):
+    base = tiny_model("llama")
+    model = fastprompt.get_peft_model(base, DoubledPromptConfig(num_virtual_tokens=4), path=path)
+    assert isinstance(model.prompt_sources["default"], doubled_prompt)
+    plain = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(num_virtual_tokens=4), path=path)
+    with torch.no_grad():
+        plain.prompt_sources["default"].embedding.weight.copy_(2 * model.prompt_sources["default"].embedding.weight)
+    ids = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    model.save_pretrained(tmp_path)
+    loaded = fastprompt.from_pretrained(base, tmp_path, path=path)
+    assert isinstance(loaded.peft_config["default"], DoubledPromptConfig)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, plain(input_ids=ids).logits)
