@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +63,18 @@ def test_a_registered_method_runs_every_path_and_loads_back(doubled_prompt, path
     assert isinstance(loaded.peft_config["default"], DoubledPromptConfig)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_the_readme_example_registers_its_method():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("A new soft-prompt method is one file"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README method example", "exec"), namespace)
+    try:
+        base = tiny_model("llama")
+        model = fastprompt.get_peft_model(base, namespace["DoubledPromptConfig"](num_virtual_tokens=3))
+        assert type(model.prompt_sources["default"]) is namespace["DoubledPrompt"]
+        assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()
+    finally:
+        del SOURCES["DOUBLED_PROMPT_TUNING"], CONFIG_CLASSES["DOUBLED_PROMPT_TUNING"]
