@@ -17,7 +17,8 @@ Recipes (prompt tuning, AdamW, batch 8, gradient clipping at 1.0, the label's ve
 - hand-tuned: the best hand recipe found for this model: the hand-written instruction as init (P = its
   tokens), lr 1e-2, constant, 150 steps;
 - new: `recipe.default_recipe` as `fastprompt train` applies it (the instruction generated from the label
-  words: nothing written by hand).
+  words: nothing written by hand);
+- new-lr3e-2: a candidate: `new` with PEFT's example learning rate, 3e-2.
 
 Each finished run appends one JSON line to --out; a rerun skips the (task, recipe, seed) already there.
 """
@@ -39,7 +40,7 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
 }
-RECIPES = ("old", "peft-example", "hand-tuned", "new")
+RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2")
 TEST_SIZE = {"sentiment": 200, "news": 100, "debates": 100}
 
 
@@ -71,6 +72,8 @@ def recipe_options(recipe: str, task) -> dict:
                 "schedule": "constant", "warmup": 0, "steps": 150}
     if recipe == "new":
         return dataclasses.asdict(default_recipe("prompt-tuning", list(task.verbalizers.values())))
+    if recipe == "new-lr3e-2":
+        return {**recipe_options("new", task), "lr": 3e-2}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
