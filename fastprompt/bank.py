@@ -101,14 +101,23 @@ class PrefixBank:
 
     def add(self, name: str, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Hold group `name`'s per-layer keys/values [n, Hkv, P_e, D] (kept as given: pass contiguous
-        tensors nothing else writes) in the bank's next rows."""
+        tensors nothing else writes) in the bank's next rows. On failure (tensors that do not fit the bank)
+        the bank reads as before the call."""
         if name in self.groups:
             raise ValueError(f"{name!r} is already in the bank")
         n = self.num_entries
         self.groups[name] = keys, values
-        if self._buffers is None or keys[0].shape[2] > self._buffers[0][0].shape[2]:
-            self._repack()
-            return
+        try:
+            if self._buffers is None or keys[0].shape[2] > self._buffers[0][0].shape[2]:
+                self._repack()
+            else:
+                self._write_rows(n, keys, values)
+        except BaseException:
+            del self.groups[name]  # nothing was published: the views, offsets and bias are the old ones
+            raise
+
+    def _write_rows(self, n: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Write a group into rows n.. of the buffers (grown when full) and publish them."""
         buffers_k, buffers_v = self._buffers
         capacity, P = buffers_k[0].shape[0], buffers_k[0].shape[2]
         rows = keys[0].shape[0]

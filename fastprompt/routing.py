@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class BankPlan:
     """Which bank entries a batch needs and which entry each row reads."""

@@ -65,3 +65,19 @@ def test_a_name_is_added_once():
     with pytest.raises(ValueError, match="'a' is already in the bank"):
         bank.add("a", *prefix(1, 2, 1))
     assert bank.num_entries == 1
+
+
+@pytest.mark.parametrize("P", [4, 6], ids=["into-spare-rows", "wider-repack"])
+def test_a_group_that_does_not_fit_leaves_the_bank_as_it_was(P):
+    bank = PrefixBank()
+    bank.add("a", *prefix(1, 4, 0))
+    bank.add("b", *prefix(1, 4, 1))
+    before = (dict(bank.offsets), bank.version, [t.clone() for t in bank.keys], bank.num_entries)
+    keys, values = prefix(1, P, 2)
+    with pytest.raises(RuntimeError):
+        bank.add("bad", [k[..., :D - 1] for k in keys], [v[..., :D - 1] for v in values])  # another head dim
+    assert "bad" not in bank.groups
+    assert (dict(bank.offsets), bank.version, bank.num_entries) == (before[0], before[1], before[3])
+    assert all(torch.equal(a, b) for a, b in zip(bank.keys, before[2]))
+    bank.add("c", *prefix(1, 4, 3))
+    assert bank.offsets == {"a": 0, "b": 1, "c": 2}
