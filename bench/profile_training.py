@@ -55,9 +55,9 @@ def profile_provider(name: str, base, case: Case, batch: Batch, device: torch.de
     host_ms, wall_ms = sorted(host)[1] * 1e3, sorted(wall)[1] * 1e3
     print(f"== {name}: one step {wall_ms:.1f} ms wall, {host_ms:.1f} ms to issue it "
           f"({100 * host_ms / wall_ms:.0f}% of the wall: {'host-bound' if host_ms > 0.8 * wall_ms else 'device-bound'})")
-    chosen = getattr(runner.module, "_auto_paths", None)  # fastprompt's path="auto": {shape key: path}
-    if chosen:
-        print(f"   path='auto' chose: {sorted(set(chosen.values()))}")
+    planner = getattr(runner.module, "planner", None)  # fastprompt's plans by shape (fastprompt/planner.py)
+    if planner is not None and planner.plans:
+        print(f"   planned: {sorted({(plan.path, plan.packed_form) for plan in planner.plans.values()}, key=str)}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()

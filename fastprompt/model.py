@@ -29,8 +29,9 @@ from fastprompt.backbones.attention import packed_attention_mask
 from fastprompt.config import resolve_config
 from fastprompt.inputs import check_model_inputs
 from fastprompt.methods import build_source, load_source
-from fastprompt.ops import linear_cross_entropy, prompt_embed, resolve_backend, rows_of
-from fastprompt.path_choice import PATHS, packed_attention_form, path_costs
+from fastprompt.ops import linear_cross_entropy, prompt_embed_unchecked, rows_of
+from fastprompt.path_choice import PATHS
+from fastprompt.planner import ForwardPlan, ForwardPlanner
 from fastprompt.routing import BankPlan, BankRouting
 
 
@@ -58,10 +59,7 @@ class PromptModel(BankRouting, nn.Module):
         self.backend = backend
         self.active_adapter: str | None = None
         self._plans: dict[tuple, BankPlan] = {}  # `plan`'s cache, by routing inputs; emptied on adapter changes
-        self._positions: dict[tuple, torch.Tensor] = {}  # packed position ids by (n, P, B, T, device)
-        self._auto_paths: dict[tuple, str] = {}  # path="auto"'s choice by (B, T, P, n prompts, device type)
-        self._packed_forms: dict[tuple, str] = {}  # the packed pass's attention form, keyed as _auto_paths
-        self._packed_masks: dict[tuple, torch.Tensor] = {}  # one prompt's masked-form masks by (P, B, T, device)
+        self.planner = ForwardPlanner(self.backbone)  # each shape's forward decisions (fastprompt/planner.py)
         # Instance patches of the frozen backbone (backbones/patches.py), undone by `unpatch()`.
         self._frozen_ops = patches.patch_frozen_ops(self.backbone, backend) if fused_ops else None
         self._checkpointing = None
@@ -206,13 +204,8 @@ class PromptModel(BankRouting, nn.Module):
                 raise ValueError(f"{name}=True is not supported by fastprompt's forward")
         if kwargs:
             raise ValueError(f"unexpected arguments to PromptModel.forward: {sorted(kwargs)}")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
-        check_model_inputs(self, input_ids, task_ids, adapter_names)
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        self._check_batch_args(B, T, attention_mask, labels)
-        plan = self.plan(B, task_ids, adapter_names)
-        hidden, last_virtual = self._hidden(plan, path, input_ids, inputs_embeds, attention_mask, position_ids)
+        hidden, last_virtual = self._hidden(input_ids, inputs_embeds, attention_mask, labels, task_ids,
+                                            adapter_names, position_ids, path)
         if return_logits is None:
             return_logits = labels is None or not torch.is_grad_enabled()
         loss = None
@@ -221,6 +214,14 @@ class PromptModel(BankRouting, nn.Module):
         logits = self.backbone.lm_head(hidden) if return_logits else None
         output = CausalLMOutputWithPast(loss=loss, logits=logits)
         return output if return_dict else output.to_tuple()
+
+    def hidden_states(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None,
+                      inputs_embeds=None, path: str | None = None):
+        """Final hidden states of the input tokens, the LM head's input: (hidden [B, T, d], last_virtual
+        [B, d] or None) in the backbone's dtype. last_virtual is each row's last virtual token's state (it
+        predicts the first input token; None for prefix tuning). Arguments as in `forward`; the LM head
+        of them gives forward's logits, and `lm_loss` of them its loss."""
+        return self._hidden(input_ids, inputs_embeds, attention_mask, None, task_ids, adapter_names, None, path)
 
     def lm_loss(self, hidden: torch.Tensor, last_virtual: torch.Tensor | None, labels: torch.Tensor,
                 num_items_in_batch=None) -> torch.Tensor:
@@ -245,137 +246,76 @@ class PromptModel(BankRouting, nn.Module):
                                     backend=self.backend)
         return loss if num_items_in_batch is None else loss / num_items_in_batch
 
-    def _choose_path(self, path: str | None, plan: BankPlan, batch: int, seq_len: int) -> str:
-        """The path a forward takes: prefix tuning always the bank's (shared prefix); "auto" the cheaper of
-        the two by `path_costs` (memoised per shape: it depends on nothing else)."""
-        path = path or self.path
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        if plan.kind == "kv":
-            return "shared_prefix"
-        if path != "auto":
-            return path
-        n_prompts = sum(len(entries) for _, entries in plan.sources)
-        device_type = self.backbone.device.type
-        key = (batch, seq_len, plan.num_virtual_tokens, n_prompts, device_type)
-
-        def cheaper():
-            costs = path_costs(self.backbone, batch, seq_len, plan.num_virtual_tokens, n_prompts, device_type)
-            return min(costs, key=costs.get)
-        return self._cached(self._auto_paths, key, cheaper)
-
-    def _cached(self, cache: dict, key: tuple, make):
-        """cache[key], made by make() on a miss; a full cache (MAX_CACHED_PLANS) is emptied first."""
-        value = cache.get(key)
-        if value is None:
-            if len(cache) >= self.MAX_CACHED_PLANS:
-                cache.clear()
-            value = cache[key] = make()
-        return value
-
-    def _check_batch_args(self, B, T, attention_mask, labels) -> None:
+    def _hidden(self, input_ids, inputs_embeds, attention_mask, labels, task_ids, adapter_names, position_ids,
+                path):
+        """The walk of every forward, down once: check the inputs, resolve the routing (`plan`), take the
+        shape's plan (`self.planner`), run its path. Returns (hidden [B, T, d], last_virtual [B, d] or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
+        check_model_inputs(self, input_ids, task_ids, adapter_names)
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must have shape [B={B}, T={T}], got {tuple(t.shape)}")
-
-    def _concat_hidden(self, plan, input_ids, inputs_embeds, attention_mask):
+        routing = self.plan(B, task_ids, adapter_names)
         attention_mask = _without_padding(attention_mask)
-        prompts = self.bank_prompts(plan)
+        plan = self.planner.plan(routing, T, path or self.path, attention_mask is not None, self.backend)
+        if plan.path == "concat":
+            return self._concat_hidden(routing, plan, input_ids, inputs_embeds, attention_mask)
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        if routing.kind == "tokens":
+            if position_ids is not None:
+                warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
+            return self._packed_hidden(routing, plan, input_ids, inputs_embeds, key_padding_mask)
+        return self._prefix_hidden(routing, plan, input_ids, inputs_embeds, key_padding_mask, position_ids)
+
+    def _concat_hidden(self, routing: BankPlan, plan: ForwardPlan, input_ids, inputs_embeds, attention_mask):
+        """PEFT's path: each row's prompt before its tokens (ids checked by the forward, rows by routing)."""
+        prompts = self.bank_prompts(routing)
         P = prompts.shape[1]
         if input_ids is not None:
-            embeds = prompt_embed(input_ids, self.backbone.word_embeddings.weight, prompts, plan.bank_rows,
-                                  backend=self.backend)
+            embeds = prompt_embed_unchecked(input_ids, self.backbone.word_embeddings.weight, prompts,
+                                            routing.bank_rows, backend=plan.backend)
         else:
-            embeds = torch.cat([rows_of(prompts, plan.bank_rows).to(inputs_embeds.dtype), inputs_embeds], dim=1)
+            embeds = torch.cat([rows_of(prompts, routing.bank_rows).to(inputs_embeds.dtype), inputs_embeds], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
         hidden = self.backbone.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
         return hidden[:, P:], hidden[:, P - 1]
 
-    def _shared_prefix_hidden(self, plan, input_ids, inputs_embeds, attention_mask, position_ids):
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        attention_mask = _without_padding(attention_mask)
-        key_padding_mask = None if attention_mask is None else attention_mask.bool()
-        if plan.kind == "tokens":
-            if position_ids is not None:
-                warnings.warn("position_ids are ignored for virtual-token methods (as in PEFT)")
-            return self._packed_hidden(plan, input_ids, inputs_embeds, key_padding_mask)
-        keys, values, _ = self.bank_kv(plan)
-        P = plan.num_virtual_tokens
-        # [1, T]: every row's positions P..P+T-1 (broadcast over the rows, as HF's own default)
-        position_ids = self._packed_positions(0, P, 1, T) if position_ids is None else position_ids + P
-        ctx = AttentionContext("prefix", keys, values, plan.bank_rows, backend=self.backend,
-                               key_padding_mask=key_padding_mask)
+    def _prefix_hidden(self, routing: BankPlan, plan: ForwardPlan, input_ids, inputs_embeds, key_padding_mask,
+                       position_ids):
+        """Prefix tuning: every row reads its entry's per-layer keys/values from the bank."""
+        keys, values, _ = self.bank_kv(routing)
+        position_ids = plan.position_ids if position_ids is None else position_ids + routing.num_virtual_tokens
+        ctx = AttentionContext("prefix", keys, values, routing.bank_rows, backend=plan.backend,
+                               key_padding_mask=key_padding_mask, row_route=plan.row_route)
         hidden = self.backbone.hidden_states(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                              position_ids=position_ids, ctx=ctx)
         return hidden, None
 
-    def _packed_hidden(self, plan, input_ids, inputs_embeds, key_padding_mask):
-        """The shared-prefix path of virtual-token methods in one backbone pass: the plan's n distinct prompts
-        [n, P, d] and the B rows [B, T, d] travel as one sequence [1, n·P + B·T, d] (`AttentionContext` mode
-        "packed"), prompts at positions 0..P-1, rows at P..P+T-1. Returns (hidden [B, T, d], last_virtual
+    def _packed_hidden(self, routing: BankPlan, plan: ForwardPlan, input_ids, inputs_embeds, key_padding_mask):
+        """The shared-prefix path of virtual-token methods in one backbone pass: the routing's n distinct
+        prompts [n, P, d] and the B rows [B, T, d] travel as one sequence [1, n·P + B·T, d] (`AttentionContext`
+        mode "packed"), prompts at positions 0..P-1, rows at P..P+T-1. Returns (hidden [B, T, d], last_virtual
         [B, d]: the last virtual token's state of each row's prompt)."""
-        prompts = self.bank_prompts(plan)
+        prompts = self.bank_prompts(routing)
         n, P, d = prompts.shape
         if inputs_embeds is None:
             inputs_embeds = self.backbone.word_embeddings(input_ids)
         B, T = inputs_embeds.shape[:2]
         embeds = torch.cat([prompts.reshape(1, n * P, d).to(inputs_embeds.dtype),
                             inputs_embeds.reshape(1, B * T, d)], dim=1)
-        ctx = AttentionContext("packed", bank_rows=plan.bank_rows, key_padding_mask=key_padding_mask,
-                               backend=self.backend, packed=(n, P, B, T),
-                               packed_mask=self._packed_mask(plan, n, P, B, T, key_padding_mask))
-        hidden = self.backbone.hidden_states(inputs_embeds=embeds, position_ids=self._packed_positions(n, P, B, T),
-                                             ctx=ctx)
+        mask = plan.packed_mask
+        if plan.needs_packed_mask:  # several prompts or padded keys: the mask reads this batch's rows
+            mask = packed_attention_mask(n, P, B, T, routing.bank_rows, key_padding_mask, torch.float32)
+        ctx = AttentionContext("packed", bank_rows=routing.bank_rows, key_padding_mask=key_padding_mask,
+                               backend=plan.backend, packed=(n, P, B, T), packed_mask=mask,
+                               row_route=plan.row_route, prompt_route=plan.prompt_route)
+        hidden = self.backbone.hidden_states(inputs_embeds=embeds, position_ids=plan.position_ids, ctx=ctx)
         prompt_hidden, row_hidden = hidden.squeeze(0).split([n * P, B * T])
         # each row's prompt's last virtual state (one prompt: expanded, its backward a sum, not a scatter)
-        return row_hidden.view(B, T, d), rows_of(prompt_hidden.view(n, P, d)[:, -1], plan.bank_rows)
-
-    def _packed_mask(self, plan, n: int, P: int, B: int, T: int, key_padding_mask) -> torch.Tensor | None:
-        """The block mask of the packed pass's masked form (`packed_attention_mask`, fp32: the form runs on
-        the PyTorch path of a CPU, which computes attention in fp32), or None for the split form: the
-        cheaper by `packed_attention_form`, per shape. One prompt and no padding: the mask depends on the
-        shape alone and is cached; otherwise it is built for this forward (it reads the rows' prompts)."""
-        device = self.backbone.device
-        if resolve_backend(self.backend, plan.bank_rows) != "torch":
-            return None
-        form = self._cached(self._packed_forms, (B, T, P, n, device.type), lambda: packed_attention_form(
-            self.backbone, B, T, P, n, device.type))
-        if form != "masked":
-            return None
-
-        def build():
-            return packed_attention_mask(n, P, B, T, plan.bank_rows, key_padding_mask, torch.float32)
-        if n == 1 and key_padding_mask is None:
-            return self._cached(self._packed_masks, (P, B, T, device), build)
-        return build()
-
-    def _packed_positions(self, n: int, P: int, B: int, T: int) -> torch.Tensor:
-        """Position ids [1, n·P + B·T] of a packed pass: n prompts at 0..P-1, then B rows at P..P+T-1 (n = 0,
-        B = 1: one row's [1, T]). Cached per shape: they depend on nothing else."""
-        device = self.backbone.device
-        return self._cached(self._positions, (n, P, B, T, device), lambda: torch.cat(
-            [torch.arange(P, device=device).repeat(n), torch.arange(P, P + T, device=device).repeat(B)])[None])
-
-    def hidden_states(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None,
-                      inputs_embeds=None, path: str | None = None):
-        """Final hidden states of the input tokens, the LM head's input: (hidden [B, T, d], last_virtual
-        [B, d] or None) in the backbone's dtype. last_virtual is each row's last virtual token's state (it
-        predicts the first input token; None for prefix tuning). Arguments as in `forward`; the LM head
-        of them gives forward's logits, and `lm_loss` of them its loss."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, d]")
-        check_model_inputs(self, input_ids, task_ids, adapter_names)
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        self._check_batch_args(B, T, attention_mask, None)
-        plan = self.plan(B, task_ids, adapter_names)
-        return self._hidden(plan, path, input_ids, inputs_embeds, attention_mask, None)
-
-    def _hidden(self, plan, path, input_ids, inputs_embeds, attention_mask, position_ids):
-        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if self._choose_path(path, plan, B, T) == "concat":
-            return self._concat_hidden(plan, input_ids, inputs_embeds, attention_mask)
-        return self._shared_prefix_hidden(plan, input_ids, inputs_embeds, attention_mask, position_ids)
+        return row_hidden.view(B, T, d), rows_of(prompt_hidden.view(n, P, d)[:, -1], routing.bank_rows)
 
     # generation ------------------------------------------------------------------------------
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, adapter_names=None, **kwargs):

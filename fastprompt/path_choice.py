@@ -1,7 +1,7 @@
 """The forward path a virtual-token batch takes on a causal decoder, and the cost model that picks it.
 
 `PATHS`: "shared_prefix" (each distinct prompt runs once, packed with the rows), "concat" (PEFT's way: the
-prompt before every row) and "auto" (the cheaper of the two by `path_costs`). `PromptModel._choose_path`
+prompt before every row) and "auto" (the cheaper of the two by `path_costs`). `ForwardPlanner.plan`
 applies the choice per batch shape; the forward paths themselves live in `fastprompt/model.py`.
 
 The shared-prefix (packed) pass has two forms of attention (`PACKED_FORMS`, chosen by

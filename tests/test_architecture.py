@@ -11,6 +11,7 @@ that each need the other: model.py choosing its own subclasses was one), except 
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import re
 from pathlib import Path
@@ -349,3 +350,22 @@ def test_each_constant_is_defined_once(modules):
     assert not twice, f"constants defined more than once: {twice}"
     read = [(constant, value) for constant, value, _ in literal_constants(ROOT / "kernels" / "decode_shapes.py")]
     assert read == [("DECODE_MAX_T", 16)]  # the reader reads
+
+
+def test_bank_rows_below_the_api(modules):
+    """Below the model's API a bank index is `bank_rows`: the ops that read a bank by row (prefix attention,
+    prompt embedding, their references) and the serving engine never say `task_ids`, which names MPT's task
+    only (`mpt_prompt_embed`, `mpt_prompts` and their references keep it: there it is the task)."""
+    from fastprompt import ops
+    from fastprompt.ops import reference
+
+    for op in (ops.prefix_attention, ops.prefix_attention_unchecked, ops.prompt_embed, ops.prompt_embed_unchecked,
+               reference.prefix_attention, reference.prompt_embed):
+        parameters = list(inspect.signature(op).parameters)
+        assert "bank_rows" in parameters and "task_ids" not in parameters, (op.__qualname__, parameters)
+    for op in (ops.mpt_prompt_embed, ops.mpt_prompts):
+        assert "task_ids" in inspect.signature(op).parameters
+    for relative in ("fastprompt/ops/prefix_attention.py", "kernels/prefix_attention.py",
+                     "fastprompt/backbones/attention.py", "fastprompt/serve/engine.py"):
+        text = (ROOT / relative).read_text()
+        assert "task_ids" not in text, f"{relative} says task_ids below the API; the bank index is bank_rows"

@@ -80,8 +80,9 @@ def test_shared_prefix_equals_concat(family, config, form, monkeypatch):
     """Right padding, rows of two MPT tasks; the packed pass in the form under test (on the CPU the cost
     model would pick the masked one at these sizes; the split one is the GPU's)."""
     import fastprompt.model as prompt_model
+    import fastprompt.planner as planner
 
-    monkeypatch.setattr(prompt_model, "packed_attention_form", lambda *args: form)
+    monkeypatch.setattr(planner, "packed_attention_form", lambda *args: form)
     masks, build = [], prompt_model.packed_attention_mask
 
     def recorded(*args):

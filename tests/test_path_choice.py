@@ -106,5 +106,6 @@ def test_auto_forward_takes_the_chosen_path_and_equals_it(P, expected, monkeypat
 def test_prefix_tuning_reads_the_bank_on_every_path():
     model = fastprompt.get_peft_model(tiny_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                               num_virtual_tokens=5))
-    plan = model.plan(1)
-    assert {model._choose_path(p, plan, 1, 16) for p in ("auto", "concat", "shared_prefix")} == {"shared_prefix"}
+    routing = model.plan(1)
+    paths = {model.planner.plan(routing, 16, p, False, None).path for p in ("auto", "concat", "shared_prefix")}
+    assert paths == {"shared_prefix"}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from fastprompt.ops import prefix_attention
+from fastprompt.ops import prefix_attention, prefix_attention_unchecked
 
 ATTENTION_NAME = "fastprompt"
 
@@ -113,6 +113,11 @@ class AttentionContext:
     # -1e9 on the padding of a prefix shorter than the bank's P), 0 over the row's own keys
     packed: tuple[int, int, int, int] | None = None  # mode "packed": (n prompts, P, B rows, T)
     packed_mask: torch.Tensor | None = None  # mode "packed", masked form: `packed_attention_mask`'s [N, N]
+    # Planned calls (`fastprompt.planner.ForwardPlan`): the route ("kernel" or "sdpa") of the rows' prefix
+    # attention and of the split form's prompt call. Set, the layers call `prefix_attention_unchecked` on it
+    # (the planner vouched for the arguments once a forward); None, the public op checks and routes itself.
+    row_route: str | None = None
+    prompt_route: str | None = None
 
 
 def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -156,10 +161,9 @@ def fastprompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         if ctx.prefix_bias is not None:
             own = ctx.prefix_bias.new_zeros(ctx.prefix_bias.shape[0], S)
             bias = torch.cat([ctx.prefix_bias, own], dim=1)[:, None, None, :]
-        out = prefix_attention(query, key, value, ctx.prefix_k[layer].to(query.dtype),
-                               ctx.prefix_v[layer].to(query.dtype), ctx.bank_rows,
-                               causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
-                               bias=bias, backend=ctx.backend)
+        out = _prefix_attention(ctx, ctx.row_route, query, key, value, ctx.prefix_k[layer].to(query.dtype),
+                                ctx.prefix_v[layer].to(query.dtype), ctx.bank_rows,
+                                key_padding_mask=ctx.key_padding_mask, scale=scaling, bias=bias)
     elif ctx.mode == "packed":
         return _packed_attention(query, key, value, ctx, scaling, kwargs.get("sliding_window")), None
     else:
@@ -198,14 +202,20 @@ def _packed_attention(query, key, value, ctx: AttentionContext, scaling, window)
     # No prefix for the prompts: a fresh empty bank (a slice of prompt_k would carry autograd history and
     # make the op concatenate it).
     empty = prompt_k.new_zeros(1, prompt_k.shape[1], 0, prompt_k.shape[3])
-    prompt_out = prefix_attention(prompt_q, prompt_k, prompt_v, empty, empty, ctx.bank_rows.new_zeros(n),
-                                  causal=True, scale=scaling, backend=ctx.backend)
-    row_out = prefix_attention(row_q, row_k, row_v, prompt_k, prompt_v, ctx.bank_rows,
-                               causal=True, key_padding_mask=ctx.key_padding_mask, scale=scaling,
-                               backend=ctx.backend)
+    prompt_out = _prefix_attention(ctx, ctx.prompt_route, prompt_q, prompt_k, prompt_v, empty, empty,
+                                   ctx.bank_rows.new_zeros(n), scale=scaling)
+    row_out = _prefix_attention(ctx, ctx.row_route, row_q, row_k, row_v, prompt_k, prompt_v, ctx.bank_rows,
+                                key_padding_mask=ctx.key_padding_mask, scale=scaling)
     Hq, D = query.shape[1], query.shape[3]
     return torch.cat([prompt_out.transpose(1, 2).reshape(1, split, Hq, D),
                       row_out.transpose(1, 2).reshape(1, B * T, Hq, D)], dim=1)
+
+
+def _prefix_attention(ctx: AttentionContext, route: str | None, *args, **kwargs) -> torch.Tensor:
+    """Causal prefix attention of a layer: on the planned route, unchecked, or through the public op."""
+    if route is not None:
+        return prefix_attention_unchecked(*args, route=route, causal=True, **kwargs)
+    return prefix_attention(*args, causal=True, backend=ctx.backend, **kwargs)
 
 
 def packed_attention_mask(n: int, P: int, B: int, T: int, bank_rows: torch.Tensor,

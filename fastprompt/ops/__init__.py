@@ -14,6 +14,9 @@ __all__ += ["linear_cross_entropy", "rms_norm", "layer_norm", "swiglu", "gelu"]
 # What the layers above use of the ops' machinery; they import ops by these names, never from its modules.
 from fastprompt.ops._checks import check_index_values  # noqa: E402
 from fastprompt.ops._dispatch import resolve_backend  # noqa: E402
+from fastprompt.ops.prefix_attention import prefix_attention_route, prefix_attention_unchecked  # noqa: E402
+from fastprompt.ops.prompt_embed import prompt_embed_unchecked  # noqa: E402
 from fastprompt.ops.reference import default_positions, rows_of  # noqa: E402
 
-__all__ += ["check_index_values", "resolve_backend", "default_positions", "rows_of"]
+__all__ += ["check_index_values", "resolve_backend", "default_positions", "rows_of", "prefix_attention_route",
+            "prefix_attention_unchecked", "prompt_embed_unchecked"]

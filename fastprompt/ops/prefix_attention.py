@@ -83,18 +83,45 @@ def prefix_attention(
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise ValueError("bias must not require grad: prefix_attention takes it as a frozen input and returns "
                          "no gradient for it; pass bias.detach() (or compute it under torch.no_grad())")
+    route = prefix_attention_route(resolve_backend(backend, q), q.is_cuda, T=q.shape[2], S=k.shape[2],
+                                   P=prefix_k.shape[2], grouped=q.shape[1] != k.shape[1], causal=causal,
+                                   has_padding_mask=key_padding_mask is not None, has_bias=bias is not None)
+    return _on_route(q, k, v, prefix_k, prefix_v, bank_rows, route, causal, key_padding_mask, scale, bias)
+
+
+@public_op
+def prefix_attention_unchecked(q, k, v, prefix_k, prefix_v, bank_rows, *, route: str, causal: bool = True,
+                               key_padding_mask=None, scale: float | None = None, bias=None) -> torch.Tensor:
+    """`prefix_attention` on a route decided beforehand ("kernel" or "sdpa", `prefix_attention_route`), with
+    no checks: for callers that planned the call and validated its arguments once for many calls (a
+    PromptModel forward's plan, `fastprompt/planner.py`, serves every layer). Arguments and result as in
+    `prefix_attention`; an argument it would have refused is undefined behaviour here."""
+    return _on_route(q, k, v, prefix_k, prefix_v, bank_rows, route, causal, key_padding_mask, scale, bias)
+
+
+def _on_route(q, k, v, prefix_k, prefix_v, bank_rows, route, causal, key_padding_mask, scale, bias):
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    use_kernel = resolve_backend(backend, q) == "triton" and (not q.is_cuda or attention_route(
-        T=q.shape[2], S=k.shape[2], P=prefix_k.shape[2], grouped=q.shape[1] != k.shape[1], causal=causal,
-        has_padding_mask=key_padding_mask is not None, has_bias=bias is not None,
-        compiling=torch.compiler.is_compiling()) == "kernel")
-    if use_kernel:
+    if route == "kernel":
         out, _ = _kernel_fwd(q, k, v, prefix_k, prefix_v, bank_rows, key_padding_mask, bias, bool(causal),
                              float(scale))
         return out
     return sdpa_on_concatenated_keys(q, k, v, prefix_k, prefix_v, bank_rows, causal=causal,
                                      key_padding_mask=key_padding_mask, scale=scale, bias=bias)
+
+
+def prefix_attention_route(backend: str, cuda: bool, *, T: int, S: int, P: int, grouped: bool, causal: bool,
+                           has_padding_mask: bool, has_bias: bool) -> str:
+    """What `prefix_attention` runs for a call of these sizes: "kernel" (the Triton kernel) or "sdpa" (the
+    PyTorch path, SDPA on concatenated keys). backend: "triton" or "torch", already resolved; cuda: whether
+    q is a CUDA tensor. The torch backend is always SDPA; Triton off CUDA (the interpreter) always the
+    kernel; on CUDA, `attention_route` (by measurement). Reads whether torch.compile is tracing."""
+    if backend != "triton":
+        return "sdpa"
+    if not cuda:
+        return "kernel"
+    return attention_route(T=T, S=S, P=P, grouped=grouped, causal=causal, has_padding_mask=has_padding_mask,
+                           has_bias=has_bias, compiling=torch.compiler.is_compiling())
 
 
 def attention_route(*, T: int, S: int, P: int, grouped: bool, causal: bool, has_padding_mask: bool,

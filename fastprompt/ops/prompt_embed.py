@@ -35,30 +35,46 @@ def prompt_embed(
     input_ids: torch.Tensor,
     embedding_weight: torch.Tensor,
     prompts: torch.Tensor,
-    task_ids: torch.Tensor,
+    bank_rows: torch.Tensor,
     *,
     positions: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Row b = [prompts[task_ids[b]] ; E[input_ids[b]]] (or the layout `positions` gives).
+    """Row b = [prompts[bank_rows[b]] ; E[input_ids[b]]] (or the layout `positions` gives).
 
     Shapes: input_ids [B, T] int64 (or int32); embedding_weight [V, d] fp32/bf16/fp16 (frozen: no
-    gradient); prompts [n_tasks, P, d] fp32/bf16/fp16; task_ids [B] int64 (or int32); positions [B, L]
-    int64 (or int32), where p >= 0 takes input token p and p < 0 takes virtual token -p - 1 (default:
-    prompt first, L = P + T). Index ranges are checked on CPU tensors only (on CUDA a check would sync).
-    Returns [B, L, d] in embedding_weight's dtype; differentiable in `prompts` (gradients summed per task).
+    gradient); prompts [n_bank, P, d] fp32/bf16/fp16, the prompt bank; bank_rows [B] int64 (or int32), the
+    bank row each batch row reads; positions [B, L] int64 (or int32), where p >= 0 takes input token p and
+    p < 0 takes virtual token -p - 1 (default: prompt first, L = P + T). Index ranges are checked on CPU
+    tensors only (on CUDA a check would sync).
+    Returns [B, L, d] in embedding_weight's dtype; differentiable in `prompts` (gradients summed per bank
+    row).
 
     Example::
 
-        embeds = prompt_embed(input_ids, model.get_input_embeddings().weight, bank, task_ids)
+        embeds = prompt_embed(input_ids, model.get_input_embeddings().weight, bank, bank_rows)
     """
-    _check_prompt_embed(*_token_specs(input_ids, embedding_weight, task_ids, positions),
-                        spec("prompts", prompts, "[n_tasks, P, d]"))
-    _check_token_values(input_ids, embedding_weight, task_ids, positions, prompts.shape[0], prompts.shape[1],
-                        "rows of prompts")
-    if resolve_backend(backend, embedding_weight) == "triton":
-        return _prompt_embed(input_ids, embedding_weight.detach(), prompts, task_ids, positions)
-    return reference.prompt_embed(input_ids, embedding_weight, prompts, task_ids, positions=positions)
+    _check_prompt_embed(*_token_specs(input_ids, embedding_weight, bank_rows, positions, "bank_rows"),
+                        spec("prompts", prompts, "[n_bank, P, d]"))
+    _check_token_values(input_ids, embedding_weight, bank_rows, positions, "bank_rows", prompts.shape[0],
+                        prompts.shape[1], "rows of prompts")
+    return _embed(input_ids, embedding_weight, prompts, bank_rows, positions,
+                  resolve_backend(backend, embedding_weight))
+
+
+@public_op
+def prompt_embed_unchecked(input_ids, embedding_weight, prompts, bank_rows, *, positions=None,
+                           backend: str) -> torch.Tensor:
+    """`prompt_embed` with no checks, on a resolved backend ("triton" or "torch"): for a caller that
+    validated the token ids and bank rows itself (a PromptModel forward: its input checks and its routing).
+    Arguments and result as in `prompt_embed`."""
+    return _embed(input_ids, embedding_weight, prompts, bank_rows, positions, backend)
+
+
+def _embed(input_ids, embedding_weight, prompts, bank_rows, positions, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _prompt_embed(input_ids, embedding_weight.detach(), prompts, bank_rows, positions)
+    return reference.prompt_embed(input_ids, embedding_weight, prompts, bank_rows, positions=positions)
 
 
 @public_op
@@ -78,10 +94,10 @@ def mpt_prompt_embed(
     Shapes: shared [P, d]; task_cols [n_tasks, P, r] (r >= 1); task_rows [n_tasks, r, d]; fp32/bf16/fp16,
     any mix; the rest as in `prompt_embed`. Differentiable in shared, task_cols and task_rows.
     """
-    token_specs = _token_specs(input_ids, embedding_weight, task_ids, positions)
+    token_specs = _token_specs(input_ids, embedding_weight, task_ids, positions, "task_ids")
     _check_mpt_prompt_embed(*token_specs, *_mpt_specs(shared, task_cols, task_rows))
-    _check_token_values(input_ids, embedding_weight, task_ids, positions, task_cols.shape[0], shared.shape[0],
-                        "MPT tasks")
+    _check_token_values(input_ids, embedding_weight, task_ids, positions, "task_ids", task_cols.shape[0],
+                        shared.shape[0], "MPT tasks")
     if resolve_backend(backend, embedding_weight) == "triton":
         return _mpt_prompt_embed(input_ids, embedding_weight.detach(), shared, task_cols,
                                                      task_rows, task_ids, positions)
@@ -107,9 +123,10 @@ def mpt_prompts(shared, task_cols, task_rows, task_ids, *, backend: str | None =
 # ----------------------------------------------------------------------------------------------------------
 # checks: shapes once per new shape (cached), index values per call on CPU tensors
 # ----------------------------------------------------------------------------------------------------------
-def _token_specs(input_ids, embedding_weight, task_ids, positions):
+def _token_specs(input_ids, embedding_weight, rows, positions, rows_name: str):
+    """rows: the [B] index of each row's prompt, named `rows_name` (bank_rows, or MPT's task_ids)."""
     return (spec("input_ids", input_ids, "[B, T]"), spec("embedding_weight", embedding_weight, "[V, d]"),
-            spec("task_ids", task_ids, "[B]"), spec("positions", positions, "[B, L]"))
+            spec(rows_name, rows, "[B]"), spec("positions", positions, "[B, L]"))
 
 
 def _mpt_specs(shared, task_cols, task_rows):
@@ -117,19 +134,20 @@ def _mpt_specs(shared, task_cols, task_rows):
             spec("task_rows", task_rows, "[n_tasks, r, d]"))
 
 
-def _check_tokens(input_ids, embedding_weight, task_ids, positions, **prompt_params) -> None:
-    """The token-side Specs, and that they and `prompt_params` (by name) share one device."""
+def _check_tokens(input_ids, embedding_weight, rows, positions, rows_name: str, **prompt_params) -> None:
+    """The token-side Specs (rows: the prompt index, named `rows_name`), and that they and `prompt_params`
+    (by name) share one device."""
     check_rank("input_ids", input_ids, 2, "[B, T]")
     check_rank("embedding_weight", embedding_weight, 2, "[V, d]")
-    check_rank("task_ids", task_ids, 1, "[B]")
+    check_rank(rows_name, rows, 1, "[B]")
     check_float("embedding_weight", embedding_weight)
     check_index_dtype("input_ids", input_ids)
-    check_index_dtype("task_ids", task_ids)
-    check_same_device(input_ids=input_ids, embedding_weight=embedding_weight, task_ids=task_ids,
+    check_index_dtype(rows_name, rows)
+    check_same_device(input_ids=input_ids, embedding_weight=embedding_weight, **{rows_name: rows},
                       positions=positions, **prompt_params)
     B = input_ids.shape[0]
-    if task_ids.shape[0] != B:
-        raise ValueError(f"task_ids must have shape [B={B}], got {task_ids.shape}")
+    if rows.shape[0] != B:
+        raise ValueError(f"{rows_name} must have shape [B={B}], got {rows.shape}")
     if positions is not None:
         check_rank("positions", positions, 2, "[B, L]")
         if positions.shape[0] != B or positions.dtype not in (torch.int64, torch.int32):
@@ -155,9 +173,9 @@ def _check_mpt(shared, task_cols, task_rows) -> None:
 
 
 @cached
-def _check_prompt_embed(input_ids, embedding_weight, task_ids, positions, prompts) -> None:
-    check_rank("prompts", prompts, 3, "[n_tasks, P, d]")
-    _check_tokens(input_ids, embedding_weight, task_ids, positions, prompts=prompts)
+def _check_prompt_embed(input_ids, embedding_weight, bank_rows, positions, prompts) -> None:
+    check_rank("prompts", prompts, 3, "[n_bank, P, d]")
+    _check_tokens(input_ids, embedding_weight, bank_rows, positions, "bank_rows", prompts=prompts)
     check_float("prompts", prompts)
     if prompts.shape[2] != embedding_weight.shape[1]:
         raise ValueError(f"prompts must have d={embedding_weight.shape[1]} (the embedding width), got "
@@ -167,8 +185,8 @@ def _check_prompt_embed(input_ids, embedding_weight, task_ids, positions, prompt
 @cached
 def _check_mpt_prompt_embed(input_ids, embedding_weight, task_ids, positions, shared, task_cols, task_rows) -> None:
     _check_mpt(shared, task_cols, task_rows)
-    _check_tokens(input_ids, embedding_weight, task_ids, positions, shared=shared, task_cols=task_cols,
-                  task_rows=task_rows)
+    _check_tokens(input_ids, embedding_weight, task_ids, positions, "task_ids", shared=shared,
+                  task_cols=task_cols, task_rows=task_rows)
     if shared.shape[1] != embedding_weight.shape[1]:
         raise ValueError(f"shared must have d={embedding_weight.shape[1]}, got {shared.shape}")
 
@@ -181,10 +199,10 @@ def _check_mpt_prompts(shared, task_cols, task_rows, task_ids) -> None:
     check_index_dtype("task_ids", task_ids)
 
 
-def _check_token_values(input_ids, embedding_weight, task_ids, positions, n_tasks: int, n_virtual: int,
-                        what: str) -> None:
+def _check_token_values(input_ids, embedding_weight, rows, positions, rows_name: str, n_prompts: int,
+                        n_virtual: int, what: str) -> None:
     check_index_values("input_ids", input_ids, 0, embedding_weight.shape[0], "the vocabulary")
-    check_index_values("task_ids", task_ids, 0, n_tasks, what)
+    check_index_values(rows_name, rows, 0, n_prompts, what)
     if positions is not None:
         check_index_values("positions", positions, -n_virtual, input_ids.shape[1],
                            "virtual tokens, then input tokens")

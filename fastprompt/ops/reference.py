@@ -15,18 +15,18 @@ def prefix_attention(
     v: torch.Tensor,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
-    task_ids: torch.Tensor,
+    bank_rows: torch.Tensor,
     *,
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention in which each batch row first sees its task's prefix, then its own keys.
+    """Attention in which each batch row first sees its prefix from the bank, then its own keys.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (the row's own keys; when causal S >= T, S > T in decoding with
     a cache);
-    prefix_k, prefix_v: [n_tasks, Hkv, P, D] (P may be 0); task_ids: [B] int64 in [0, n_tasks);
+    prefix_k, prefix_v: [n_bank, Hkv, P, D] (P may be 0); bank_rows: [B] int64 in [0, n_bank);
     key_padding_mask: [B, S] bool, True = attend. Hq must be a multiple of Hkv (grouped-query attention).
     bias: optional finite float [B or 1, Hq or 1, T or 1, P + S] over [prefix ; own keys], added to the
     scaled scores (broadcast over size-1 dimensions).
@@ -36,8 +36,8 @@ def prefix_attention(
     """
     B, Hq, T, D = q.shape
     S, Hkv, P = k.shape[2], k.shape[1], prefix_k.shape[2]
-    keys = torch.cat([prefix_k[task_ids], k], dim=2).float()
-    values = torch.cat([prefix_v[task_ids], v], dim=2).float()
+    keys = torch.cat([prefix_k[bank_rows], k], dim=2).float()
+    values = torch.cat([prefix_v[bank_rows], v], dim=2).float()
 
     own_visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
     if causal:
@@ -73,13 +73,14 @@ def prompt_embed(
     input_ids: torch.Tensor,
     embedding_weight: torch.Tensor,
     prompts: torch.Tensor,
-    task_ids: torch.Tensor,
+    bank_rows: torch.Tensor,
     *,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Embed tokens and place each row's task prompt among them.
+    """Embed tokens and place each row's prompt (its row of the prompt bank) among them.
 
-    input_ids: [B, T] int64; embedding_weight: [V, d]; prompts: [n_tasks, P, d] (P may be 0); task_ids: [B] int64.
+    input_ids: [B, T] int64; embedding_weight: [V, d]; prompts: [n_bank, P, d] (P may be 0);
+    bank_rows: [B] int64 in [0, n_bank).
     positions: optional [B, L] int64 map from output position to its source: a value p >= 0 is the
     input token input_ids[b, p]; a value p < 0 is virtual token -p - 1 of the row's prompt. Default: the
     prompt first, then the tokens (L = P + T).
@@ -87,7 +88,7 @@ def prompt_embed(
     """
     P = prompts.shape[1]
     tokens = embedding_weight.detach()[input_ids]                          # [B, T, d]; frozen
-    row_prompts = rows_of(prompts, task_ids).to(embedding_weight.dtype)   # [B, P, d]
+    row_prompts = rows_of(prompts, bank_rows).to(embedding_weight.dtype)   # [B, P, d]
     sources = torch.cat([row_prompts, tokens], dim=1)                      # [B, P + T, d]
     if positions is None:       # the default layout is the sources themselves
         return sources

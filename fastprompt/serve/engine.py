@@ -443,14 +443,14 @@ class Engine:
         depends on L or on the rows, only on nb and window, so a CUDA graph captured once per (nb, window)
         replays it for every L with L < window, whatever the rows.
         """
-        input_ids, lengths, task_ids = inputs[:nb, None], inputs[nb:2 * nb], inputs[2 * nb:3 * nb]
+        input_ids, lengths, bank_rows = inputs[:nb, None], inputs[nb:2 * nb], inputs[2 * nb:3 * nb]
         offset = inputs[3 * nb]
         columns = torch.arange(window, device=inputs.device)[None]
         mask = (columns >= (offset - lengths)[:, None]) & (columns <= offset)
         cache = self.cache.decode_view(nb, window, offset)
-        positions = lengths[:, None] + self.store.bank.entry_lengths[task_ids, None]
+        positions = lengths[:, None] + self.store.bank.entry_lengths[bank_rows, None]
         hidden = self.backbone.hidden_states(input_ids=input_ids, position_ids=positions,
-                                             ctx=self._context(task_ids, mask, cache))
+                                             ctx=self._context(bank_rows, mask, cache))
         return self.backbone.lm_head(hidden[:, -1])
 
     def _context(self, entries: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> AttentionContext:

@@ -321,10 +321,13 @@ def test_public_ops_name_the_bad_argument(backend):
         ops.prompt_embed(input_ids.float(), weight, prompts, task_ids, backend=backend)
     with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
         ops.prompt_embed(input_ids + VOCAB, weight, prompts, task_ids, backend=backend)
-    with pytest.raises(ValueError, match=r"task_ids must have shape \[B=2\]"):
+    with pytest.raises(ValueError, match=r"bank_rows must have shape \[B=2\]"):
         ops.prompt_embed(input_ids, weight, prompts, task_ids[:1], backend=backend)
-    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"bank_rows must lie in \[0, 2\)"):
         ops.prompt_embed(input_ids, weight, prompts, task_ids + n_tasks, backend=backend)
+    with pytest.raises(ValueError, match=r"task_ids must have shape \[B=2\]"):
+        ops.mpt_prompt_embed(input_ids, weight, prompts[0], torch.randn(n_tasks, P, 2).to(DEVICE),
+                             torch.randn(n_tasks, 2, d).to(DEVICE), task_ids[:1], backend=backend)
     with pytest.raises(ValueError, match="positions must have shape"):
         ops.prompt_embed(input_ids, weight, prompts, task_ids, positions=torch.zeros(B, 4, 2).long().to(DEVICE),
                          backend=backend)
