@@ -40,7 +40,7 @@ def build(case: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fastprompt
-    from fastprompt.config import as_fastprompt_config
+    from fastprompt.methods import as_fastprompt_config
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=503, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -13,10 +13,10 @@ from fastprompt._lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MultitaskPromptTuningConfig": "fastprompt.config",
-    "PrefixTuningConfig": "fastprompt.config",
-    "PromptEncoderConfig": "fastprompt.config",
-    "PromptTuningConfig": "fastprompt.config",
+    "MultitaskPromptTuningConfig": "fastprompt.methods.mpt",
+    "PrefixTuningConfig": "fastprompt.methods.prefix_tuning",
+    "PromptEncoderConfig": "fastprompt.methods.p_tuning",
+    "PromptTuningConfig": "fastprompt.methods.prompt_tuning",
     "combine_predictions": "fastprompt.ensemble",
     "mean_log_prob": "fastprompt.ensemble",
     "score_choices": "fastprompt.ensemble",

@@ -24,8 +24,8 @@ from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutp
 
 from fastprompt import io
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape
-from fastprompt.config import resolve_config
 from fastprompt.heads import WithHeads, copy_heads, load_heads, routed_heads
+from fastprompt.methods import resolve_config
 from fastprompt.ops import default_positions
 from fastprompt.routing import BankPlan
 

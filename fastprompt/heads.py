@@ -54,6 +54,7 @@ class WithHeads(PromptSource):
     def __init__(self, source: PromptSource, heads: dict[str, nn.Module]):
         super().__init__(source.config)
         self.kind, self.routes_by_task = source.kind, source.routes_by_task
+        self.prompts_the_decoder = source.prompts_the_decoder
         self.source = source
         self.heads = nn.ModuleDict(heads)
 

@@ -11,7 +11,7 @@ Forward paths for virtual-token methods (prompt tuning, P-tuning, MPT):
 Prefix tuning always reads its keys/values from the bank.
 
 Which row reads which bank entry (`BankPlan`, `plan`) is `fastprompt/routing.py`; filling a config from the
-model is `fastprompt.config.resolve_config`; choosing the class for a model (`get_peft_model`,
+model is `fastprompt.methods.resolve_config`; choosing the class for a model (`get_peft_model`,
 `from_pretrained`) is `fastprompt/wrap.py`, above this module and its encoder and encoder-decoder subclasses.
 """
 
@@ -26,9 +26,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fastprompt import bank, io
 from fastprompt.backbones import AttentionContext, get_backbone, patches
 from fastprompt.backbones.attention import packed_attention_mask
-from fastprompt.config import resolve_config
 from fastprompt.inputs import check_model_inputs
-from fastprompt.methods import build_source, load_source
+from fastprompt.methods import build_source, load_source, resolve_config
 from fastprompt.ops import linear_cross_entropy, prompt_embed_unchecked, rows_of
 from fastprompt.path_choice import PATHS
 from fastprompt.planner import ForwardPlan, ForwardPlanner

@@ -20,7 +20,6 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from fastprompt.bidirectional import BidirectionalPromptModel, check_shape, prepend_ones
-from fastprompt.config import MULTITASK_PROMPT_TUNING
 from fastprompt.generation import _check_sampling, sample_next, stopping_setup
 from fastprompt.routing import BankPlan
 
@@ -86,13 +85,14 @@ class Seq2SeqPromptModel(BidirectionalPromptModel):
     def _inputs(self, plan: BankPlan, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
         """(keyword arguments for the HF model, number of decoder virtual tokens, SiteContext or None)."""
         P = plan.num_virtual_tokens
-        config = self.peft_config[plan.sources[0][0]]
+        name = plan.sources[0][0]
+        config, source = self.peft_config[name], self.prompt_sources[name]
         inputs = dict(attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask)
         if plan.kind == "tokens":
             prompts = self.bank_prompts(plan)
             inputs["inputs_embeds"] = self.embed(input_ids, prompts[:, :P], plan.bank_rows)
             inputs["attention_mask"] = prepend_ones(attention_mask, P)
-            if config.peft_type == MULTITASK_PROMPT_TUNING and config.num_transformer_submodules == 2:
+            if source.prompts_the_decoder and config.num_transformer_submodules == 2:
                 inputs["decoder_inputs_embeds"] = self.embed(decoder_input_ids, prompts[:, P:], plan.bank_rows)
                 inputs["decoder_attention_mask"] = prepend_ones(decoder_attention_mask, P)
                 return inputs, P, None

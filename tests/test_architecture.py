@@ -369,3 +369,19 @@ def test_bank_rows_below_the_api(modules):
                      "fastprompt/backbones/attention.py", "fastprompt/serve/engine.py"):
         text = (ROOT / relative).read_text()
         assert "task_ids" not in text, f"{relative} says task_ids below the API; the bank index is bank_rows"
+
+
+def test_only_the_methods_name_a_method(modules):
+    """A method is its module in fastprompt/methods/: no other module names a peft_type (as a constant or a
+    string), so nothing outside branches on which method it holds; the runtime asks the source's
+    capabilities. The MPT and SPoT drivers name the one method each drives."""
+    method_name = re.compile(r"\b(PROMPT_TUNING|P_TUNING|PREFIX_TUNING|MULTITASK_PROMPT_TUNING)\b")
+    drivers = {"fastprompt/train/mpt.py", "fastprompt/train/spot.py"}
+    naming = []
+    for path in package_modules(modules).values():
+        relative = path.relative_to(ROOT).as_posix()
+        if relative.startswith("fastprompt/methods/") or relative in drivers:
+            continue
+        naming += [f"{relative}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
+                   if method_name.search(line)]
+    assert not naming, f"modules outside fastprompt/methods/ that name a method: {naming}"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastprompt
-from fastprompt.config import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptTuningConfig
+from fastprompt.methods import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptTuningConfig
 from tests.tiny_models import tiny_model
 
 CONFIGS = {

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastprompt
 from fastprompt.backbones import get_backbone
-from fastprompt.config import PrefixTuningConfig, PromptTuningConfig
+from fastprompt.methods import PrefixTuningConfig, PromptTuningConfig
 from fastprompt.path_choice import PATH_COST_CONSTANTS, packed_attention_form, packed_form_costs, path_costs
 from tests.tiny_models import tiny_model
 

@@ -1,5 +1,7 @@
-"""Prompt sources, one per method, registered by peft_type (`methods.base.register`); `build_source` and
-`load_source` make one from a config or an adapter folder. Importing this package registers every method."""
+"""The methods: each one module holding its config class and its prompt source, registered together by
+peft_type (`methods.base.register`); `build_source` and `load_source` make a source from a config or an
+adapter folder, `as_fastprompt_config` and `resolve_config` (`fastprompt/methods/configs.py`) read and fill
+configs. Importing this package registers every method."""
 
 from __future__ import annotations
 
@@ -8,12 +10,12 @@ import dataclasses
 import torch
 
 from fastprompt import io
-from fastprompt.config import as_fastprompt_config, resolve_config
 from fastprompt.methods.base import SOURCES, PromptSource
-from fastprompt.methods.mpt import MultitaskPromptTuning
-from fastprompt.methods.p_tuning import PTuning
-from fastprompt.methods.prefix_tuning import PrefixTuning
-from fastprompt.methods.prompt_tuning import PromptTuning
+from fastprompt.methods.configs import as_fastprompt_config, resolve_config
+from fastprompt.methods.mpt import MULTITASK_PROMPT_TUNING, MultitaskPromptTuning, MultitaskPromptTuningConfig
+from fastprompt.methods.p_tuning import P_TUNING, PromptEncoderConfig, PTuning
+from fastprompt.methods.prefix_tuning import PREFIX_TUNING, PrefixTuning, PrefixTuningConfig
+from fastprompt.methods.prompt_tuning import PROMPT_TUNING, PromptTuning, PromptTuningConfig
 
 
 def source_class(peft_type: str) -> type[PromptSource]:
@@ -24,7 +26,7 @@ def source_class(peft_type: str) -> type[PromptSource]:
 
 
 def build_source(config, backbone) -> PromptSource:
-    """The prompt source for a resolved config (see `fastprompt.config.resolve_config`) on a backbone."""
+    """The prompt source for a resolved config (see `resolve_config`) on a backbone."""
     cls = source_class(config.peft_type)
     if cls.kind == "tokens" and (config.num_transformer_submodules or 1) > 1:
         # As PEFT's prompt encoders: num_virtual_tokens per transformer submodule (encoder-decoders: 2).
@@ -67,4 +69,6 @@ def load_source(adapter_dir, backbone):
 
 
 __all__ = ["PromptSource", "PromptTuning", "PTuning", "PrefixTuning", "MultitaskPromptTuning", "build_source",
-           "check_file_shapes", "load_source", "source_class"]
+           "check_file_shapes", "load_source", "source_class", "as_fastprompt_config", "resolve_config",
+           "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "MultitaskPromptTuningConfig",
+           "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"]

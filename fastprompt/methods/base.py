@@ -4,10 +4,12 @@ A source owns `num_entries` bank entries (1 per adapter; MPT: one per task). Par
 PEFT's prompt encoders (`embedding.weight`, `mlp_head.*`, `transform.*`, `prefix_task_cols`, ...), so a
 PEFT `prompt_encoder[name].state_dict()` loads as it is.
 
-A method is one source class registered with its config class (`@register(PROMPT_TUNING, PromptTuningConfig)`:
-`as_fastprompt_config` then reads its adapter_config.json too); the runtime asks the source, never the type,
-what it does: `kind` (tokens or keys/values), `routes_by_task` (rows pick one of the adapter's entries by
-task id) and `num_entries`.
+A method is one module: its config class and its source class, registered together
+(`@register(PROMPT_TUNING, PromptTuningConfig)`: `fastprompt.methods.as_fastprompt_config` then reads its
+adapter_config.json too); the runtime asks the source, never the type, what it does: `kind` (tokens or
+keys/values), `routes_by_task` (rows pick one of the adapter's entries by task id), `num_entries`, and
+`prompts_the_decoder` (on an encoder-decoder with two transformer submodules, the prompt's second half goes
+before the decoder's tokens).
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastprompt.config import CONFIG_CLASSES
-
-
 SOURCES: dict[str, type["PromptSource"]] = {}  # peft_type -> its source class, filled by `register`
+CONFIGS: dict[str, type] = {}  # peft_type -> its config class (a PromptLearningConfig subclass), likewise
 
 
 def register(peft_type: str, config_class: type):
@@ -27,9 +27,9 @@ def register(peft_type: str, config_class: type):
     def add(cls):
         if peft_type in SOURCES:
             raise ValueError(f"peft_type {peft_type!r} already has a source: {SOURCES[peft_type].__name__}")
-        if CONFIG_CLASSES.setdefault(peft_type, config_class) is not config_class:
+        if CONFIGS.setdefault(peft_type, config_class) is not config_class:
             raise ValueError(f"peft_type {peft_type!r} already has a config class: "
-                             f"{CONFIG_CLASSES[peft_type].__name__}")
+                             f"{CONFIGS[peft_type].__name__}")
         SOURCES[peft_type] = cls
         return cls
     return add
@@ -38,6 +38,7 @@ def register(peft_type: str, config_class: type):
 class PromptSource(nn.Module):
     kind: str  # "tokens": virtual-token embeddings; "kv": per-layer key/value prefixes
     routes_by_task = False  # True: the adapter holds one entry per task and task_ids picks a row's (MPT)
+    prompts_the_decoder = False  # True: encoder-decoders with 2 submodules prompt the decoder too (PEFT's MPT)
 
     def __init__(self, config):
         super().__init__()

@@ -2,19 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fastprompt.config import MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig
+from fastprompt.config import check_positive_int
 from fastprompt.methods.base import PromptSource, load_tensor, register
-from fastprompt.methods.prompt_tuning import init_token_ids
+from fastprompt.methods.prompt_tuning import PromptTuningConfig, init_token_ids
 from fastprompt.ops import mpt_prompts
+
+MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+
+
+@dataclass
+class MultitaskPromptTuningConfig(PromptTuningConfig):
+    """MPT (Wang et al.): task k's prompt = P* ∘ (prefix_task_cols[k] @ prefix_task_rows[k]).
+
+    prompt_tuning_init: RANDOM, TEXT, AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK or ONLY_SOURCE_SHARED; the
+    last three read `prompt_tuning_init_state_dict_path` (a source MPT checkpoint).
+    """
+
+    prompt_tuning_init_state_dict_path: str | None = None
+    prompt_tuning_init_task: int = 0
+    num_ranks: int = 1
+    num_tasks: int = 1
+    _inits = ("RANDOM", "TEXT", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MULTITASK_PROMPT_TUNING
+        if self.prompt_tuning_init in self._inits[2:] and not self.prompt_tuning_init_state_dict_path:
+            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs "
+                             "prompt_tuning_init_state_dict_path (a source MPT checkpoint)")
+        for name in ("num_ranks", "num_tasks"):
+            check_positive_int(name, getattr(self, name))
 
 
 @register(MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig)
 class MultitaskPromptTuning(PromptSource):
     kind = "tokens"
     routes_by_task = True
+    prompts_the_decoder = True
 
     @classmethod
     def build(cls, config, backbone):

@@ -7,11 +7,33 @@ Saved adapters hold the encoder's output only (PEFT's format); a model loaded fr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fastprompt.config import P_TUNING, PromptEncoderConfig
+from fastprompt.config import PromptLearningConfig, enum_value
 from fastprompt.methods.base import PromptSource, load_tensor, register
+
+P_TUNING = "P_TUNING"
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning (Liu et al.): virtual tokens produced by an MLP or a bidirectional LSTM + MLP."""
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = P_TUNING
+        self.encoder_reparameterization_type = enum_value(self.encoder_reparameterization_type)
+        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
+            raise ValueError("encoder_reparameterization_type must be 'MLP' or 'LSTM', got "
+                             f"{self.encoder_reparameterization_type!r}")
 
 
 @register(P_TUNING, PromptEncoderConfig)

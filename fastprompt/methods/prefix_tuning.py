@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fastprompt.config import PREFIX_TUNING, PrefixTuningConfig
+from fastprompt.config import PREFIX_SITES, PromptLearningConfig
 from fastprompt.methods.base import PromptSource, load_tensor, register
+
+PREFIX_TUNING = "PREFIX_TUNING"
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (Li & Liang): per-layer key/value prefixes, optionally through an MLP.
+
+    prefix_sites (fastprompt's addition, encoder-decoders only): None is PEFT's layout (the decoder's
+    self-attention); a list of PREFIX_SITES prefixes each named attention, num_layers per site.
+    """
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+    prefix_sites: list[str] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PREFIX_TUNING
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
+        if self.prefix_sites is not None:
+            sites = list(self.prefix_sites)
+            if not sites or len(set(sites)) != len(sites) or not set(sites) <= set(PREFIX_SITES):
+                raise ValueError(f"prefix_sites must be None or distinct names from {PREFIX_SITES}, got "
+                                 f"{self.prefix_sites!r}")
+            self.prefix_sites = [s for s in PREFIX_SITES if s in sites]  # one order for the parameter layout
 
 
 @register(PREFIX_TUNING, PrefixTuningConfig)

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fastprompt.config import PROMPT_TUNING, PromptTuningConfig
+from fastprompt.config import PromptLearningConfig, enum_value
 from fastprompt.methods.base import PromptSource, load_tensor, register
+
+
+PROMPT_TUNING = "PROMPT_TUNING"
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (Lester et al.). prompt_tuning_init: RANDOM, SAMPLE_VOCAB, TEXT or CLASS_LABELS.
+
+    CLASS_LABELS (fastprompt's addition, as in Lester et al.) initialises the first virtual tokens from
+    the embeddings of the verbalizer words in `class_label_words` (each word's tokens, in order), the rest
+    from tokens sampled from the vocabulary; it needs `tokenizer_name_or_path`.
+    """
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+    class_label_words: list[str] | None = None
+    _inits = ("RANDOM", "SAMPLE_VOCAB", "TEXT", "CLASS_LABELS")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PROMPT_TUNING
+        self.prompt_tuning_init = enum_value(self.prompt_tuning_init)
+        if self.prompt_tuning_init not in self._inits:
+            raise ValueError(f"prompt_tuning_init must be one of {self._inits}, got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init in ("TEXT", "CLASS_LABELS") and not self.tokenizer_name_or_path:
+            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} needs tokenizer_name_or_path "
+                             "(a local tokenizer folder)")
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+        if self.prompt_tuning_init == "CLASS_LABELS" and not self.class_label_words:
+            raise ValueError("prompt_tuning_init='CLASS_LABELS' needs class_label_words (the verbalizers)")
 
 
 def load_tokenizer(path: str, kwargs: dict | None = None):

@@ -104,7 +104,7 @@ def load_smollm2(cache: str | os.PathLike | None = None, dtype: torch.dtype = to
 def instruction_config(instruction: str, tokenizer, cache: str | os.PathLike | None = None):
     """A `PromptTuningConfig` for SmolLM2 whose virtual tokens start as the embeddings of `instruction`
     (as many virtual tokens as the instruction has tokens), so the untuned prompt is the instruction itself."""
-    from fastprompt.config import PromptTuningConfig
+    from fastprompt.methods import PromptTuningConfig
 
     return PromptTuningConfig(num_virtual_tokens=len(tokenizer(instruction)["input_ids"]), prompt_tuning_init="TEXT",
                               prompt_tuning_init_text=instruction, tokenizer_name_or_path=str(smollm2_folder(cache)))

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprompt import io
-from fastprompt.config import MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig, as_fastprompt_config
+from fastprompt.methods import MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig, as_fastprompt_config
 from fastprompt.train.losses import distillation_kl, hidden_mse
 from fastprompt.train.trainer import Trainer
 
@@ -195,7 +195,7 @@ def target_model(base_model, source_dir, *, num_tasks: int = 1, init: str = "AVE
     (num_virtual_tokens, num_ranks) is the source's. Every parameter trains.
     """
     import fastprompt
-    from fastprompt.config import resolve_config
+    from fastprompt.methods import resolve_config
     from fastprompt.methods import build_source
 
     if init not in SOURCE_INITS:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastprompt import io
-from fastprompt.config import P_TUNING, PROMPT_TUNING, PromptTuningConfig, as_fastprompt_config
+from fastprompt.methods import P_TUNING, PROMPT_TUNING, PromptTuningConfig, as_fastprompt_config
 from fastprompt.methods.spot import rank_sources, similarity_matrix
 
 CSV_NAME = "similarity.csv"

@@ -116,7 +116,7 @@ def run_mpt_source(args) -> int:
 def _student_config(args, tasks):
     """The student's MPT config from the flags; the prompt length defaults to the first teacher's."""
     from fastprompt import io
-    from fastprompt.config import MultitaskPromptTuningConfig, as_fastprompt_config
+    from fastprompt.methods import MultitaskPromptTuningConfig, as_fastprompt_config
 
     size = args.num_virtual_tokens
     if size is None:

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 import fastprompt
-from fastprompt.config import CONFIG_CLASSES
 from fastprompt.methods import PromptTuning, source_class
-from fastprompt.methods.base import SOURCES, register
+from fastprompt.methods.base import CONFIGS, SOURCES, register
 from tests.tiny_models import tiny_model
 
 
 def test_every_config_type_has_its_source_and_capabilities():
-    assert set(SOURCES) == set(CONFIG_CLASSES)
-    assert {t: (SOURCES[t].kind, SOURCES[t].routes_by_task) for t in SOURCES} == {
-        "PROMPT_TUNING": ("tokens", False), "P_TUNING": ("tokens", False), "PREFIX_TUNING": ("kv", False),
-        "MULTITASK_PROMPT_TUNING": ("tokens", True)}
+    assert set(SOURCES) == set(CONFIGS)
+    assert {t: (SOURCES[t].kind, SOURCES[t].routes_by_task, SOURCES[t].prompts_the_decoder) for t in SOURCES} == {
+        "PROMPT_TUNING": ("tokens", False, False), "P_TUNING": ("tokens", False, False),
+        "PREFIX_TUNING": ("kv", False, False), "MULTITASK_PROMPT_TUNING": ("tokens", True, True)}
+    for peft_type, source in SOURCES.items():  # each config class lives in its source's module
+        assert CONFIGS[peft_type].__module__ == source.__module__, peft_type
     with pytest.raises(ValueError, match="unsupported peft_type 'LORA'; fastprompt has"):
         source_class("LORA")
     with pytest.raises(ValueError, match="'PROMPT_TUNING' already has a source: PromptTuning"):
@@ -44,7 +45,7 @@ def doubled_prompt():
         def prompts(self, entries, backend=None):
             return 2 * super().prompts(entries, backend)
     yield DoubledPrompt
-    del SOURCES["DOUBLED_PROMPT_TUNING"], CONFIG_CLASSES["DOUBLED_PROMPT_TUNING"]
+    del SOURCES["DOUBLED_PROMPT_TUNING"], CONFIGS["DOUBLED_PROMPT_TUNING"]
 
 
 @pytest.mark.parametrize("path", ["concat", "shared_prefix"])
@@ -77,4 +78,4 @@ def test_the_readme_example_registers_its_method():
         assert type(model.prompt_sources["default"]) is namespace["DoubledPrompt"]
         assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()
     finally:
-        del SOURCES["DOUBLED_PROMPT_TUNING"], CONFIG_CLASSES["DOUBLED_PROMPT_TUNING"]
+        del SOURCES["DOUBLED_PROMPT_TUNING"], CONFIGS["DOUBLED_PROMPT_TUNING"]
