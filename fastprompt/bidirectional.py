@@ -36,16 +36,16 @@ class BidirectionalPromptModel(PromptModel):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         raise ValueError("gradient checkpointing is not supported on encoders and encoder-decoders")
 
-    def embed(self, input_ids: torch.Tensor, prompts: torch.Tensor, task_ids: torch.Tensor,
+    def embed(self, input_ids: torch.Tensor, prompts: torch.Tensor, bank_rows: torch.Tensor,
               positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each row's prompt placed among them: input_ids [B, T] int64, prompts
-        [n, P, d], task_ids [B] (row → prompt), positions [B, L] as in `ops.prompt_embed` (default: prompt
+        [n, P, d], bank_rows [B] (row → its prompt), positions [B, L] as in `ops.prompt_embed` (default: prompt
         first). Returns [B, L, d] in the backbone's dtype; differentiable in prompts."""
         weight, scale = self.backbone.word_embeddings.weight, self.backbone.embed_scale
         if scale == 1.0:
-            return prompt_embed(input_ids, weight, prompts, task_ids, positions=positions, backend=self.backend)
+            return prompt_embed(input_ids, weight, prompts, bank_rows, positions=positions, backend=self.backend)
         # The model scales its token embeddings and, as in PEFT, not the virtual tokens.
-        return prompt_embed(input_ids, weight, prompts / scale, task_ids, positions=positions,
+        return prompt_embed(input_ids, weight, prompts / scale, bank_rows, positions=positions,
                             backend=self.backend) * scale
 
     def prefix_bank(self, plan: BankPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -73,9 +73,8 @@ class ForwardPlanner:
         if plan is None:
             if len(self.plans) >= self.MAX_PLANS:
                 self.plans.clear()
-            plan = self.plans[key] = self._make(routing.kind, bank_rows.shape[0], seq_len,
-                                                routing.num_virtual_tokens, n_prompts, path, padded,
-                                                bank_rows.device, backend)
+            # _make takes the key less its last field (compiling: read again where it matters, only kept apart)
+            plan = self.plans[key] = self._make(*key[:-1])
         return plan
 
     def _make(self, kind: str, B: int, T: int, P: int, n: int, path: str, padded: bool, device: torch.device,

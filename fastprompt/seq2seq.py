@@ -191,11 +191,11 @@ def output_cache(out):
 
 
 def decoder_prefix_cache(keys: list[torch.Tensor], values: list[torch.Tensor],
-                         task_ids: torch.Tensor) -> EncoderDecoderCache:
+                         bank_rows: torch.Tensor) -> EncoderDecoderCache:
     """transformers' encoder-decoder cache holding each row's decoder self-attention prefix, as PEFT builds
-    it: keys/values per layer [n_entries, H, P, D], task_ids [B] → self-attention cache [B, H, P, D] per
+    it: keys/values per layer [n_entries, H, P, D], bank_rows [B] → self-attention cache [B, H, P, D] per
     layer and an empty cross-attention cache."""
     self_attention = DynamicCache()
     for layer, (k, v) in enumerate(zip(keys, values)):
-        self_attention.update(k[task_ids], v[task_ids], layer)
+        self_attention.update(k[bank_rows], v[bank_rows], layer)
     return EncoderDecoderCache(self_attention, DynamicCache())

@@ -354,13 +354,18 @@ def test_each_constant_is_defined_once(modules):
 
 def test_bank_rows_below_the_api(modules):
     """Below the model's API a bank index is `bank_rows`: the ops that read a bank by row (prefix attention,
-    prompt embedding, their references) and the serving engine never say `task_ids`, which names MPT's task
+    prompt embedding, their references), the encoder models' embedding and decoder cache, and the serving
+    engine never say `task_ids`, which names MPT's task
     only (`mpt_prompt_embed`, `mpt_prompts` and their references keep it: there it is the task)."""
     from fastprompt import ops
     from fastprompt.ops import reference
 
+    from fastprompt.bidirectional import BidirectionalPromptModel
+    from fastprompt.seq2seq import decoder_prefix_cache
+
     for op in (ops.prefix_attention, ops.prefix_attention_unchecked, ops.prompt_embed, ops.prompt_embed_unchecked,
-               reference.prefix_attention, reference.prompt_embed):
+               reference.prefix_attention, reference.prompt_embed, BidirectionalPromptModel.embed,
+               decoder_prefix_cache):
         parameters = list(inspect.signature(op).parameters)
         assert "bank_rows" in parameters and "task_ids" not in parameters, (op.__qualname__, parameters)
     for op in (ops.mpt_prompt_embed, ops.mpt_prompts):

@@ -10,7 +10,6 @@ from torch import nn
 from fastprompt.config import PromptLearningConfig, enum_value
 from fastprompt.methods.base import PromptSource, load_tensor, register
 
-
 PROMPT_TUNING = "PROMPT_TUNING"
 
 
