@@ -407,11 +407,30 @@ def load_training_checkpoint(folder, model, optimizer: torch.optim.Optimizer | N
     for name, source in model.prompt_sources.items():
         source.load_state_dict(own_by_source[name])
     if optimizer is not None:
-        optimizer.load_state_dict(optimizer_state)
+        _load_optimizer_state(optimizer, optimizer_state)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return meta
+
+
+# How an optimizer computes, not what it learned: the run's own, whatever run saved the checkpoint.
+OPTIMIZER_IMPLEMENTATION = ("lr", "capturable", "foreach", "fused", "differentiable")
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict(state), keeping this run's implementation options (a CUDA-graph step's
+    learning-rate tensor and capturable AdamW, or an eager run's float and plain AdamW: a run resumes from a
+    checkpoint of either), with each step count where that implementation keeps it (a capturable one on its
+    parameter's device, else on the CPU). The learning rate is the run's schedule's, set every step."""
+    own = [{k: group[k] for k in OPTIMIZER_IMPLEMENTATION if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, own):
+        group.update(options)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(p.device if group.get("capturable") else "cpu")
 
 
 def _load_state(path: Path):

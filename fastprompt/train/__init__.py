@@ -13,6 +13,7 @@ from fastprompt._lazy import lazy_exports
 _EXPORTS = {
     "latest_checkpoint": "fastprompt.train.checkpoints",
     "CudaGraphLoss": "fastprompt.train.cuda_graphs",
+    "CudaGraphStep": "fastprompt.train.cuda_graphs",
     "TrainingConfig": "fastprompt.train.config",
     "Example": "fastprompt.train.data",
     "PromptDataset": "fastprompt.train.data",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "Distributed": "fastprompt.train.distributed",
     "read_log": "fastprompt.train.log",
     "plot_loss_curve": "fastprompt.train.loss_curve",
+    "adamw_for_graphs": "fastprompt.train.optim",
     "lr_factor": "fastprompt.train.optim",
     "make_optimizer": "fastprompt.train.optim",
     "TrainResult": "fastprompt.train.trainer",

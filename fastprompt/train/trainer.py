@@ -24,16 +24,20 @@ Subclasses change the objective through two hooks: `normalizers` (global counts 
 The backbone keeps its mode (``from_pretrained`` gives eval mode: no backbone dropout); the prompt
 sources are put in train mode while training.
 
-CUDA graphs (the default on CUDA, ``cuda_graphs=None``): each micro-batch's loss, forward and backward, is
-replayed from a graph (`fastprompt.train.cuda_graphs.CudaGraphLoss`), so the host no longer sets the pace of
-a step. Where a graph cannot serve (rows routed to adapters by name, a subclass with its own loss, a
-sharded backbone) the trainer runs eagerly and says why in one line on stderr; ``cuda_graphs=True`` makes
-that a ValueError, ``cuda_graphs=False`` always runs eagerly. Off CUDA it runs eagerly, silently.
+CUDA graphs (the default on CUDA, ``cuda_graphs=None``): the whole step, forward, backward, gradient
+clipping and AdamW's update, is replayed from one graph per batch shape
+(`fastprompt.train.cuda_graphs.CudaGraphStep`), so the host no longer sets the pace of a step. Where the
+update cannot join the graph (gradient accumulation, data parallel, Adafactor, fp16's grad scaler) each
+micro-batch's loss is replayed (`CudaGraphLoss`) and the update runs eagerly, said in one line on stderr;
+where no graph can serve (rows routed to adapters by name, a subclass with its own loss, a sharded
+backbone) the trainer runs eagerly and says why in one line; ``cuda_graphs=True`` makes the latter a
+ValueError, ``cuda_graphs=False`` always runs eagerly. Off CUDA it runs eagerly, silently.
 Batches are padded to fixed shapes for that: ``batch_size`` rows (filler rows carry no labels) and a length
 from `data.bucket_length` (16, 24, 32, 48, 64, ...: at most 50% padding), one capture per length. The graph
-computes the micro-batch's token-mean loss; its share of the step is that mean times its target tokens over
-the step's, the same number as the eager share up to rounding. Rows go to one adapter, or to the tasks of
-one MPT adapter (routing by adapter name is a per-row list of strings, which a graph cannot take).
+computes the micro-batch's token-mean loss; with accumulation its share of the step is that mean times its
+target tokens over the step's, the same number as the eager share up to rounding. Rows go to one adapter,
+or to the tasks of one MPT adapter (routing by adapter name is a per-row list of strings, which a graph
+cannot take).
 
 This module holds the loop and evaluation; beside it: the options (`config`), the optimizer and learning-rate
 schedule (`optim`), the checkpoint folders (`checkpoints`), the JSON-lines log (`log`), the loss-curve PNG
@@ -53,7 +57,7 @@ import torch.nn.functional as F
 from fastprompt.methods import source_class
 from fastprompt.train import checkpoints
 from fastprompt.train.config import TrainingConfig
-from fastprompt.train.cuda_graphs import CudaGraphLoss
+from fastprompt.train.cuda_graphs import CudaGraphLoss, CudaGraphStep
 from fastprompt.train.data import (CLASSIFICATION, Example, PromptDataset, bucket_length, collate,
                                    micro_batch_indices)
 from fastprompt.train.distributed import Distributed
@@ -128,7 +132,8 @@ class Trainer:
         self.routes_by_task = model.prompt_sources[model.active_adapter].routes_by_task
         self.output_dir = Path(config.output_dir)
         self.optimizer = None
-        self._graphed_loss: CudaGraphLoss | None = None   # made by train() when use_graphs
+        self._graphed_loss: CudaGraphLoss | None = None   # made by train(): graphs, the update eager
+        self._graphed_step: CudaGraphStep | None = None   # made by train(): the whole step in a graph
         self._check_routing(train_data, "train_data")
         if eval_data is not None:
             self._check_routing(eval_data, "eval_data")
@@ -139,6 +144,12 @@ class Trainer:
         self.use_graphs = obstacle is None if config.cuda_graphs is None else config.cuda_graphs
         if config.cuda_graphs is None and obstacle and self.model.backbone.device.type == "cuda":
             print(f"fastprompt: training without CUDA graphs: {obstacle}", file=sys.stderr)
+        # Whether the graph holds the whole step (else each micro-batch's loss, the update eager).
+        split = self._update_obstacle() if self.use_graphs else None
+        self.whole_step = self.use_graphs and split is None
+        if split:
+            print(f"fastprompt: CUDA graphs replay each micro-batch's loss, the update runs eagerly: {split}",
+                  file=sys.stderr)
 
     # routing ---------------------------------------------------------------------------------
     def _check_routing(self, data: PromptDataset, argument: str) -> None:
@@ -165,6 +176,19 @@ class Trainer:
             return f"{type(self).__name__} computes its own loss, which is not graphed"
         if any(type(p).__name__ == "DTensor" for p in self.model.backbone.model.parameters()):
             return "the backbone is sharded (FSDP), whose collectives a graph does not capture"
+        return None
+
+    def _update_obstacle(self) -> str | None:
+        """Why the optimizer's update cannot join the graph (`CudaGraphStep`), or None when it can."""
+        cfg = self.config
+        if cfg.grad_accum > 1:
+            return f"grad_accum={cfg.grad_accum} (the whole-step graph takes one micro-batch per step)"
+        if self.dist.world_size > 1:
+            return "data parallel (the gradients are summed over ranks between the backward and the update)"
+        if cfg.optimizer != "adamw":
+            return f"optimizer={cfg.optimizer!r} has no capturable form (AdamW has)"
+        if cfg.precision == "fp16":
+            return "fp16's grad scaler checks the gradients for overflow on the host"
         return None
 
     def model_inputs(self, batch: dict) -> dict:
@@ -224,6 +248,46 @@ class Trainer:
                                   inputs.get("task_ids"))
         return mean * (targets / norms["target_tokens"]), {}
 
+    def _whole_step(self, batches: list[dict], lr: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step of one micro-batch from the step's graph: ({"loss": loss}, gradient norm)."""
+        (batch,) = batches
+        if not target_count(self.model, batch["labels"]):   # a replay's mean would be 0/0
+            loss, grad_norm = self._graphed_step.step_without_targets(lr)
+        else:
+            inputs = self.model_inputs(batch)
+            loss, grad_norm = self._graphed_step(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                                                 inputs.get("task_ids"), lr=lr)
+        return {"loss": loss}, grad_norm
+
+    def _eager_update(self, batches: list[dict], norms: dict[str, int], lr: float, params: list, scaler
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step: each micro-batch's share of the loss forward and backward (eager, or its
+        loss replayed from a graph), the gradients summed over ranks, clipped and applied eagerly. Returns
+        the shares of the loss and the other logged terms, and the gradient norm before clipping."""
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        shares: dict[str, torch.Tensor] = {}
+        summed_grads: dict[torch.nn.Parameter, torch.Tensor] = {}
+        for batch, weight in self.dist.shard(batches):
+            with self._autocast():
+                loss, terms = self.compute_loss(batch, norms)
+            scaler.scale(loss * weight).backward()
+            for name, value in {"loss": loss, **terms}.items():
+                shares[name] = shares.get(name, 0.0) + value.detach().float() * weight
+            if self._graphed_loss is not None:  # its .grad are graph buffers the next replay overwrites
+                _take_grads(params, summed_grads)
+        if self._graphed_loss is not None:
+            for p, grad in summed_grads.items():
+                p.grad = grad
+        self.dist.sync_gradients(params)
+        scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        scaler.step(self.optimizer)
+        scaler.update()
+        return shares, grad_norm
+
     def save_model(self, folder) -> None:
         """Write the trained adapters in PEFT's layout (all of them; subclasses may select)."""
         self.model.save_pretrained(folder)
@@ -238,8 +302,11 @@ class Trainer:
         frozen = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt_sources.")]
         if frozen:
             raise ValueError(f"only prompt parameters may train; these also require grad: {frozen[:5]}")
-        self.optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-        if self.use_graphs and self._graphed_loss is None:
+        self.optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay, for_graphs=self.whole_step)
+        if self.whole_step:
+            self._graphed_step = CudaGraphStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm,
+                                               autocast=self._autocast, max_shapes=16)
+        elif self.use_graphs and self._graphed_loss is None:
             self._graphed_loss = CudaGraphLoss(model, max_shapes=16)
         device_type = model.backbone.device.type
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
@@ -274,29 +341,12 @@ class Trainer:
                 batches = self.step_batches(step)
                 norms = self.normalizers(batches)
                 lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, cfg.steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.optimizer.zero_grad(set_to_none=True)
                 step_tokens = sum(int(b["attention_mask"][:b["rows"]].sum()) for b in batches)  # no filler
-                shares: dict[str, torch.Tensor] = {}
-                summed_grads: dict[torch.nn.Parameter, torch.Tensor] = {}
-                for batch, weight in self.dist.shard(batches):
-                    with self._autocast():
-                        loss, terms = self.compute_loss(batch, norms)
-                    scaler.scale(loss * weight).backward()
-                    for name, value in {"loss": loss, **terms}.items():
-                        shares[name] = shares.get(name, 0.0) + value.detach().float() * weight
-                    if self._graphed_loss is not None:  # its .grad are graph buffers the next replay overwrites
-                        _take_grads(params, summed_grads)
-                if self._graphed_loss is not None:
-                    for p, grad in summed_grads.items():
-                        p.grad = grad
-                self.dist.sync_gradients(params)
+                if self._graphed_step is not None:
+                    shares, grad_norm = self._whole_step(batches, lr)
+                else:
+                    shares, grad_norm = self._eager_update(batches, norms, lr, params, scaler)
                 summed = self.dist.all_reduce_sum(torch.stack(list(shares.values()))).tolist()
-                scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                scaler.step(self.optimizer)
-                scaler.update()
                 step += 1
                 state["tokens"] += step_tokens
                 tokens_now += step_tokens
