@@ -57,9 +57,10 @@ def _script(name: str, *args: str) -> tuple[str, ...]:
     return (PY, f"bench/{name}.py", *args)
 
 
-# The providers worth the lease: PEFT's two baselines, fastprompt on each path and with CUDA graphs
-# (peft-eager and fastprompt-torch were measured on 2026-12-04 and only explain, they set no target).
-TRAINING_PROVIDERS = "peft-sdpa,peft-lora-r16,fastprompt,fastprompt-shared,fastprompt-concat,fastprompt-graphed"
+# The providers worth the lease: PEFT's two baselines, fastprompt's default (the whole step from a CUDA
+# graph) and each eager path (peft-eager, fastprompt-torch and the loss-only graph, fastprompt-loss-graph,
+# were measured on 2026-12-04, the last as fastprompt-graphed, and only explain: they set no target).
+TRAINING_PROVIDERS = "peft-sdpa,peft-lora-r16,fastprompt,fastprompt-eager,fastprompt-shared,fastprompt-concat"
 
 
 def _training(seq_len: int, method: str, limit_s: int) -> Step:
@@ -89,7 +90,7 @@ VERSIONS = ("import torch, triton, transformers, fastprompt; "
             "print(torch.cuda.get_device_properties(0) if torch.cuda.is_available() else 'no CUDA')")
 
 # In order of worth: the headline training cases first (each checks every provider's loss and gradients
-# against fp32 before timing; T128 with `auto` and CUDA graphs was never measured), then the native tests (a
+# against fp32 before timing; neither shape has run the whole-step graph yet), then the native tests (a
 # failing kernel explains a refused provider), the other training cases and a profile of the step; serving
 # was measured on 2026-12-04 and the prefix attention kernel is off the training path on CUDA
 # (attention_route), so they take what is left.

@@ -4,7 +4,8 @@
     python bench/profile_training.py --model tiny-llama --method mpt-P20 --device cpu     # a CPU dry run
 
 For each provider (bench/training.py's builders, the same models as the training suite) it warms up, then
-times one step (forward, backward, gradients cleared) twice: the host's time to issue it without a
+times one step (forward, backward, gradients cleared; a provider that runs its whole step, the default
+`fastprompt` on CUDA, runs that step at learning rate 0) twice: the host's time to issue it without a
 synchronisation, and the wall time with one. When the first is near the second the step is host-bound:
 the device idles while Python and the dispatcher issue kernels. Then one step under torch.profiler:
 the ops by device time and by host (self CPU) time, and the number of kernel launches. Prints only;
@@ -38,7 +39,10 @@ def profile_provider(name: str, base, case: Case, batch: Batch, device: torch.de
         return
 
     def step():
-        runner.loss(batch).backward()
+        if runner.step is not None:
+            runner.step(batch, 0.0)
+        else:
+            runner.loss(batch).backward()
         for p in runner.params.values():
             p.grad = None
 

@@ -7,15 +7,18 @@ backbone, loads the same prompt parameters, and is checked before it is timed:
   peft-eager        the same with eager attention
   peft-lora-r16     PEFT LoRA r=16 (alpha 32, PEFT's default target modules) on the same model: what
                     users train instead of a soft prompt
-  fastprompt        fastprompt's default, path="auto" (the cost model's choice; Triton kernels on CUDA)
+  fastprompt        what a user gets by default, the Trainer's step: on CUDA the whole step (forward,
+                    backward, AdamW) replayed from a CUDA graph (fastprompt.train.CudaGraphStep); elsewhere
+                    eager, as fastprompt-eager. A graph's peak_mb is None: its memory is the graph pool's,
+                    held from capture on, which the step's peak above what was allocated before cannot see
+  fastprompt-eager  fastprompt eagerly on path="auto" (the cost model's choice; Triton kernels on CUDA)
   fastprompt-shared fastprompt on the shared-prefix path (path="shared_prefix")
   fastprompt-concat fastprompt on the concatenation path (path="concat"); prefix tuning has none (its
                     keys/values are parameters read from the bank): status "n/a", no timing
-  fastprompt-torch  fastprompt's default with kernels off (backend="torch": the PyTorch references)
-  fastprompt-graphed fastprompt's default, the loss's forward and backward replayed from CUDA graphs
-                    (fastprompt.train.CudaGraphLoss; CUDA only, "n/a" elsewhere). Its peak_mb is None:
-                    its memory is the graph pool's, held from capture on, which the step's peak above
-                    what was allocated before cannot see
+  fastprompt-torch  fastprompt-eager with kernels off (backend="torch": the PyTorch references)
+  fastprompt-loss-graph  the loss's forward and backward replayed from CUDA graphs, the update eager
+                    (fastprompt.train.CudaGraphLoss: the Trainer's step with gradient accumulation; CUDA
+                    only, "n/a" elsewhere; peak_mb None as above)
 
 Check (on the first batch, before any optimizer step): the loss and every prompt-parameter gradient
 against an fp32 reference, PEFT with eager attention on the same weights upcast, computed row by row
@@ -25,6 +28,9 @@ to 1e-4; in bf16/fp16 a whole backbone drifts from fp32 by itself (PEFT's prompt
 ARCHITECTURE.md tolerance 2e-2 where larger. LoRA at initialisation computes the backbone's own function, so its
 loss is checked against the backbone's fp32 loss. A provider over the bar is refused: its row carries
 the error message and no timing.
+
+A provider that runs the whole step itself (`fastprompt` on CUDA) is checked through that step at learning
+rate 0, which leaves the prompt as it was and its gradients in .grad.
 
 Timing: `steps` optimizer steps (forward, backward, AdamW on the trainable parameters) after `warmup`
 ones, each between device synchronisations; median and p20/p80. The providers that passed the check are
@@ -55,6 +61,7 @@ from bench.models import build_model, max_positions, model_shape
 from fastprompt.audit import saved_bytes
 
 BASELINE = "peft-sdpa"
+LR = 1e-4   # every provider's AdamW
 CASE_KEYS = ("model", "method", "num_virtual_tokens", "n_tasks", "batch", "seq_len", "sweep", "dtype")
 RATIO_METRICS = ("tokens_per_s", "peak_mb", "saved_mb")
 ROW_KEYS = ("suite", *CASE_KEYS, "model_shape", "provider", "status", "error", "loss_rel_err", "grad_rel_err",
@@ -146,6 +153,9 @@ class Runner:
     has_prompt: bool = True                   # False for LoRA: no prompt (its loss is the backbone's)
     eager_loss: Callable[[Batch], torch.Tensor] | None = None   # a graph replay's eager twin: what the
                                               # saved-activations audit traces (a replay runs no Python)
+    step: Callable[[Batch, float], torch.Tensor] | None = None  # the whole optimizer step at a learning
+                                              # rate, its loss returned and its gradients left in .grad;
+                                              # None: loss, backward and the bench's AdamW
 
 
 Builder = Callable[[nn.Module, Method, "dict | None"], Runner]
@@ -214,10 +224,26 @@ def fastprompt_model(backend: str | None, path: str = "auto") -> Builder:
     return build
 
 
-def fastprompt_graphed(base, method, state) -> Runner:
-    """fastprompt's default (path="auto") with its loss replayed from CUDA graphs (`CudaGraphLoss`, captured
-    on the first batch)."""
-    from fastprompt.train.cuda_graphs import CudaGraphLoss
+def fastprompt_default(base, method, state) -> Runner:
+    """The Trainer's default step: on CUDA the whole step from a CUDA graph (`CudaGraphStep`: path "auto"
+    taken as the shared prefix, AdamW capturable with the bench's learning rate as a tensor), captured on
+    the first batch; elsewhere fastprompt-eager's."""
+    from fastprompt.train import CudaGraphStep, cuda_graphs
+
+    eager = fastprompt_model(None)(base, method, state)
+    if next(base.parameters()).device.type != cuda_graphs.RECORDER.device_type:   # CUDA
+        return eager
+    graphed = CudaGraphStep(eager.module, lr=LR)
+
+    def step(batch: Batch, lr: float) -> torch.Tensor:
+        return graphed(batch.input_ids, batch.attention_mask, batch.labels, batch.task_ids, lr=lr)[0]
+    return Runner(eager.module, eager.params, eager.loss, eager_loss=eager.loss, step=step)
+
+
+def fastprompt_loss_graph(base, method, state) -> Runner:
+    """fastprompt (path "auto") with its loss replayed from CUDA graphs (`CudaGraphLoss`, captured on the
+    first batch) and the bench's AdamW eager: the Trainer's step with gradient accumulation."""
+    from fastprompt.train import CudaGraphLoss
 
     if next(base.parameters()).device.type != "cuda":
         raise NotApplicable("CUDA graphs need a CUDA device")
@@ -233,14 +259,15 @@ PROVIDERS: dict[str, Builder] = {
     "peft-sdpa": peft_prompt("sdpa"),
     "peft-eager": peft_prompt("eager"),
     "peft-lora-r16": peft_lora,
-    "fastprompt": fastprompt_model(None),
+    "fastprompt": fastprompt_default,
+    "fastprompt-eager": fastprompt_model(None),
     "fastprompt-shared": fastprompt_model(None, "shared_prefix"),
     "fastprompt-concat": fastprompt_model(None, "concat"),
     "fastprompt-torch": fastprompt_model("torch"),
-    "fastprompt-graphed": fastprompt_graphed,
+    "fastprompt-loss-graph": fastprompt_loss_graph,
 }
-# The providers that stand for fastprompt in the issue's "every method, on each path" target.
-PATH_PROVIDERS = ("fastprompt", "fastprompt-shared", "fastprompt-concat")
+# The providers that stand for fastprompt in the "every method, on each path" target (eager paths).
+PATH_PROVIDERS = ("fastprompt-eager", "fastprompt-shared", "fastprompt-concat")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +337,13 @@ def tolerance(dtype: torch.dtype, bar: float | None) -> float:
 def check(provider: str, runner: Runner, batch: Batch, ref: Reference, dtype: torch.dtype) -> dict:
     """Errors and tolerances of the provider's loss and gradients on the first batch against the fp32
     reference; raises WrongOutput (naming the quantity) when one is over its tolerance."""
-    loss, grads = loss_and_grads(runner, batch)
+    if runner.step is not None:
+        loss = float(runner.step(batch, 0.0))
+        grads = {name: p.grad.detach().float().cpu() for name, p in runner.params.items() if p.grad is not None}
+        for p in runner.params.values():
+            p.grad = None
+    else:
+        loss, grads = loss_and_grads(runner, batch)
     expected = ref.loss if runner.has_prompt else ref.base_loss
     result = {"loss_rel_err": abs(loss - expected) / abs(expected),
               "loss_tolerance": tolerance(dtype, ref.bar.get("loss")), "grad_rel_err": None, "grad_tolerance": None}
@@ -342,9 +375,12 @@ class Settings:
 def measure(runners: dict[str, Runner], batch: Batch, settings: Settings) -> dict[str, dict | Exception]:
     """Per runner: step time (median, p20, p80 ms; the runners' steps interleaved, `time_interleaved_ms`),
     CUDA peak MB of one step, and MB of activations saved for backward; or the exception it raised."""
-    optimizers = {name: torch.optim.AdamW(list(r.params.values()), lr=1e-4) for name, r in runners.items()}
+    optimizers = {name: torch.optim.AdamW(list(r.params.values()), lr=LR) for name, r in runners.items()}
 
     def stepper(runner, optimizer):
+        if runner.step is not None:
+            return lambda: runner.step(batch, LR)
+
         def step():
             runner.loss(batch).backward()
             optimizer.step()

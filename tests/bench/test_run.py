@@ -19,10 +19,10 @@ def test_quick_training_run_prints_ratios_and_writes_a_dated_quick_json(tmp_path
     assert re.fullmatch(r"training-quick-cpu-[a-z0-9._-]+-\d{4}-\d{2}-\d{2}\.json", path.name), path.name
     rows = json.loads(path.read_text())
     assert [r["provider"] for r in rows] == ["peft-sdpa", "peft-eager", "peft-lora-r16", "fastprompt",
-                                             "fastprompt-shared", "fastprompt-concat", "fastprompt-torch",
-                                             "fastprompt-graphed"]
+                                             "fastprompt-eager", "fastprompt-shared", "fastprompt-concat",
+                                             "fastprompt-torch", "fastprompt-loss-graph"]
     for row in rows:
-        assert row["status"] == ("n/a" if row["provider"] == "fastprompt-graphed" else "ok") and row["dtype"] == "float32" and row["model"] == "tiny-gpt2"
+        assert row["status"] == ("n/a" if row["provider"] == "fastprompt-loss-graph" else "ok") and row["dtype"] == "float32" and row["model"] == "tiny-gpt2"
         assert row["model_shape"]["layers"] == 2 and row["device"].startswith("cpu-") and "commit" in row
         assert set(row["versions"]) == {"torch", "triton", "transformers", "peft"}
     out = capsys.readouterr().out

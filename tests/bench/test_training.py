@@ -42,7 +42,7 @@ def test_every_provider_is_checked_timed_and_reported_with_every_key(rows, base)
             assert row["status"] == "n/a" and "no concat path" in row["error"]
             assert row["step_ms"] is None and row["tokens_per_s"] is None and row["tokens_per_s_vs_peft"] is None
             continue
-        if row["provider"] == "fastprompt-graphed":  # CUDA graphs: natively tested in tests/gpu
+        if row["provider"] == "fastprompt-loss-graph":  # CUDA graphs: natively tested in tests/gpu
             assert row["status"] == "n/a" and "CUDA" in row["error"] and row["step_ms"] is None
             continue
         assert row["status"] == "ok", row["error"]
@@ -106,7 +106,7 @@ def test_row_by_row_reference_equals_the_whole_batch(base):
 
 
 def test_each_path_is_a_provider_of_its_own():
-    assert training.PATH_PROVIDERS == ("fastprompt", "fastprompt-shared", "fastprompt-concat")
+    assert training.PATH_PROVIDERS == ("fastprompt-eager", "fastprompt-shared", "fastprompt-concat")
     assert set(training.PATH_PROVIDERS) < set(training.PROVIDERS)
 
 
@@ -142,3 +142,23 @@ def test_wrong_provider_is_refused_and_out_of_memory_reported_while_the_rest_run
     assert wrong["step_ms"] is None and wrong["tokens_per_s"] is None
     assert by_provider["too-big"]["status"] == "oom" and by_provider["too-big"]["step_ms"] is None
     assert by_provider["peft-sdpa"]["status"] == by_provider["fastprompt"]["status"] == "ok"
+
+
+def test_the_default_provider_runs_the_whole_step_where_graphs_serve(base, monkeypatch):
+    """`fastprompt` is the Trainer's default step: where graphs serve (here the CPU, with the eager stand-in
+    for the CUDA recorder), the whole step, checked through that step at learning rate 0 (the prompt stays
+    as it was) and timed as the step; elsewhere fastprompt-eager's runner."""
+    from fastprompt.train import cuda_graphs
+    from tests.train.test_cuda_graph_step import EagerRecorder
+
+    assert training.PROVIDERS["fastprompt"](base, CASES[0].method, None).step is None   # CPU: eager
+    recorder = EagerRecorder()
+    monkeypatch.setattr(cuda_graphs, "RECORDER", recorder)
+    providers = {name: training.PROVIDERS[name] for name in ("peft-sdpa", "fastprompt")}
+    for case in CASES[:3]:
+        rows = {r["provider"]: r for r in training.bench_case(base, case, SETTINGS, providers, log=lambda line: None)}
+        ours = rows["fastprompt"]
+        assert ours["status"] == "ok", ours["error"]
+        assert ours["loss_rel_err"] <= 1e-4 and ours["grad_rel_err"] <= 1e-4
+        assert ours["step_ms"] > 0 and ours["peak_mb"] is None and ours["saved_mb"] > 0
+    assert recorder.records == 3
