@@ -56,8 +56,8 @@ def add_commands(subparsers) -> None:
     train.add_argument("--num-virtual-tokens", type=int, default=None,
                        help="default: the tokens of the init text, else 20")
     train.add_argument("--init", choices=("random", "sample-vocab", "text", "class-labels"), default=None,
-                       help="prompt-tuning/MPT start (class-labels uses the verbalizer words); default: text for "
-                            "classification data, else random")
+                       help="the prompt's start (class-labels uses the verbalizer words; prefix tuning takes random or "
+                            "text: the text's keys/values); default: the recipe's (see the README)")
     train.add_argument("--init-text", default=None, help="text for --init text (default: 'Answer with one word: "
                                                          "<label words>.')")
     train.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP")
@@ -213,6 +213,9 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
 
     n = args.num_virtual_tokens or recipe.num_virtual_tokens or 20
     if args.method == "prefix-tuning":
+        text = _prefix_text(args, recipe)
+        if text is not None:
+            n = args.num_virtual_tokens or len(tokenizer(text)["input_ids"])
         return fastprompt.PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=args.prefix_projection,
                                              encoder_hidden_size=args.encoder_hidden_size)
     if args.method == "p-tuning":
@@ -241,6 +244,37 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
                                                       num_tasks=max(1, len(tasks)), num_ranks=args.num_ranks,
                                                       **extra)
     return fastprompt.PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=init, **extra)
+
+
+def _prefix_text(args, recipe) -> str | None:
+    """The text whose keys/values start a prefix-tuning run (`prefix_init`), or None for PEFT's start."""
+    init = args.init or recipe.init
+    if init not in ("random", "text"):
+        raise UsageError(f"--method prefix-tuning supports --init random or text, got {init!r}")
+    if init == "random":
+        return None
+    text = args.init_text or recipe.init_text
+    if not text:
+        raise UsageError("--init text needs --init-text TEXT (or classification data: the default text names the "
+                         "label words)")
+    if args.prefix_projection:
+        raise UsageError("--init text sets the prefix's keys/values, which --prefix-projection computes through an "
+                         "MLP: use one or the other")
+    return text
+
+
+def start_prefix_from_text(model, args, recipe, tokenizer) -> None:
+    """For prefix tuning with a text start: each adapter's keys/values become the text's (repeated to fill
+    the prefix, then cut, as PEFT's TEXT start does for prompt tuning)."""
+    from fastprompt.train.prefix_init import init_prefix_from_text
+
+    text = _prefix_text(args, recipe) if args.method == "prefix-tuning" else None
+    if text is None:
+        return
+    for name, source in model.prompt_sources.items():
+        total = source.config.num_virtual_tokens
+        ids = tokenizer(text)["input_ids"]
+        init_prefix_from_text(model, (ids * -(-total // len(ids)))[:total], name)
 
 
 def data_kwargs(args, saved: dict | None = None) -> dict:
@@ -364,6 +398,7 @@ def run_train(args) -> int:
         torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
         config = _config_for(args, tasks, kwargs["verbalizers"], recipe, tokenizer)
         model = task_model(base, config, tasks, path=args.path)
+        start_prefix_from_text(model, args, recipe, tokenizer)
         if context.is_main:
             model.print_trainable_parameters()
         trainer = Trainer(model, training_config(args, recipe), train_data, eval_data, pad_token_id=pad_id(tokenizer),

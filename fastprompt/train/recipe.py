@@ -50,9 +50,11 @@ def default_recipe(method: str, label_words: list[str] | None = None) -> Recipe:
 
     label_words: the verbalizer word of each label when the training data is classification (None for
     text-to-text data). Prompt tuning and MPT then start from `instruction(label_words)`; otherwise from
-    PEFT's own start (random prompt, zero prefix, the P-tuning encoder's initialisation)."""
+    PEFT's own start (random prompt, random prefix, the P-tuning encoder's initialisation). With label words
+    `init_text` is the instruction for every method (what `--init text` starts from when no text is given:
+    prefix tuning takes its keys/values)."""
     text_init = method in ("prompt-tuning", "mpt") and bool(label_words)
     return Recipe(init="text" if text_init else "random",
-                  init_text=instruction(label_words) if text_init else None,
+                  init_text=instruction(label_words) if label_words else None,   # also `--init text`'s default
                   num_virtual_tokens=None if text_init else 20,
                   lr=1e-2, schedule="cosine", warmup=10, steps=100)

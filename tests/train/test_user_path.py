@@ -4,6 +4,7 @@ named models, one-line errors with exit code 2, label words, defaults in --help,
 import json
 
 import pytest
+import torch
 
 from fastprompt import cli
 from fastprompt.cli import main
@@ -144,3 +145,36 @@ def test_tiny_demo_keeps_its_adapters_in_out(tmp_path, capsys):
     for name in ("count_up", "count_down"):
         assert (tmp_path / "demo" / name / "adapter_config.json").is_file()
     assert f"adapters saved in {tmp_path / 'demo'}" in capsys.readouterr().out
+
+
+def test_prefix_tuning_can_start_from_the_instruction_keys_and_values(tmp_path, model_dir):
+    """--init text for prefix tuning: each layer's prefix is the instruction's keys/values (lr 0: the saved
+    adapter is the start itself)."""
+    import fastprompt
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastprompt.train.prefix_init import init_prefix_from_text
+
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
+    assert _train(model_dir, data, tmp_path / "out", "--method", "prefix-tuning", "--init", "text", "--lr", "0") == 0
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")["prompt_embeddings"]
+    ids = AutoTokenizer.from_pretrained(model_dir)("Answer with one word: negative or positive.\n")["input_ids"]
+    want = fastprompt.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                     fastprompt.PrefixTuningConfig(num_virtual_tokens=len(ids)))
+    init_prefix_from_text(want, ids)
+    assert saved.shape[0] == len(ids)
+    torch.testing.assert_close(saved, want.prompt_sources["default"].embedding.weight.detach())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--init", "class-labels"], "--method prefix-tuning supports --init random or text, got 'class-labels'"),
+    (["--init", "text", "--prefix-projection"], "--init text sets the prefix's keys/values, which "
+                                                "--prefix-projection computes through an MLP"),
+])
+def test_prefix_tuning_start_refusals(tmp_path, model_dir, capsys, flags, message):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(12))
+    with pytest.raises(SystemExit) as exit_info:
+        _train(model_dir, data, tmp_path / "out", "--method", "prefix-tuning", *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
