@@ -248,6 +248,8 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
 
 def _prefix_text(args, recipe) -> str | None:
     """The text whose keys/values start a prefix-tuning run (`prefix_init`), or None for PEFT's start."""
+    if args.init is None and args.prefix_projection:   # the recipe's text start needs keys/values to set
+        return None
     init = args.init or recipe.init
     if init not in ("random", "text"):
         raise UsageError(f"--method prefix-tuning supports --init random or text, got {init!r}")

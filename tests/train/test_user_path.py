@@ -32,8 +32,9 @@ def test_default_recipe_starts_classification_from_an_instruction_of_the_label_w
     assert (recipe.init, recipe.init_text) == ("text", "Answer with one word: positive or negative.\n")
     assert recipe.num_virtual_tokens is None and (recipe.lr, recipe.schedule, recipe.warmup) == (1e-2, "cosine", 10)
     assert instruction(["a", "b", "c"]) == "Answer with one word: a, b or c.\n"
-    for method in ("prefix-tuning", "p-tuning"):       # no text start for these: PEFT's own
-        assert default_recipe(method, ["positive"]).init == "random"
+    prefix = default_recipe("prefix-tuning", ["positive", "negative"])    # from the instruction's keys/values
+    assert (prefix.init, prefix.init_text, prefix.num_virtual_tokens) == ("text", recipe.init_text, None)
+    assert default_recipe("p-tuning", ["positive"]).init == "random"      # no text start: PEFT's own
     assert default_recipe("prompt-tuning", None).init == "random"
     assert default_recipe("prompt-tuning").num_virtual_tokens == 20
 
@@ -148,8 +149,8 @@ def test_tiny_demo_keeps_its_adapters_in_out(tmp_path, capsys):
 
 
 def test_prefix_tuning_can_start_from_the_instruction_keys_and_values(tmp_path, model_dir):
-    """--init text for prefix tuning: each layer's prefix is the instruction's keys/values (lr 0: the saved
-    adapter is the start itself)."""
+    """Prefix tuning's default start on classification data (--init text): each layer's prefix is the
+    instruction's keys/values (lr 0: the saved adapter is the start itself)."""
     import fastprompt
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,7 +158,7 @@ def test_prefix_tuning_can_start_from_the_instruction_keys_and_values(tmp_path, 
     from fastprompt.train.prefix_init import init_prefix_from_text
 
     data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
-    assert _train(model_dir, data, tmp_path / "out", "--method", "prefix-tuning", "--init", "text", "--lr", "0") == 0
+    assert _train(model_dir, data, tmp_path / "out", "--method", "prefix-tuning", "--lr", "0") == 0   # the default
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")["prompt_embeddings"]
     ids = AutoTokenizer.from_pretrained(model_dir)("Answer with one word: negative or positive.\n")["input_ids"]
     want = fastprompt.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
@@ -178,3 +179,11 @@ def test_prefix_tuning_start_refusals(tmp_path, model_dir, capsys, flags, messag
         _train(model_dir, data, tmp_path / "out", "--method", "prefix-tuning", *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_prefix_projection_keeps_peft_start_by_default(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(12))
+    assert _train(model_dir, data, tmp_path / "out", "--method", "prefix-tuning", "--prefix-projection",
+                  "--encoder-hidden-size", "8", "--num-virtual-tokens", "3") == 0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["num_virtual_tokens"] == 3 and config["prefix_projection"] is True
