@@ -2,6 +2,7 @@
 
     python -m bench.recipes --out /tmp/recipes.jsonl                 # every task x recipe x seed (hours on a CPU)
     python -m bench.recipes --out /tmp/recipes.jsonl --tasks sentiment --recipes new --seeds 0 1
+    python -m bench.recipes --out /tmp/recipes.jsonl --methods prefix-tuning p-tuning   # their recipes
     python -m bench.recipes --summary /tmp/recipes.jsonl             # the README's table from a finished file
 
 Model: SmolLM2-135M-Instruct (`fastprompt.offline.smollm2`). Tasks (`fastprompt.offline.datasets`, each a fixed
@@ -10,7 +11,10 @@ split made with seed 0, so a run's seed changes only the prompt's start and the 
 - news: BBC News, five topics, articles cut to 24 words;
 - debates: 2016 presidential debates, Clinton / Trump, statements cut to 24 words.
 
-Recipes (prompt tuning, AdamW, batch 8, gradient clipping at 1.0, the label's verbalizer as target):
+Methods (--methods; default prompt tuning only): prompt-tuning, prefix-tuning, p-tuning. Every recipe trains
+with AdamW, batch 8, gradient clipping at 1.0, the label's verbalizer as target.
+
+Prompt-tuning recipes:
 - old: fastprompt's defaults before this study (`recipe.OLD_RECIPE`): random start, P=20, lr 3e-2, constant;
 - peft-example: PEFT's documented prompt-tuning example (the causal-LM guide on twitter_complaints): TEXT
   init from a hand-written task instruction, P=8, lr 3e-2, linear decay without warm-up;
@@ -20,7 +24,25 @@ Recipes (prompt tuning, AdamW, batch 8, gradient clipping at 1.0, the label's ve
   words: nothing written by hand);
 - new-lr3e-2: a candidate: `new` with PEFT's example learning rate, 3e-2.
 
-Each finished run appends one JSON line to --out; a rerun skips the (task, recipe, seed) already there.
+Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
+no prefix projection, MLP encoder):
+- old: `recipe.OLD_RECIPE`: P=20, lr 3e-2, constant, 100 steps (encoder hidden size: PEFT's default, the
+  model's hidden size);
+- new: prompt tuning's default schedule from PEFT's start (`recipe.default_recipe` for these methods until
+  prefix tuning's moved to new-text): P=20, lr 1e-2, warm-up 10, cosine, 100 steps;
+- peft-example: PEFT's documented example for the method, in 100 steps without warm-up:
+  prefix tuning from the task guide "Prefix tuning for conditional generation" (t5-large on
+  financial_phrasebank, docs/source/task_guides/seq2seq-prefix-tuning.md): P=20, AdamW lr 1e-2, linear decay
+  (get_linear_schedule_with_warmup, num_warmup_steps=0);
+  P-tuning from the task guide "P-tuning for sequence classification" (roberta-large on GLUE MRPC,
+  docs/source/task_guides/ptuning-seq-classification.md): P=20, encoder_hidden_size=128, lr 1e-3, weight
+  decay 0.01, the HF Trainer's default linear decay without warm-up.
+- new-text (prefix tuning, a candidate): `new` started from the keys/values of the instruction that names the
+  label words (`fastprompt.train.prefix_init`; P = its tokens), as prompt tuning's `new` starts from its
+  embeddings.
+
+Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
+(a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).
 """
 
 from __future__ import annotations
@@ -40,7 +62,10 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
 }
-RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2")
+RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-text")
+METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
+METHOD_RECIPES = {"prompt-tuning": RECIPES[:5], "prefix-tuning": ("old", "peft-example", "new", "new-text"),
+                  "p-tuning": ("old", "peft-example", "new")}
 TEST_SIZE = {"sentiment": 200, "news": 100, "debates": 100}
 
 
@@ -56,12 +81,33 @@ def load_task(name: str):
     raise ValueError(f"task must be one of {sorted(TASK_INSTRUCTIONS)}, got {name!r}")
 
 
-def recipe_options(recipe: str, task) -> dict:
-    """The prompt-tuning start and the optimisation of `recipe` for `task` (a TaskData)."""
+def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
+    """The start and the optimisation of `recipe` for `method` on `task` (a TaskData)."""
     import dataclasses
 
-    from fastprompt.train.recipe import OLD_RECIPE, default_recipe
+    from fastprompt.train.recipe import OLD_RECIPE, default_recipe, instruction
 
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if recipe not in METHOD_RECIPES[method]:
+        raise ValueError(f"recipe {recipe!r} does not apply to {method}: its recipes are {METHOD_RECIPES[method]}")
+    if method != "prompt-tuning":
+        if recipe == "old":
+            return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
+        if recipe == "new":   # the schedule of prompt tuning's default from PEFT's start (fixed here: the
+            # default itself moved to new-text for prefix tuning once measured)
+            return {"init": "random", "init_text": None, "num_virtual_tokens": 20, "lr": 1e-2, "schedule": "cosine",
+                    "warmup": 10, "steps": 100, "max_grad_norm": 1.0, "encoder_hidden_size": None}
+        if recipe == "new-text":   # `new` started from the instruction's keys/values (train.prefix_init)
+            return {**recipe_options("new", task, method), "init": "text",
+                    "init_text": instruction(list(task.verbalizers.values())), "num_virtual_tokens": None}
+        # peft-example: PEFT's task guides "Prefix tuning for conditional generation" and "P-tuning for sequence
+        # classification", in this study's 100 steps
+        if method == "prefix-tuning":
+            return {"init": "random", "num_virtual_tokens": 20, "lr": 1e-2, "schedule": "linear", "warmup": 0,
+                    "steps": 100, "encoder_hidden_size": None}
+        return {"init": "random", "num_virtual_tokens": 20, "lr": 1e-3, "schedule": "linear", "warmup": 0,
+                "steps": 100, "encoder_hidden_size": 128, "weight_decay": 0.01}
     if recipe == "old":
         return dataclasses.asdict(OLD_RECIPE)
     if recipe == "peft-example":
@@ -77,37 +123,64 @@ def recipe_options(recipe: str, task) -> dict:
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
-def run_one(task, recipe: str, seed: int, folder: Path) -> dict:
-    """Train one prompt with `recipe` and `seed`; its held-out accuracy and wall time."""
-    import torch
-
+def adapter_config(method: str, options: dict, tokenizer):
+    """The fastprompt config of `method` for `options`, built as `fastprompt train` builds it; its virtual tokens."""
     import fastprompt
-    from fastprompt.demo import accuracy
-    from fastprompt.offline.smollm2 import load_smollm2, smollm2_folder
-    from fastprompt.train import Trainer, TrainingConfig, load_data
+    from fastprompt.offline.smollm2 import smollm2_folder
 
-    options = recipe_options(recipe, task)
-    start = time.perf_counter()
-    base, tokenizer = load_smollm2()
-    files = task.write(folder / "data")
-    train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
-    test = load_data(files["test"], tokenizer, verbalizers=task.verbalizers)
+    if method == "prefix-tuning":
+        tokens = options["num_virtual_tokens"] or len(tokenizer(options["init_text"])["input_ids"])
+        return fastprompt.PrefixTuningConfig(num_virtual_tokens=tokens, prefix_projection=False,
+                                             encoder_hidden_size=options["encoder_hidden_size"]), tokens
+    if method == "p-tuning":
+        tokens = options["num_virtual_tokens"]
+        return fastprompt.PromptEncoderConfig(num_virtual_tokens=tokens, encoder_reparameterization_type="MLP",
+                                              encoder_hidden_size=options["encoder_hidden_size"]), tokens
     init = options["init"].upper()
     extra = {}
     if init == "TEXT":
         extra = {"prompt_tuning_init_text": options["init_text"], "tokenizer_name_or_path": str(smollm2_folder())}
     tokens = options["num_virtual_tokens"] or len(tokenizer(options["init_text"])["input_ids"])
+    return fastprompt.PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init=init, **extra), tokens
+
+
+def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tuning") -> dict:
+    """Train one prompt of `method` with `recipe` and `seed`; its held-out accuracy and wall time."""
+    import torch
+
+    import fastprompt
+    from fastprompt.demo import accuracy
+    from fastprompt.offline.smollm2 import load_smollm2
+    from fastprompt.train import Trainer, TrainingConfig, load_data
+
+    options = recipe_options(recipe, task, method)
+    start = time.perf_counter()
+    base, tokenizer = load_smollm2()
+    files = task.write(folder / "data")
+    train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
+    test = load_data(files["test"], tokenizer, verbalizers=task.verbalizers)
+    adapter, tokens = adapter_config(method, options, tokenizer)
     torch.manual_seed(seed)
-    model = fastprompt.get_peft_model(base, fastprompt.PromptTuningConfig(
-        num_virtual_tokens=tokens, prompt_tuning_init=init, **extra))
+    model = fastprompt.get_peft_model(base, adapter)
+    if method == "prefix-tuning" and options["init"] == "text":
+        from fastprompt.train.prefix_init import init_prefix_from_text
+
+        init_prefix_from_text(model, tokenizer(options["init_text"])["input_ids"])
     config = TrainingConfig(output_dir=str(folder), steps=options["steps"], batch_size=8, lr=options["lr"],
-                            schedule=options["schedule"], warmup=options["warmup"], seed=seed, eval_batch_size=32,
+                            schedule=options["schedule"], warmup=options["warmup"],
+                            weight_decay=options.get("weight_decay", 0.0), seed=seed, eval_batch_size=32,
                             progress="none", plot=False)
     trainer = Trainer(model, config, train, pad_token_id=tokenizer.pad_token_id)
     trainer.train()
-    return {"task": task.name, "recipe": recipe, "seed": seed, "accuracy": accuracy(trainer, test),
+    extra = {}
+    if method != "prompt-tuning":   # the encoder's width as resolved on the model (PEFT's default: hidden size)
+        extra = {"weight_decay": config.weight_decay}
+        if method == "p-tuning":
+            extra["encoder_hidden_size"] = model.peft_config["default"].encoder_hidden_size
+    return {"method": method, "task": task.name, "recipe": recipe, "seed": seed, "accuracy": accuracy(trainer, test),
             "test_examples": len(test), "num_virtual_tokens": tokens, **{k: options[k] for k in
                                                                         ("lr", "schedule", "warmup", "steps")},
+            **extra,
             "seconds": round(time.perf_counter() - start, 1), "date": date.today().isoformat(),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"}
 
@@ -115,18 +188,22 @@ def run_one(task, recipe: str, seed: int, folder: Path) -> dict:
 def done_runs(path: Path) -> set:
     if not path.is_file():
         return set()
-    return {(r["task"], r["recipe"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+    return {(r.get("method", "prompt-tuning"), r["task"], r["recipe"], r["seed"])
+            for r in map(json.loads, path.read_text().splitlines())}
 
 
 def summary(path: Path) -> str:
-    """The markdown table: task, recipe, seeds, mean, min, max, max - min of the held-out accuracy."""
+    """The markdown table: method, task, recipe, seeds, mean, min, max, max - min of the held-out accuracy."""
     groups: dict[tuple, list[float]] = {}
     for record in map(json.loads, path.read_text().splitlines()):
-        groups.setdefault((record["task"], record["recipe"]), []).append(record["accuracy"])
-    lines = ["| task | recipe | seeds | mean | min | max | max − min |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for (task, recipe), values in sorted(groups.items(), key=lambda kv: (kv[0][0], RECIPES.index(kv[0][1]))):
-        lines.append(f"| {task} | {recipe} | {len(values)} | {statistics.mean(values):.3f} | {min(values):.3f} | "
-                     f"{max(values):.3f} | {max(values) - min(values):.3f} |")
+        key = (record.get("method", "prompt-tuning"), record["task"], record["recipe"])
+        groups.setdefault(key, []).append(record["accuracy"])
+    lines = ["| method | task | recipe | seeds | mean | min | max | max − min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (method, task, recipe), values in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1],
+                                                                                 RECIPES.index(kv[0][2]))):
+        lines.append(f"| {method} | {task} | {recipe} | {len(values)} | {statistics.mean(values):.3f} | "
+                     f"{min(values):.3f} | {max(values):.3f} | {max(values) - min(values):.3f} |")
     return "\n".join(lines)
 
 
@@ -134,7 +211,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="JSON-lines results file (appended to; finished runs skipped)")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_INSTRUCTIONS), choices=list(TASK_INSTRUCTIONS))
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--methods", nargs="+", default=["prompt-tuning"], choices=METHODS)
+    parser.add_argument("--recipes", nargs="+", default=None, choices=RECIPES,
+                        help="default: every recipe of each method")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--summary", type=Path, help="print the table of a results file and exit")
@@ -144,21 +223,27 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required (or --summary FILE)")
+    for method in args.methods:
+        wrong = [r for r in args.recipes or () if r not in METHOD_RECIPES[method]]
+        if wrong:
+            parser.error(f"recipe(s) {', '.join(wrong)} do not apply to {method} (prompt tuning only); "
+                         f"{method}'s recipes: {', '.join(METHOD_RECIPES[method])}")
     import torch
 
     torch.set_num_threads(args.threads)
     done = done_runs(args.out)
     tasks = [load_task(name) for name in args.tasks]
-    for seed in args.seeds:       # seeds outermost: every task and recipe has results early
-        for task in tasks:
-            for recipe in args.recipes:
-                if (task.name, recipe, seed) in done:
-                    continue
-                with tempfile.TemporaryDirectory(prefix="fastprompt-recipes-") as folder:
-                    record = run_one(task, recipe, seed, Path(folder))
-                print(json.dumps(record), flush=True)
-                with args.out.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+    for seed in args.seeds:       # seeds outermost: every method, task and recipe has results early
+        for method in args.methods:
+            for task in tasks:
+                for recipe in args.recipes or METHOD_RECIPES[method]:
+                    if (method, task.name, recipe, seed) in done:
+                        continue
+                    with tempfile.TemporaryDirectory(prefix="fastprompt-recipes-") as folder:
+                        record = run_one(task, recipe, seed, Path(folder), method)
+                    print(json.dumps(record), flush=True)
+                    with args.out.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
     return 0
 
 
