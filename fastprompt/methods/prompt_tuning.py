@@ -57,6 +57,11 @@ def load_tokenizer(path: str, kwargs: dict | None = None):
                          f"folder ({error})") from error
 
 
+def repeat_to_length(ids: list[int], total: int) -> list[int]:
+    """PEFT's TEXT rule: the text's ids repeated to fill `total` virtual tokens, then cut."""
+    return (list(ids) * -(-total // len(ids)))[:total]
+
+
 def init_token_ids(config, vocab_size: int, total: int) -> torch.Tensor | None:
     """Token ids whose embeddings initialise the prompt, or None for RANDOM (PEFT's rules for TEXT)."""
     init = config.prompt_tuning_init
@@ -65,8 +70,7 @@ def init_token_ids(config, vocab_size: int, total: int) -> torch.Tensor | None:
     if init == "TEXT":
         ids = load_tokenizer(config.tokenizer_name_or_path, config.tokenizer_kwargs)(
             config.prompt_tuning_init_text)["input_ids"]
-        reps = -(-total // len(ids))  # repeat the text to fill the prompt, then cut
-        return torch.tensor((ids * reps)[:total])
+        return torch.tensor(repeat_to_length(ids, total))
     if init == "CLASS_LABELS":
         tokenizer = load_tokenizer(config.tokenizer_name_or_path, config.tokenizer_kwargs)
         ids = [i for word in config.class_label_words

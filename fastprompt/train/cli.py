@@ -268,15 +268,15 @@ def _prefix_text(args, recipe) -> str | None:
 def start_prefix_from_text(model, args, recipe, tokenizer) -> None:
     """For prefix tuning with a text start: each adapter's keys/values become the text's (repeated to fill
     the prefix, then cut, as PEFT's TEXT start does for prompt tuning)."""
+    from fastprompt.methods.prompt_tuning import repeat_to_length
     from fastprompt.train.prefix_init import init_prefix_from_text
 
     text = _prefix_text(args, recipe) if args.method == "prefix-tuning" else None
     if text is None:
         return
+    ids = tokenizer(text)["input_ids"]
     for name, source in model.prompt_sources.items():
-        total = source.config.num_virtual_tokens
-        ids = tokenizer(text)["input_ids"]
-        init_prefix_from_text(model, (ids * -(-total // len(ids)))[:total], name)
+        init_prefix_from_text(model, repeat_to_length(ids, source.config.num_virtual_tokens), name)
 
 
 def data_kwargs(args, saved: dict | None = None) -> dict:

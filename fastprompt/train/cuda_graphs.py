@@ -69,6 +69,27 @@ def _shape_key(model: nn.Module, given: dict[str, torch.Tensor]) -> tuple:
             model.training)
 
 
+def _may_capture(owner, captured: dict) -> bool:
+    """Whether `owner` (a CudaGraphLoss or CudaGraphStep) may capture one more shape beyond `captured`; past
+    its max_shapes the call runs eagerly, said once."""
+    if len(captured) < owner.max_shapes:
+        return True
+    if not owner._warned:
+        warnings.warn(f"{type(owner).__name__}: more than max_shapes={owner.max_shapes} batch shapes; new shapes "
+                      f"run eagerly (pad batches to a few fixed lengths to replay them)")
+        owner._warned = True
+    return False
+
+
+def _capture_failed(owner, error: RuntimeError, instead: str) -> RuntimeError:
+    """The error to raise for a failed capture: a capture error explained (something read a GPU value on the
+    host), any other error as it was."""
+    if "captur" not in str(error):
+        return error
+    return RuntimeError(f"{type(owner).__name__}: the step could not be captured as a CUDA graph ({error}); "
+                        f"something in it reads a GPU value on the host. {instead}")
+
+
 class _Loss(nn.Module):
     """model(**{name: tensor})'s loss for the given argument names: what make_graphed_callables captures
     (it takes tensors only, positionally, and a module so that the model's parameters are graph inputs)."""
@@ -124,11 +145,7 @@ class CudaGraphLoss:
         key = _shape_key(self.model, given)
         graphed = self._graphed.get(key)
         if graphed is None:
-            if len(self._graphed) >= self.max_shapes:
-                if not self._warned:
-                    warnings.warn(f"CudaGraphLoss: more than max_shapes={self.max_shapes} batch shapes; new "
-                                  f"shapes run eagerly (pad batches to a few fixed lengths to replay them)")
-                    self._warned = True
+            if not _may_capture(self, self._graphed):
                 return self.model(**given, **self.options).loss
             graphed = self._capture(tuple(given), tuple(given.values()))
             self._graphed[key] = graphed
@@ -145,11 +162,10 @@ class CudaGraphLoss:
                                                      num_warmup_iters=self.warmup_steps,
                                                      allow_unused_input=True, pool=self._pool)
         except RuntimeError as error:
-            if "captur" not in str(error):
+            failure = _capture_failed(self, error, "Call the model eagerly instead.")
+            if failure is error:
                 raise
-            raise RuntimeError(f"CudaGraphLoss: the step could not be captured as a CUDA graph ({error}); "
-                               f"something in it reads a GPU value on the host. Call the model eagerly "
-                               f"instead.") from error
+            raise failure from error
 
 
 class _CudaRecorder:
@@ -257,11 +273,7 @@ class CudaGraphStep:
         key = _shape_key(self.model, given)
         captured = self._captured.get(key)
         if captured is None:
-            if len(self._captured) >= self.max_shapes:
-                if not self._warned:
-                    warnings.warn(f"CudaGraphStep: more than max_shapes={self.max_shapes} batch shapes; new "
-                                  f"shapes run eagerly (pad batches to a few fixed lengths to replay them)")
-                    self._warned = True
+            if not _may_capture(self, self._captured):
                 self._step(given)
                 return self._loss, self._grad_norm
             captured = self._captured[key] = self._capture(given)
@@ -310,10 +322,10 @@ class CudaGraphStep:
                     self._step(inputs)
             graph = self._recorder.record(lambda: self._step(inputs), self._pool)
         except RuntimeError as error:
-            if "captur" not in str(error):
+            failure = _capture_failed(self, error, "Train eagerly instead.")
+            if failure is error:
                 raise
-            raise RuntimeError(f"CudaGraphStep: the step could not be captured as a CUDA graph ({error}); "
-                               f"something in it reads a GPU value on the host. Train eagerly instead.") from error
+            raise failure from error
         finally:
             self._restore(before)
         return _Captured(graph, inputs, [p.grad for p in self.params])
