@@ -29,17 +29,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.step_launches import NO_LAUNCH  # aten ops that launch nothing on CUDA
 import fastprompt.ops as ops
 from fastprompt.kernels import linear_cross_entropy, norms, prompt_embed  # noqa: F401 (imported before
 from fastprompt.kernels import prefix_attention as PA                      # TRITON_INTERPRET is patched)
 from fastprompt.ops._registry import FUNCTIONS
 
-# aten ops that launch nothing on CUDA: allocations, views, metadata
-NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view",
-             "reshape", "as_strided", "t", "transpose", "permute", "expand", "squeeze", "unsqueeze", "slice",
-             "select", "split", "split_with_sizes", "unbind", "detach", "alias", "unflatten", "flatten",
-             "_reshape_alias", "view_as", "lift_fresh", "is_same_size", "sym_size", "sym_stride", "sym_numel",
-             "sym_storage_offset", "device", "promote_types", "dim", "is_contiguous", "result_type"}
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
