@@ -62,7 +62,9 @@ def add_commands(subparsers) -> None:
                                                          "<label words>.')")
     train.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP")
     train.add_argument("--encoder-type", choices=("MLP", "LSTM"), default="MLP", help="P-tuning encoder")
-    train.add_argument("--encoder-hidden-size", type=int, default=None)
+    train.add_argument("--encoder-hidden-size", type=int, default=None,
+                       help="P-tuning's encoder width (default: 128) or the prefix projection's (default: the "
+                            "model's hidden size)")
     train.add_argument("--num-ranks", type=int, default=1, help="MPT rank")
     add_training_options(train)
     add_data_options(train)
@@ -85,16 +87,18 @@ def add_training_options(parser) -> None:
     command (the fields of `TrainingConfig`; read them back with `training_config`)."""
     parser.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
     parser.add_argument("--lr", type=float, default=None,
-                        help="default: 0.3 with adafactor, else the recipe's (train: 1e-2; transfer stages: 3e-2)")
+                        help="default: 0.3 with adafactor, else the recipe's (train: 1e-2, p-tuning 1e-3; "
+                             "transfer stages: 3e-2)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 100)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (per rank)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=None,
-                        help="default: the recipe's (train: cosine; transfer stages: constant)")
+                        help="default: the recipe's (train: cosine, p-tuning linear; transfer stages: constant)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="linear warm-up steps (default: the recipe's; train: 10, transfer stages: 0)")
+                        help="linear warm-up steps (default: the recipe's; train: 10, p-tuning 0; transfer stages: 0)")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="AdamW's (default: the recipe's; train: 0.01 for p-tuning, else 0)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
@@ -130,8 +134,9 @@ def training_config(args, recipe=None):
     lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else recipe.lr)
     return TrainingConfig(
         output_dir=args.out, steps=given("steps"), batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=given("schedule"), warmup=given("warmup"),
-        max_grad_norm=args.max_grad_norm or None, precision=args.precision, eval_every=args.eval_every,
+        optimizer=args.optimizer, weight_decay=given("weight_decay"), schedule=given("schedule"),
+        warmup=given("warmup"), max_grad_norm=args.max_grad_norm or None, precision=args.precision,
+        eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
         log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score,
@@ -220,7 +225,8 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
                                              encoder_hidden_size=args.encoder_hidden_size)
     if args.method == "p-tuning":
         return fastprompt.PromptEncoderConfig(num_virtual_tokens=n, encoder_reparameterization_type=args.encoder_type,
-                                              encoder_hidden_size=args.encoder_hidden_size)
+                                              encoder_hidden_size=args.encoder_hidden_size or
+                                              recipe.encoder_hidden_size)
     init = (args.init or recipe.init).upper().replace("-", "_")
     extra = {}
     if init in ("TEXT", "CLASS_LABELS"):

@@ -34,7 +34,10 @@ def test_default_recipe_starts_classification_from_an_instruction_of_the_label_w
     assert instruction(["a", "b", "c"]) == "Answer with one word: a, b or c.\n"
     prefix = default_recipe("prefix-tuning", ["positive", "negative"])    # from the instruction's keys/values
     assert (prefix.init, prefix.init_text, prefix.num_virtual_tokens) == ("text", recipe.init_text, None)
-    assert default_recipe("p-tuning", ["positive"]).init == "random"      # no text start: PEFT's own
+    p_tuning = default_recipe("p-tuning", ["positive"])    # PEFT's start and its task guide's recipe
+    assert (p_tuning.init, p_tuning.num_virtual_tokens, p_tuning.encoder_hidden_size) == ("random", 20, 128)
+    assert (p_tuning.lr, p_tuning.schedule, p_tuning.warmup, p_tuning.weight_decay) == (1e-3, "linear", 0, 0.01)
+    assert recipe.weight_decay == 0.0 and recipe.encoder_hidden_size is None
     assert default_recipe("prompt-tuning", None).init == "random"
     assert default_recipe("prompt-tuning").num_virtual_tokens == 20
 
@@ -187,3 +190,19 @@ def test_prefix_projection_keeps_peft_start_by_default(tmp_path, model_dir):
                   "--encoder-hidden-size", "8", "--num-virtual-tokens", "3") == 0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["num_virtual_tokens"] == 3 and config["prefix_projection"] is True
+
+
+def test_p_tuning_trains_by_its_recipe_unless_told(tmp_path, model_dir, capsys):
+    """--method p-tuning with no recipe flag: PEFT's task-guide recipe (encoder 128, lr 1e-3 decaying linearly
+    from step 0, weight decay 0.01); each flag given wins."""
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(24))
+    assert _train(model_dir, data, tmp_path / "out", "--method", "p-tuning") == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "P_TUNING" and config["encoder_hidden_size"] == 128
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log if "loss" in r] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    args = ["train", "--model", "m", "--data", "d", "--out", "o", "--method", "p-tuning"]
+    parse, recipe = cli.build_parser().parse_args, default_recipe("p-tuning")
+    assert train_cli.training_config(parse(args), recipe).weight_decay == 0.01
+    assert train_cli.training_config(parse([*args, "--weight-decay", "0"]), recipe).weight_decay == 0
