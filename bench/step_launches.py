@@ -239,7 +239,7 @@ def row(model_name: str, method, provider: str, batch: int, seq_len: int) -> dic
     from bench import models
 
     full = count_step(model_name, method, provider, batch, seq_len)
-    depth = models.model_shape(models.build_model(model_name, torch.bfloat16, torch.device("meta")))["layers"]
+    depth = models.CONFIGS[model_name]().num_hidden_layers
     shallower = count_step(model_name, method, provider, batch, seq_len, layers=depth - 1)
     gpu, gpu_shallower = (full["graph"], shallower["graph"]) if full["graph"] is not None else \
         (full["host"], shallower["host"])
