@@ -304,7 +304,8 @@ class Trainer:
             raise ValueError(f"only prompt parameters may train; these also require grad: {frozen[:5]}")
         self.optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay, for_graphs=self.whole_step)
         if self.whole_step:
-            self._graphed_step = CudaGraphStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm,
+            # max_grad_norm 0 or None: no clipping, as `_eager_update` reads it (CudaGraphStep would clip to 0)
+            self._graphed_step = CudaGraphStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm or None,
                                                autocast=self._autocast, max_shapes=16)
         elif self.use_graphs and self._graphed_loss is None:
             self._graphed_loss = CudaGraphLoss(model, max_shapes=16)

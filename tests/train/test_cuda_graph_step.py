@@ -177,16 +177,18 @@ def _graphs_serve_here(monkeypatch):
     monkeypatch.setattr(Trainer, "_graph_obstacle", lambda self: None)
 
 
-@pytest.mark.parametrize("config", [fastprompt.PromptTuningConfig(num_virtual_tokens=3),
-                                    fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=3, num_tasks=2)],
-                         ids=["prompt", "mpt"])
+@pytest.mark.parametrize("config, max_grad_norm", [
+    (fastprompt.PromptTuningConfig(num_virtual_tokens=3), 0.5),
+    (fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=3, num_tasks=2), 0.5),
+    (fastprompt.PromptTuningConfig(num_virtual_tokens=3), 0.0),     # 0: no clipping, as the eager step reads it
+], ids=["prompt", "mpt", "prompt-no-clipping"])
 def test_the_trainers_default_step_is_the_whole_graph_and_equals_eager(tmp_path, recorder, monkeypatch, capsys,
-                                                                      config):
+                                                                      config, max_grad_norm):
     tasks = ["a", "b"] if config.peft_type == "MULTITASK_PROMPT_TUNING" else None
     data = dataset(tmp_path, seq2seq_records(7, seed=5, tasks=tasks))
-    eager = Trainer(prompt_model(config), _config(tmp_path / "eager"), data)
+    eager = Trainer(prompt_model(config), _config(tmp_path / "eager", max_grad_norm=max_grad_norm), data)
     _graphs_serve_here(monkeypatch)
-    graphed = Trainer(prompt_model(config), _config(tmp_path / "graphed"), data)
+    graphed = Trainer(prompt_model(config), _config(tmp_path / "graphed", max_grad_norm=max_grad_norm), data)
     assert graphed.whole_step and capsys.readouterr().err == ""
     eager_log, graphed_log = eager.train().log, graphed.train().log
     assert isinstance(graphed._graphed_step, CudaGraphStep) and graphed._graphed_loss is None
