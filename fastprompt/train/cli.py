@@ -232,10 +232,7 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
     if init in ("TEXT", "CLASS_LABELS"):
         extra["tokenizer_name_or_path"] = args.model
     if init == "TEXT":
-        text = args.init_text or recipe.init_text
-        if not text:
-            raise UsageError("--init text needs --init-text TEXT (or classification data: the default text names "
-                             "the label words)")
+        text = _start_text(args, recipe)
         extra["prompt_tuning_init_text"] = text
         # The untuned prompt is the text itself: as many virtual tokens as it has, unless given.
         n = args.num_virtual_tokens or len(tokenizer(text)["input_ids"])
@@ -252,6 +249,15 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
     return fastprompt.PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=init, **extra)
 
 
+def _start_text(args, recipe) -> str:
+    """The text an `--init text` run starts from: --init-text, else the recipe's (classification data)."""
+    text = args.init_text or recipe.init_text
+    if not text:
+        raise UsageError("--init text needs --init-text TEXT (or classification data: the default text names the "
+                         "label words)")
+    return text
+
+
 def _prefix_text(args, recipe) -> str | None:
     """The text whose keys/values start a prefix-tuning run (`prefix_init`), or None for PEFT's start."""
     if args.init is None and args.prefix_projection:   # the recipe's text start needs keys/values to set
@@ -261,10 +267,7 @@ def _prefix_text(args, recipe) -> str | None:
         raise UsageError(f"--method prefix-tuning supports --init random or text, got {init!r}")
     if init == "random":
         return None
-    text = args.init_text or recipe.init_text
-    if not text:
-        raise UsageError("--init text needs --init-text TEXT (or classification data: the default text names the "
-                         "label words)")
+    text = _start_text(args, recipe)
     if args.prefix_projection:
         raise UsageError("--init text sets the prefix's keys/values, which --prefix-projection computes through an "
                          "MLP: use one or the other")
