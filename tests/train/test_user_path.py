@@ -206,3 +206,13 @@ def test_p_tuning_trains_by_its_recipe_unless_told(tmp_path, model_dir, capsys):
     parse, recipe = cli.build_parser().parse_args, default_recipe("p-tuning")
     assert train_cli.training_config(parse(args), recipe).weight_decay == 0.01
     assert train_cli.training_config(parse([*args, "--weight-decay", "0"]), recipe).weight_decay == 0
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_init_text_without_a_text_is_refused(tmp_path, model_dir, capsys, method):
+    """Text-to-text data has no label words, so no default text: --init text needs --init-text."""
+    data = write_jsonl(tmp_path / "train.jsonl", seq2seq_records(8))
+    with pytest.raises(SystemExit) as exit_info:
+        _train(model_dir, data, tmp_path / "out", "--method", method, "--init", "text")
+    assert exit_info.value.code == 2
+    assert "--init text needs --init-text TEXT" in capsys.readouterr().err
