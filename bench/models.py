@@ -2,7 +2,8 @@
 
 Speed does not depend on the weights, only on the shapes, so each model is a config shaped like a
 released one: `llama-3.2-1b` (vocab 128256, hidden 2048, 16 layers, 32 heads, 8 key/value heads,
-MLP 8192, tied embeddings) and `gpt2-medium` (vocab 50257, hidden 1024, 24 layers, 16 heads). The
+MLP 8192, tied embeddings), `llama-3.1-8b` (vocab 128256, hidden 4096, 32 layers, 32 heads, 8 key/value
+heads, MLP 14336, untied embeddings: 8.0B parameters, 16 GB in bf16) and `gpt2-medium` (vocab 50257, hidden 1024, 24 layers, 16 heads). The
 `tiny-*` models have the same structure at sizes a CPU runs in milliseconds (`--quick` and tests).
 Dropout is off everywhere: fastprompt's shared-prefix path equals concatenation only without it, and
 the benchmark compares outputs before it times them.
@@ -20,6 +21,9 @@ CONFIGS = {
     "llama-3.2-1b": lambda: LlamaConfig(
         vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=8192, tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "llama-3.1-8b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-5),
     "gpt2-medium": lambda: GPT2Config(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024,
                                       **_NO_DROPOUT_GPT2),
     "tiny-llama": lambda: LlamaConfig(
@@ -37,9 +41,15 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, seed: int =
     config = _config(name)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    # Initialised where it will run: a 1B model's random init takes seconds on a GPU, a minute on a CPU.
-    with torch.device(device):
-        model = CLASSES[config.model_type](config)
+    # Initialised where it will run and in its dtype: a 1B model's random init takes seconds on a GPU, a
+    # minute on a CPU, and an 8B model built in fp32 first would hold 32 GB besides its 16 GB in bf16.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = CLASSES[config.model_type](config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.pad_token_id = 0
     return model.to(dtype).eval()
 

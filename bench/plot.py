@@ -5,6 +5,8 @@
 One figure per (model, dtype, device) found, each line a provider with status "ok":
 - training-throughput-vs-seq-len-<model>-<dtype>.png: tokens/s against sequence length (the rows of
   `--sweep` with sweep == "seq_len");
+- training-throughput-vs-num-virtual-<model>-<dtype>.png: tokens/s against the prompt's length P (sweep ==
+  "num_virtual");
 - training-memory-vs-batch-<model>-<dtype>.png: peak CUDA memory (or, where the device measures none,
   the activations saved for the backward) against batch size (sweep == "batch");
 - serving-latency-vs-tasks-<model>-<dtype>.png: tokens/s, time to first token and inter-token latency
@@ -64,6 +66,14 @@ def _throughput_vs_seq_len(fig, rows: list[dict]) -> None:
     ax.set_title(f"{rows[0]['method']}, batch {rows[0]['batch']}", fontsize=9)
 
 
+def _throughput_vs_num_virtual(fig, rows: list[dict]) -> None:
+    ax = fig.add_subplot()
+    _lines(ax, rows, "num_virtual_tokens", "tokens_per_s")
+    ax.set(xlabel="virtual tokens (P)", ylabel="training tokens/s")
+    ax.set_title(f"{rows[0]['method'].rsplit('-P', 1)[0]}, batch {rows[0]['batch']}, sequence length "
+                 f"{rows[0]['seq_len']}", fontsize=9)
+
+
 def _memory_vs_batch(fig, rows: list[dict]) -> None:
     metric = "peak_mb" if any(r.get("peak_mb") is not None for r in rows) else "saved_mb"
     ax = fig.add_subplot()
@@ -87,6 +97,8 @@ def _latency_vs_tasks(fig, rows: list[dict]) -> None:
 FIGURES = (
     ("training-throughput-vs-seq-len", lambda r: r.get("suite") == "training" and r.get("sweep") == "seq_len",
      _throughput_vs_seq_len, 6.5),
+    ("training-throughput-vs-num-virtual",
+     lambda r: r.get("suite") == "training" and r.get("sweep") == "num_virtual", _throughput_vs_num_virtual, 6.5),
     ("training-memory-vs-batch", lambda r: r.get("suite") == "training" and r.get("sweep") == "batch",
      _memory_vs_batch, 6.5),
     ("serving-latency-vs-tasks", lambda r: r.get("suite") == "serving", _latency_vs_tasks, 13),

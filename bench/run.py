@@ -1,7 +1,7 @@
 """`python -m bench`: fastprompt against PEFT, training and serving, side by side in one run.
 
     python -m bench                                  # everything, on the GPU, bf16
-    python -m bench --suite training --sweep         # + throughput vs sequence length, memory vs batch
+    python -m bench --suite training --sweep         # + throughput vs sequence length and P, memory vs batch
     python -m bench --quick --suite all              # tiny models, a few steps: a CPU smoke run (~15 s)
     python -m bench --suite serving --serve-tasks 1,8,64 --plot
 
@@ -43,6 +43,7 @@ DEFAULTS = {
     "steps": (20, 15),
     "sweep_seq_lens": ("128,256,512,1024,2048", "8,16,32"),
     "sweep_batches": ("1,2,4,8,16,32", "1,2,4"),
+    "sweep_num_virtual": ("10,25,50,100,200,400", "2,5,10"),
     "serve_rows": (64, 8),
     "serve_tasks": ("1,8,64", "1,2,8"),
     "serve_prompt_len": (128, 8),
@@ -58,8 +59,10 @@ TRAINING_COLUMNS = ["model", "method", "batch", "seq_len", "provider", "status",
 SERVING_COLUMNS = ["model", "n_tasks", "rows", "provider", "status", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50",
                    "itl_ms_p99", "tokens_per_s", "tokens_per_s_vs_peft", "itl_ms_p50_vs_peft", "peak_mb", "error"]
 
+SWEEPS = ("sweep_seq_lens", "sweep_batches", "sweep_num_virtual")   # training_cases' keyword arguments
 
-def _ints(text: str) -> tuple[int, ...]:
+
+def positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -89,22 +92,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seq-len", type=int)
     g.add_argument("--warmup", type=int, help="untimed steps before timing")
     g.add_argument("--steps", type=int, help="timed steps (the median is reported)")
-    g.add_argument("--sweep", action="store_true", help="also sweep sequence length and batch (prompt tuning P=100)")
-    g.add_argument("--sweep-seq-lens", type=_ints)
-    g.add_argument("--sweep-batches", type=_ints)
+    g.add_argument("--sweep", action="store_true",
+                   help="also sweep sequence length, batch and virtual tokens (prompt tuning, P=100 in the first "
+                        "two); a --sweep-* list given alone runs that sweep alone")
+    g.add_argument("--sweep-seq-lens", type=positive_ints, help="e.g. 128,256,512,1024,2048 (at --batch)")
+    g.add_argument("--sweep-batches", type=positive_ints, help="e.g. 1,2,4,8,16,32 (at --seq-len)")
+    g.add_argument("--sweep-num-virtual", type=positive_ints, help="e.g. 10,25,50,100,200,400 (at --batch x --seq-len)")
     g = p.add_argument_group("serving")
     g.add_argument("--serve-rows", type=int)
-    g.add_argument("--serve-tasks", type=_ints, help="numbers of distinct tasks, e.g. 1,8,64")
+    g.add_argument("--serve-tasks", type=positive_ints, help="numbers of distinct tasks, e.g. 1,8,64")
     g.add_argument("--serve-prompt-len", type=int)
     g.add_argument("--serve-new-tokens", type=int)
     g.add_argument("--serve-virtual", type=int, help="virtual tokens per adapter")
     g.add_argument("--serve-reps", type=int, help="timed runs after the checked warm-up run")
     args = p.parse_args(argv)
 
+    sweeps = [name for name in SWEEPS if args.sweep or getattr(args, name) is not None]
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             value = quick if args.quick else full
-            setattr(args, name, _ints(value) if name.startswith(("sweep_", "serve_tasks")) else value)
+            setattr(args, name, positive_ints(value) if name.startswith(("sweep_", "serve_tasks")) else value)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models:
         p.error("--models: name at least one model")
@@ -129,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:  # the case lists check shapes against the models before anything is built
         args.training_cases = training.training_cases(
             args.models, args.methods, args.batch, args.seq_len,
-            args.sweep_seq_lens if args.sweep else (), args.sweep_batches if args.sweep else ())
+            **{name: getattr(args, name) if name in sweeps else () for name in SWEEPS})
         args.serving_cases = serving.serving_cases(args.models[0], args.serve_rows, args.serve_tasks,
                                                    args.serve_prompt_len, args.serve_new_tokens, args.serve_virtual)
     except ValueError as error:

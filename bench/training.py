@@ -9,8 +9,9 @@ backbone, loads the same prompt parameters, and is checked before it is timed:
                     users train instead of a soft prompt
   fastprompt        what a user gets by default, the Trainer's step: on CUDA the whole step (forward,
                     backward, AdamW) replayed from a CUDA graph (fastprompt.train.CudaGraphStep); elsewhere
-                    eager, as fastprompt-eager. A graph's peak_mb is None: its memory is the graph pool's,
-                    held from capture on, which the step's peak above what was allocated before cannot see
+                    eager, as fastprompt-eager. A graph's peak_mb is that of its build and capture (see
+                    Memory below): a replay allocates nothing, its memory is the graph pool's, held from
+                    capture on
   fastprompt-eager  fastprompt eagerly on path="auto" (the cost model's choice; Triton kernels on CUDA)
   fastprompt-shared fastprompt on the shared-prefix path (path="shared_prefix")
   fastprompt-concat fastprompt on the concatenation path (path="concat"); prefix tuning has none (its
@@ -21,8 +22,9 @@ backbone, loads the same prompt parameters, and is checked before it is timed:
                     only, "n/a" elsewhere; peak_mb None as above)
 
 Check (on the first batch, before any optimizer step): the loss and every prompt-parameter gradient
-against an fp32 reference, PEFT with eager attention on the same weights upcast, computed row by row
-(the rows have no padding, so the mean over rows of the row losses is the batch loss). fp32 runs are held
+against an fp32 reference, PEFT on the same weights upcast, computed row by row (the rows have no padding,
+so the mean over rows of the row losses is the batch loss), with SDPA attention (fp32: its memory stays
+linear in T, where eager attention's T x T probabilities would take 36 GB at T=4096 on the 1B shape). fp32 runs are held
 to 1e-4; in bf16/fp16 a whole backbone drifts from fp32 by itself (PEFT's prompt gradients by 2% on an
 8-layer model), so the bar per quantity is PEFT (SDPA)'s own error in that dtype, x1.25 + 1e-3, or the
 ARCHITECTURE.md tolerance 2e-2 where larger. LoRA at initialisation computes the backbone's own function, so its
@@ -35,8 +37,11 @@ rate 0, which leaves the prompt as it was and its gradients in .grad.
 Timing: `steps` optimizer steps (forward, backward, AdamW on the trainable parameters) after `warmup`
 ones, each between device synchronisations; median and p20/p80. The providers that passed the check are
 timed together, one step of each in turn (bench.harness.time_interleaved_ms), so a shared machine's
-drifting load falls on all of them alike; their models are all resident meanwhile. Memory: the CUDA peak of one step above
-what was allocated before it (model and optimizer state included in "before"), and on every device the
+drifting load falls on all of them alike; their models are all resident meanwhile, each with modules of its
+own and the base model's weights (an 8B case holds one model, not one per provider). Memory: the CUDA peak
+of one step above what was allocated before it (model and optimizer state included in "before"); for a
+provider that replays CUDA graphs, the peak of its build and check (the capture) above what was allocated
+before it was built (its prompt and optimizer state included, a few MB); and on every device the
 activations autograd saves for the backward (fastprompt.audit.saved_bytes). tokens/s counts the rows'
 B·T tokens (virtual tokens are not data). MFU (bench/flops.py): against the device's peak measured once
 per run (a large matmul in the run's dtype, peak_tflops_measured), and against the datasheet peak where
@@ -46,6 +51,7 @@ one is known (mfu_datasheet, peak_tflops_datasheet; None on CPUs).
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -113,7 +119,8 @@ class Case:
     method: Method
     batch: int
     seq_len: int
-    sweep: str | None = None    # "seq_len" or "batch" for the points of a sweep, None for the main table
+    sweep: str | None = None    # "seq_len", "batch" or "num_virtual" for the points of a sweep, "longest"
+                                # for longest_seq_len's probes, None for the main table
 
 
 @dataclass
@@ -161,10 +168,28 @@ class Runner:
 Builder = Callable[[nn.Module, Method, "dict | None"], Runner]
 
 
-def _backbone_copy(base: nn.Module, attention: str) -> nn.Module:
-    model = copy.deepcopy(base)
+def _backbone_copy(base: nn.Module, attention: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """`base` with modules of its own and the given attention. dtype None: its weights and buffers are
+    `base`'s own tensors, so N providers cost one model's memory (an 8B model is 16 GB in bf16; nothing
+    writes a frozen weight, and freezing one freezes it for all, as every provider does anyway); a dtype:
+    new tensors converted to it (the fp32 reference)."""
+    tensors = itertools.chain(base.parameters(), base.buffers())
+    if dtype is None:
+        memo = {id(t): t for t in tensors}
+    else:
+        memo = {id(t): _converted(t, dtype) for t in tensors}
+    model = copy.deepcopy(base, memo)
     model.set_attn_implementation(attention)
     return model
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating-point tensor converted to `dtype` (a parameter stays a parameter); others as they are."""
+    if not tensor.is_floating_point():
+        return tensor
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(tensor.detach().to(dtype, copy=True), requires_grad=tensor.requires_grad)
+    return tensor.to(dtype, copy=True)
 
 
 def _prompt_runner(model: nn.Module, prompt: nn.Module, state: "dict | None") -> Runner:
@@ -303,12 +328,14 @@ def loss_and_grads(runner: Runner, batch: Batch, rows_per_chunk: int | None = No
 
 def reference(base: nn.Module, method: Method, batch: Batch, dtype: torch.dtype,
               seed: int = 0) -> tuple[Reference, dict]:
-    """(Reference, prompt state): PEFT eager on `base`'s weights in fp32, one row at a time (any batch fits),
+    """(Reference, prompt state): PEFT (SDPA) on `base`'s weights in fp32, one row at a time (any batch fits),
     with PEFT's own seeded initialisation of the prompt, which every provider then loads."""
     torch.manual_seed(seed)
-    runner = peft_prompt("eager")(base, method, None)
-    runner.module.float()
-    state = {k: v.detach().clone() for k, v in runner.module.prompt_encoder["default"].state_dict().items()}
+    runner = peft_prompt("sdpa")(_backbone_copy(base, "sdpa", torch.float32), method, None)
+    runner.module.float()   # PEFT's prompt encoder; the backbone is fp32 already
+    # Rounded to the run's dtype and back: the reference starts from the values every provider loads.
+    state = {k: v.detach().to(dtype).float() for k, v in runner.module.prompt_encoder["default"].state_dict().items()}
+    runner.module.prompt_encoder["default"].load_state_dict(state)
     loss, grads = loss_and_grads(runner, batch, rows_per_chunk=1)
     with torch.no_grad():
         backbone = runner.module.get_base_model()
@@ -372,22 +399,24 @@ class Settings:
     peak_flops: float | None = None   # measured FLOP/s for the MFU; `run` measures it when None
 
 
+def training_step(runner: Runner, batch: Batch, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+    """One optimizer step of `runner` on `batch` at learning rate LR: its own whole step where it has one
+    (a CUDA graph's replay; `optimizer` unused), else loss, backward and `optimizer`'s step."""
+    if runner.step is not None:
+        return lambda: runner.step(batch, LR)
+
+    def step():
+        runner.loss(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def measure(runners: dict[str, Runner], batch: Batch, settings: Settings) -> dict[str, dict | Exception]:
     """Per runner: step time (median, p20, p80 ms; the runners' steps interleaved, `time_interleaved_ms`),
     CUDA peak MB of one step, and MB of activations saved for backward; or the exception it raised."""
     optimizers = {name: torch.optim.AdamW(list(r.params.values()), lr=LR) for name, r in runners.items()}
-
-    def stepper(runner, optimizer):
-        if runner.step is not None:
-            return lambda: runner.step(batch, LR)
-
-        def step():
-            runner.loss(batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
-    steps = {name: stepper(runners[name], optimizers[name]) for name in runners}
+    steps = {name: training_step(runners[name], batch, optimizers[name]) for name in runners}
     timings = time_interleaved_ms(steps, settings.device, warmup=settings.warmup, reps=settings.steps)
     results: dict[str, dict | Exception] = {}
     for name, timing in timings.items():
@@ -414,38 +443,41 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
     """One row per provider for `case` on `base` (see the module docstring); never raises for a provider:
     a refused, out-of-memory, failed or not applicable provider gets a row with its status and error."""
     shape = model_shape(base)
-    dtype_name = str(settings.dtype).removeprefix("torch.")
     flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=case.method.num_virtual,
                              prompt_entries=case.method.prompt_entries)
     lora_flops = train_step_flops(shape, batch=case.batch, seq_len=case.seq_len, num_virtual=0, prompt_entries=0)
     datasheet = peak_flops(device_name(settings.device), settings.dtype)
-    common = dict(suite="training", model=case.model, method=case.method.label,
-                  num_virtual_tokens=case.method.num_virtual, n_tasks=case.method.n_tasks, batch=case.batch,
-                  seq_len=case.seq_len, sweep=case.sweep, dtype=dtype_name, model_shape=shape)
+    common = case_columns(case, settings.dtype, shape)
     batch = Batch.random(case, shape["vocab"], settings.device)
     try:
         ref, state = reference(base, case.method, batch, settings.dtype)
     except Exception as error:  # no reference, no check: every provider of the case is reported failed
         status, message = failure_status(error)
-        return [_row(common, provider=name, status=status, error=f"reference: {message}") for name in providers]
+        return [result_row(common, provider=name, status=status, error=f"reference: {message}") for name in providers]
 
     # Build and check every provider first, then time those that passed together (interleaved), so that
     # their ratios see the same machine load.
     rows: dict[str, dict] = {}
     runners: dict[str, Runner] = {}
     checked: dict[str, dict] = {}
+    setup_peak_mb: dict[str, float | None] = {}
     for name, build in providers.items():
         try:
-            runner = build(base, case.method, state)
-            checked[name] = check(name, runner, batch, ref, settings.dtype)
-            runners[name] = runner
+            made: dict = {}
+
+            def build_and_check():   # a graph is captured by its check's step: its memory is taken here
+                made["runner"] = build(base, case.method, state)
+                made["checked"] = check(name, made["runner"], batch, ref, settings.dtype)
+
+            setup_peak_mb[name] = peak_memory_mb(build_and_check, settings.device)
+            runners[name], checked[name] = made["runner"], made["checked"]
         except NotApplicable as reason:
-            rows[name] = _row(common, provider=name, status="n/a", error=str(reason))
+            rows[name] = result_row(common, provider=name, status="n/a", error=str(reason))
         except WrongOutput as error:
-            rows[name] = _row(common, provider=name, status="refused", error=str(error))
+            rows[name] = result_row(common, provider=name, status="refused", error=str(error))
         except Exception as error:  # OOM, or a failure: reported in the row, the next provider runs
             status, message = failure_status(error)
-            rows[name] = _row(common, provider=name, status=status, error=message)
+            rows[name] = result_row(common, provider=name, status=status, error=message)
     try:
         measured = measure(runners, batch, settings) if runners else {}
     except Exception as error:  # e.g. out of memory holding the optimizers: every checked provider reports it
@@ -453,10 +485,12 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
     for name, result in measured.items():
         if isinstance(result, Exception):
             status, message = failure_status(result)
-            rows[name] = _row(common, provider=name, status=status, error=message)
+            rows[name] = result_row(common, provider=name, status=status, error=message)
             continue
         step_flops = flops if runners[name].has_prompt else lora_flops
-        rows[name] = _row(common, provider=name, status="ok", **checked[name], **result,
+        if runners[name].eager_loss is not None:   # a graph: its pool, filled at capture
+            result = {**result, "peak_mb": setup_peak_mb[name]}
+        rows[name] = result_row(common, provider=name, status="ok", **checked[name], **result,
                           tokens_per_s=case.batch * case.seq_len / (result["step_ms"] / 1e3),
                           flops_per_step=step_flops, **_mfu(step_flops, result["step_ms"], settings.peak_flops,
                                                             datasheet))
@@ -479,13 +513,16 @@ def _mfu(flops: int, step_ms: float, measured: float | None, datasheet: float | 
 
 
 def training_cases(models: list[str], methods: tuple[Method, ...], batch: int, seq_len: int,
-                   sweep_seq_lens: tuple[int, ...] = (), sweep_batches: tuple[int, ...] = ()) -> list[Case]:
+                   sweep_seq_lens: tuple[int, ...] = (), sweep_batches: tuple[int, ...] = (),
+                   sweep_num_virtual: tuple[int, ...] = ()) -> list[Case]:
     """The main table (every model x method at batch x seq_len), then the sweeps of SWEEP_METHOD on the
-    first model: sequence length at `batch`, batch at `seq_len`. Raises ValueError for a case longer than
-    its model's positions (GPT-2: 1024, virtual tokens included)."""
+    first model: sequence length at `batch`, batch at `seq_len`, virtual tokens (P) at `batch` x `seq_len`.
+    Raises ValueError for a case longer than its model's positions (GPT-2: 1024, virtual tokens included)."""
     cases = [Case(m, method, batch, seq_len) for m in models for method in methods]
     cases += [Case(models[0], SWEEP_METHOD, batch, t, "seq_len") for t in sweep_seq_lens]
     cases += [Case(models[0], SWEEP_METHOD, b, seq_len, "batch") for b in sweep_batches]
+    cases += [Case(models[0], replace(SWEEP_METHOD, num_virtual=p), batch, seq_len, "num_virtual")
+              for p in sweep_num_virtual]
     for case in cases:
         limit = max_positions(case.model)
         if limit is not None and case.seq_len + case.method.num_virtual > limit:
@@ -513,7 +550,14 @@ def run(cases: list[Case], settings: Settings, providers: dict[str, Builder] | N
     return add_ratios(rows, group_by=CASE_KEYS, baseline=BASELINE, metrics=RATIO_METRICS)
 
 
-def _row(common: dict, **values) -> dict:
+def case_columns(case: Case, dtype: torch.dtype, shape: dict) -> dict:
+    """The columns every row of `case` shares (suite, CASE_KEYS, model_shape)."""
+    return dict(suite="training", model=case.model, method=case.method.label,
+                num_virtual_tokens=case.method.num_virtual, n_tasks=case.method.n_tasks, batch=case.batch,
+                seq_len=case.seq_len, sweep=case.sweep, dtype=str(dtype).removeprefix("torch."), model_shape=shape)
+
+
+def result_row(common: dict, **values) -> dict:
     """A row with every key of ROW_KEYS (None where not measured)."""
     return {**dict.fromkeys(ROW_KEYS), **common, **values}
 

@@ -12,10 +12,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAMP = {"device": "cpu-x86_64", "dtype": "float32", "model": "tiny-llama", "date": "2026-01-02"}
 
 
-def _training(provider, sweep, batch, seq_len, tokens_per_s, saved_mb, status="ok"):
-    return {**STAMP, "suite": "training", "method": "prompt_tuning-P100", "provider": provider, "sweep": sweep,
-            "batch": batch, "seq_len": seq_len, "tokens_per_s": tokens_per_s, "peak_mb": None,
-            "saved_mb": saved_mb, "status": status}
+def _training(provider, sweep, batch, seq_len, tokens_per_s, saved_mb, status="ok", num_virtual=100):
+    return {**STAMP, "suite": "training", "method": f"prompt_tuning-P{num_virtual}", "provider": provider,
+            "sweep": sweep, "batch": batch, "seq_len": seq_len, "num_virtual_tokens": num_virtual,
+            "tokens_per_s": tokens_per_s, "peak_mb": None, "saved_mb": saved_mb, "status": status}
 
 
 def _serving(provider, n_tasks, tokens_per_s, ttft, itl):
@@ -28,9 +28,11 @@ def _write(path, rows):
     return path
 
 
-def test_draws_the_three_figures_from_json(tmp_path):
+def test_draws_the_four_figures_from_json(tmp_path):
     training = [_training(p, "seq_len", 4, t, tps * t, None) for p, tps in (("peft-sdpa", 90.5), ("fastprompt", 171.0))
                 for t in (8, 16, 32)]
+    training += [_training(p, "num_virtual", 4, 16, tps / (1 + v / 16), None, num_virtual=v)
+                 for p, tps in (("peft-sdpa", 900.0), ("fastprompt", 1700.0)) for v in (2, 5, 10)]
     training += [_training(p, "batch", b, 16, None, mb * b) for p, mb in (("peft-sdpa", 3.9), ("fastprompt", 1.2))
                  for b in (1, 2, 4)]
     training += [_training("broken", "batch", 2, 16, None, None, status="refused"),
@@ -39,6 +41,7 @@ def test_draws_the_three_figures_from_json(tmp_path):
     paths = plot.draw([_write(tmp_path / "training.json", training), _write(tmp_path / "serving.json", serving)],
                       tmp_path / "png")
     assert [p.name for p in paths] == ["training-throughput-vs-seq-len-tiny-llama-float32.png",
+                                       "training-throughput-vs-num-virtual-tiny-llama-float32.png",
                                        "training-memory-vs-batch-tiny-llama-float32.png",
                                        "serving-latency-vs-tasks-tiny-llama-float32.png"]
     for path in paths:

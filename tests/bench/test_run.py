@@ -54,6 +54,19 @@ def test_quick_defaults_on_the_cpu():
     assert [c.n_tasks for c in args.serving_cases] == [1, 2, 8]
 
 
+def test_sweeps_run_all_with_sweep_or_each_alone_when_its_list_is_given():
+    common = ["--quick", "--device", "cpu", "--models", "tiny-llama", "--methods", "prefix-P100"]
+    every = run.parse_args([*common, "--sweep"]).training_cases
+    assert [(c.sweep, c.batch, c.seq_len, c.method.label) for c in every] == [
+        (None, 4, 16, "prefix-P100"),
+        *[("seq_len", 4, t, "prompt_tuning-P100") for t in (8, 16, 32)],
+        *[("batch", b, 16, "prompt_tuning-P100") for b in (1, 2, 4)],
+        *[("num_virtual", 4, 16, f"prompt_tuning-P{p}") for p in (2, 5, 10)]]
+    alone = run.parse_args([*common, "--sweep-num-virtual", "3,400"]).training_cases
+    assert [(c.sweep, c.method.num_virtual) for c in alone] == [(None, 100), ("num_virtual", 3), ("num_virtual", 400)]
+    assert [c.sweep for c in run.parse_args(common).training_cases] == [None]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
 def test_cuda_without_a_gpu_is_refused(capsys):
     with pytest.raises(SystemExit):

@@ -105,6 +105,27 @@ def test_row_by_row_reference_equals_the_whole_batch(base):
         assert float((rowwise[name] - grad).norm() / grad.norm()) < 1e-5, name
 
 
+def test_providers_share_the_base_weights_and_the_reference_converts_a_copy():
+    """Every provider's backbone has modules of its own on the base model's weights (an 8B case holds one
+    model); the fp32 reference converts a copy and leaves the base as it was."""
+    half = build_model("tiny-llama", torch.bfloat16, CPU)
+    before = {name: p.clone() for name, p in half.named_parameters()}
+    shared = training._backbone_copy(half, "eager")
+    assert all(a is b for a, b in zip(shared.parameters(), half.parameters()))
+    assert shared.model.layers[0] is not half.model.layers[0]
+    assert (shared.config._attn_implementation, half.config._attn_implementation) == ("eager", "sdpa")
+    full = training._backbone_copy(half, "eager", torch.float32)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert full.lm_head.weight is full.model.embed_tokens.weight      # tied weights stay tied in the copy
+    case = CASES[0]
+    batch = training.Batch.random(case, model_shape(half)["vocab"], CPU)
+    ref, state = training.reference(half, case.method, batch, torch.bfloat16)
+    assert ref.bar and all(v.dtype == torch.float32 for v in state.values())
+    assert all(torch.equal(v, v.bfloat16().float()) for v in state.values())   # what a bf16 provider loads
+    for name, p in half.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name
+
+
 def test_each_path_is_a_provider_of_its_own():
     assert training.PATH_PROVIDERS == ("fastprompt-eager", "fastprompt-shared", "fastprompt-concat")
     assert set(training.PATH_PROVIDERS) < set(training.PROVIDERS)
@@ -154,11 +175,20 @@ def test_the_default_provider_runs_the_whole_step_where_graphs_serve(base, monke
     assert training.PROVIDERS["fastprompt"](base, CASES[0].method, None).step is None   # CPU: eager
     recorder = EagerRecorder()
     monkeypatch.setattr(cuda_graphs, "RECORDER", recorder)
+
+    def peak_memory_mb(fn, device):   # stands in for CUDA's counter: 100 MB, + 1 when a graph was captured
+        captured = recorder.records
+        fn()
+        return 100.0 + recorder.records - captured
+
+    monkeypatch.setattr(training, "peak_memory_mb", peak_memory_mb)
     providers = {name: training.PROVIDERS[name] for name in ("peft-sdpa", "fastprompt")}
     for case in CASES[:3]:
         rows = {r["provider"]: r for r in training.bench_case(base, case, SETTINGS, providers, log=lambda line: None)}
         ours = rows["fastprompt"]
         assert ours["status"] == "ok", ours["error"]
         assert ours["loss_rel_err"] <= 1e-4 and ours["grad_rel_err"] <= 1e-4
-        assert ours["step_ms"] > 0 and ours["peak_mb"] is None and ours["saved_mb"] > 0
+        assert ours["step_ms"] > 0 and ours["saved_mb"] > 0
+        # The graph's memory is its build and capture's (a replay allocates nothing); PEFT's is its step's.
+        assert ours["peak_mb"] == 101.0 and rows["peft-sdpa"]["peak_mb"] == 100.0
     assert recorder.records == 3
