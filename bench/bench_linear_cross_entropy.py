@@ -5,19 +5,23 @@ Providers: "two-matmuls" (the floor: hidden @ weight.T and a [N, V] d-logits @ w
 cuBLAS, nothing else; fwd = the first alone), "unfused" (logits = hidden @ weight.T in the model's dtype,
 F.cross_entropy on the fp32 logits, as HF's ForCausalLMLoss does; the weight is frozen, so no weight
 gradient), "fastprompt-torch" (the chunked PyTorch path) and, on CUDA, "fastprompt" (cuBLAS matmuls per
-chunk + the Triton chunk kernel). Reports milliseconds (median, p20, p80), the ratio to the unfused path,
+chunk + the Triton chunk kernel) and "liger" (Liger-Kernel's LigerFusedLinearCrossEntropyLoss, issue 25's
+anchor: every row's `ratio_vs_liger` is its time over Liger's; a "skipped" row where liger-kernel is not
+installed). Reports milliseconds (median, p20, p80), the ratio to the unfused path,
 the ratio to the two matmuls (`ratio_vs_two_matmuls`; issue 17's GPU target: fwd+bwd <= 1.3x, recorded
 as `meets_target` on CUDA) and peak memory above the inputs. A provider whose loss or d hidden disagrees
 with the unfused path is refused (exit status 1). Writes
 <--out, default bench/results>/linear_cross_entropy-<device>-<date>.json.
 
     python bench/bench_linear_cross_entropy.py            # Llama-3.2-1B head: V128256 d2048, N 8x1024, bf16
+    python bench/bench_linear_cross_entropy.py --dim 4096  # Llama-3.1-8B's head
     python bench/bench_linear_cross_entropy.py --quick    # tiny shapes on CPU, torch paths only (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -51,6 +55,14 @@ def fastprompt_provider(backend: str):
     return run
 
 
+def liger_provider():
+    """Liger-Kernel's fused linear cross-entropy (issue 25's anchor for the loss), mean over labelled tokens."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    return lambda hidden, weight, labels: loss(weight, hidden, labels)
+
+
 def main(argv=None) -> int:
     """Check and time every provider; returns the exit status (1 when a provider was refused)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,16 +91,22 @@ def main(argv=None) -> int:
     labels[:: 7] = -100
 
     providers = {"unfused": unfused, "fastprompt-torch": fastprompt_provider("torch")}
+    shape = f"N{N}-V{V}-d{d}"
+    rows = []
     if device.type == "cuda":
         providers["fastprompt"] = fastprompt_provider("triton")
+        if importlib.util.find_spec("liger_kernel") is not None:
+            providers["liger"] = liger_provider()
+        else:
+            rows.append({"op": "linear_cross_entropy", "provider": "liger", "mode": "skipped", "shape": shape,
+                         "dtype": dtype_name(dtype), "skipped": "liger-kernel is not installed (pip install "
+                         "liger-kernel; on the lent GPU it travels as a wheel, bench/gpu_session.py)"})
 
     leaf = hidden.clone().requires_grad_(True)
     ref_loss = unfused(leaf, weight, labels)
     ref_loss.backward()
     ref_grad, leaf.grad = leaf.grad, None
     rtol = 1e-4 if dtype == torch.float32 else 2e-2
-    shape = f"N{N}-V{V}-d{d}"
-    rows = []
     for name, fn in providers.items():
         leaf.grad = None
         try:
@@ -128,16 +146,19 @@ def main(argv=None) -> int:
     for mode in ("fwd", "fwd+bwd"):
         base = next((r["ms"] for r in rows if r["mode"] == mode and r["provider"] == "unfused"), None)
         floor = next((r["ms"] for r in rows if r["mode"] == mode and r["provider"] == "two-matmuls"), None)
+        liger = next((r["ms"] for r in rows if r["mode"] == mode and r["provider"] == "liger"), None)
         for r in rows:
             if r["mode"] == mode and base:
                 r["speedup_vs_unfused"] = base / r["ms"]
+            if r["mode"] == mode and liger:
+                r["ratio_vs_liger"] = r["ms"] / liger
             if r["mode"] == mode and floor:
                 r["ratio_vs_two_matmuls"] = r["ms"] / floor
             if mode == "fwd+bwd" and device.type == "cuda" and r["provider"].startswith("fastprompt") and floor:
                 r["target_ratio_vs_two_matmuls"] = TARGET_RATIO_VS_TWO_MATMULS
                 r["meets_target"] = r["ratio_vs_two_matmuls"] <= TARGET_RATIO_VS_TWO_MATMULS
     print_table(rows, ["op", "provider", "mode", "shape", "dtype", "ms", "ms_p20", "ms_p80", "speedup_vs_unfused",
-                       "ratio_vs_two_matmuls", "peak_mb"])
+                       "ratio_vs_two_matmuls", "ratio_vs_liger", "peak_mb"])
     name = "linear_cross_entropy-quick" if args.quick else "linear_cross_entropy"
     print(f"wrote {write_results(name, rows, device, dated=True, out_dir=args.out)}")
     return exit_status(rows)

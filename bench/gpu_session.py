@@ -2,6 +2,8 @@
 
     python3 bench/gpu_session.py              # stage "all": native tests, training, loss, attention, serving
     python3 bench/gpu_session.py train        # stage "train": issue 17's training targets alone (< 6 minutes)
+    python3 bench/gpu_session.py scale        # stage "scale": issue 25's 8B cases, the loss vs Liger, the
+                                              # longest T at B1, tokens/s against T and P (plot: bench/plot.py)
     python3 bench/gpu_session.py --only serving,loss      # chosen steps of "all", e.g. to rerun what timed out
     python3 bench/gpu_session.py --quick --out /tmp/x     # CPU dry run: the same plumbing, --quick benchmarks
 
@@ -9,7 +11,10 @@ A session is lent 15 minutes of device time in all, a machine's start (1-2 minut
 one call (device tool: `timeout_s=580`). Each step runs under its own limit, clipped to what is left of the
 stage's budget: a step that overruns is killed, its output so far stays in the log and the next step runs.
 It runs from the bare checkout (the device machine has no network, and nothing needs installing:
-`fastprompt/kernels` links to `kernels/`), with the checkout first on PYTHONPATH.
+`fastprompt/kernels` links to `kernels/`), with the checkout first on PYTHONPATH. Wheels carried in `.whl/`
+(git-ignored; the device tool's `carry: [".whl"]`) are installed first into a scratch folder put on
+PYTHONPATH: liger-kernel for the loss's anchor, fetched here with
+`pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel==0.8.5`.
 
 Written to --out (default $OUT), as the device tool returns at most 8 files: <stage>.log (every step's
 output), <stage>-junit.xml (native tests), <stage>-summary.txt (printed last, ending with the targets of
@@ -37,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-STAGE_BUDGET_S = {"all": 530, "train": 350}
+STAGE_BUDGET_S = {"all": 530, "train": 350, "scale": 530}
 MODEL = "llama-3.2-1b"
 
 
@@ -112,9 +117,62 @@ STEPS: tuple[Step, ...] = (
     Step("prefix-attention", _script("bench_prefix_attention", "--device", "cuda", "--out", "{scratch}"), 60,
          _script("bench_prefix_attention", "--quick", "--out", "{scratch}")),
 )
-STAGES = {"all": tuple(s.name for s in STEPS),
-          "train": ("versions", "train-T128-prompt_tuning-P100", "train-T512-prompt_tuning-P100",
-                    "train-T512-prefix-P100", "train-T512-mpt-P100", "loss")}
+SCALE_MODEL = "llama-3.1-8b"
+SCALE_PROVIDERS = "peft-sdpa,fastprompt,fastprompt-eager"
+SWEEP_PROVIDERS = "peft-sdpa,fastprompt"
+LONGEST_SEQ_LENS = "4096,8192,12288,16384,24576,32768"
+
+
+def _scale(batch: int, seq_len: int, limit_s: int) -> Step:
+    """Issue 25's 8B case: prompt tuning P=100 at the Llama-3.1-8B shape, bf16 (random weights built on the
+    device, one copy shared by every provider), 2 warm-up + 5 timed steps."""
+    return Step(f"scale-8b-B{batch}-T{seq_len}",
+                _bench("--suite", "training", "--models", SCALE_MODEL, "--methods", "prompt_tuning-P100", "--batch",
+                       str(batch), "--seq-len", str(seq_len), "--providers", SCALE_PROVIDERS, "--warmup", "2",
+                       "--steps", "5", "--out", "{scratch}"), limit_s,
+                _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", "prompt_tuning-P100",
+                       "--batch", str(batch), "--providers", SCALE_PROVIDERS, "--out", "{scratch}"))
+
+
+def _longest(provider: str, limit_s: int) -> Step:
+    """The longest sequence `provider` trains at batch 1 at the 8B shape (bench/longest.py), one provider
+    per process: an out-of-memory inside a graph capture cannot spoil the next one."""
+    return Step(f"longest-8b-{provider}",
+                (PY, "-m", "bench.longest", "--model", SCALE_MODEL, "--providers", provider, "--seq-lens",
+                 LONGEST_SEQ_LENS, "--out", "{scratch}"), limit_s,
+                (PY, "-m", "bench.longest", "--quick", "--providers", provider, "--out", "{scratch}"))
+
+
+def _sweep(flag: str, values: str, seq_len: int, limit_s: int) -> Step:
+    """A sweep at the 1B shape, B8, prompt tuning (tokens/s against T or P, bench/plot.py draws it), beside
+    its main-table case at --seq-len: PEFT and the default only, 2 warm-up + 4 timed steps."""
+    return Step(f"sweep-{flag.removeprefix('--sweep-')}",
+                _bench("--suite", "training", "--models", MODEL, "--methods", "prompt_tuning-P100", "--batch", "8",
+                       "--seq-len", str(seq_len), flag, values, "--providers", SWEEP_PROVIDERS, "--warmup", "2",
+                       "--steps", "4", "--out", "{scratch}"), limit_s,
+                _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", "prompt_tuning-P100",
+                       flag, "4,8" if "seq" in flag else "5,10", "--providers", SWEEP_PROVIDERS, "--out", "{scratch}"))
+
+
+# Issue 25's scale stage, for a session after the headline cases of "all" have run: the 8B cases first,
+# then the loss against Liger at both heads (carry liger-kernel's wheel: `.whl`, see the device README),
+# the longest sequences at B1, and the T and P sweeps at 1B.
+SCALE_STEPS: tuple[Step, ...] = (
+    _scale(4, 1024, 120),
+    _scale(8, 512, 100),
+    Step("loss-8b", _script("bench_linear_cross_entropy", "--device", "cuda", "--dim", "4096", "--reps", "5", "--out",
+                            "{scratch}"), 45,
+         _script("bench_linear_cross_entropy", "--quick", "--out", "{scratch}")),
+    _longest("fastprompt", 90),
+    _longest("peft-sdpa", 60),
+    _sweep("--sweep-seq-lens", "128,256,512,1024,2048,4096", 128, 110),
+    _sweep("--sweep-num-virtual", "10,25,50,100,200,400", 512, 100),
+)
+STEPS += SCALE_STEPS
+STAGES = {"all": tuple(s.name for s in STEPS if s not in SCALE_STEPS),
+          "train": ("versions", "train-T512-prompt_tuning-P100", "train-T128-prompt_tuning-P100",
+                    "train-T512-prefix-P100", "train-T512-mpt-P100", "loss"),
+          "scale": ("versions", *(s.name for s in SCALE_STEPS[:3]), "loss", *(s.name for s in SCALE_STEPS[3:]))}
 
 
 def step_argv(step: Step, quick: bool) -> tuple[str, ...] | None:
@@ -160,6 +218,20 @@ def merge_results(scratch: Path, out: Path) -> list[Path]:
     return written
 
 
+def install_carried_wheels(site: Path, log) -> list[str]:
+    """Install the wheels carried in <checkout>/.whl (the device machine has no network: liger-kernel, the
+    loss's anchor, travels this way) into `site` and put it on PYTHONPATH for every step; returns the
+    wheels' names (none: nothing to do). A failed install is logged and the steps run without them."""
+    wheels = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
+    if not wheels:
+        return []
+    status = run_step((PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                       "--no-cache-dir", "--target", str(site), *wheels), "carried wheels", 60, log)
+    if status == "ok":
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(site), os.environ.get("PYTHONPATH"))))
+    return [Path(w).name for w in wheels]
+
+
 def run_stage(stage: str, steps: tuple[Step, ...], out: Path, quick: bool, budget_s: float) -> dict[str, str]:
     """Run `steps` in order within `budget_s` seconds, merging each step's JSON into `out` as it ends;
     returns each step's status ("skipped" in a dry run for GPU-only steps, "not run" once the budget is
@@ -167,6 +239,8 @@ def run_stage(stage: str, steps: tuple[Step, ...], out: Path, quick: bool, budge
     deadline = time.monotonic() + budget_s
     statuses: dict[str, str] = {}
     with open(out / f"{stage}.log", "a") as log, tempfile.TemporaryDirectory(prefix="gpu-session-") as tmp:
+        if not quick:
+            install_carried_wheels(Path(tmp) / "site", log)
         for step in steps:
             argv = step_argv(step, quick)
             left = deadline - time.monotonic()
@@ -216,7 +290,14 @@ def summarize(out: Path) -> list[str]:
             continue
         judged += targets(rows, "cpu" if str(rows[0].get("device")).startswith("cpu") else "cuda")
         suite = rows[0].get("suite")
-        if suite == "training":
+        if suite == "training" and all(r.get("sweep") == "longest" for r in rows):
+            from bench.longest import longest_fitting
+
+            lines += _table(rows, ["model", "batch", "seq_len", "provider", "status", "step_ms", "tokens_per_s",
+                                   "peak_mb"])
+            lines += [f"   {provider}: longest T trained at B1: {seq_len}"
+                      for provider, seq_len in longest_fitting(rows).items()]
+        elif suite == "training":
             lines += _table(rows, ["model", "method", "batch", "seq_len", "provider", "status", "step_ms",
                                    "tokens_per_s_vs_peft", "peak_mb_vs_peft", "mfu", "grad_rel_err"])
         elif suite == "serving":
@@ -277,7 +358,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help=f"comma-separated steps of the stage to run: {', '.join(STAGES['all'])}")
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="output folder (default $OUT)")
     parser.add_argument("--quick", action="store_true", help="CPU dry run: --quick benchmarks, GPU-only steps skipped")
-    parser.add_argument("--budget", type=float, help="seconds for the whole stage (default: all 530, train 350)")
+    parser.add_argument("--budget", type=float,
+                        help="seconds for the whole stage (default: all 530, train 350, scale 530)")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out: give an output folder (or set $OUT)")
@@ -292,7 +374,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     started = time.monotonic()
-    steps = tuple(s for s in STEPS if s.name in names)
+    by_name = {s.name: s for s in STEPS}
+    steps = tuple(by_name[name] for name in names)   # in the stage's order
     statuses = run_stage(args.stage, steps, out, args.quick, args.budget or STAGE_BUDGET_S[args.stage])
     lines = [f"== stage {args.stage} ({'quick, ' if args.quick else ''}{time.monotonic() - started:.0f} s): "
              + ", ".join(f"{k} {v}" for k, v in statuses.items())]

@@ -57,3 +57,39 @@ def test_native_tests_run_in_parallel_when_xdist_is_there(monkeypatch):
     monkeypatch.setattr(gs.importlib.util, "find_spec", lambda name: None)
     assert "-n" not in gs.step_argv(native, quick=False)
     assert gs.step_argv(native, quick=True) is None   # a dry run skips the GPU-only step
+
+
+def test_the_scale_stage_runs_the_8b_cases_first_and_fits_the_budget():
+    assert gs.STAGES["scale"][:3] == ("versions", "scale-8b-B4-T1024", "scale-8b-B8-T512")
+    assert gs.STAGE_BUDGET_S["scale"] <= 9 * 60 - 10
+    by_name = {s.name: s for s in gs.STEPS}
+    for name in ("scale-8b-B4-T1024", "scale-8b-B8-T512", "longest-8b-fastprompt", "longest-8b-peft-sdpa"):
+        assert "llama-3.1-8b" in by_name[name].argv and by_name[name].quick_argv is not None, name
+    assert "--dim" in by_name["loss-8b"].argv and "4096" in by_name["loss-8b"].argv
+    assert not set(gs.STAGES["scale"]) - {"versions", "loss"} & set(gs.STAGES["all"])
+
+
+def _wheel(folder, name="carried_probe", version="1.0"):
+    """A minimal pure-Python wheel holding module `name` (what pip needs: the module, METADATA, WHEEL, RECORD)."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    folder.mkdir()
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
+
+
+def test_carried_wheels_are_installed_and_put_on_the_steps_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "ROOT", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    with open(tmp_path / "log", "w") as log:
+        assert gs.install_carried_wheels(tmp_path / "site", log) == []          # no .whl folder: nothing
+        _wheel(tmp_path / ".whl")
+        assert gs.install_carried_wheels(tmp_path / "site", log) == ["carried_probe-1.0-py3-none-any.whl"]
+    assert (tmp_path / "site" / "carried_probe.py").is_file()
+    assert gs.os.environ["PYTHONPATH"] == f"{tmp_path / 'site'}{gs.os.pathsep}/elsewhere"
