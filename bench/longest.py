@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="from bench/models.py (default llama-3.1-8b; --quick tiny-llama)")
     parser.add_argument("--providers", default="peft-sdpa,fastprompt",
                         help=f"comma-separated, probed in this order, from: {', '.join(PROVIDERS)}")
-    parser.add_argument("--seq-lens", type=positive_ints, help="lengths to try (default 2048,...,65536; --quick 8,16,32)")
+    parser.add_argument("--seq-lens", type=positive_ints,
+                        help="lengths to try (default 2048,4096,...,65536; --quick 8,16,32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, short lengths (a CPU smoke run)")

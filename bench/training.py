@@ -19,14 +19,14 @@ backbone, loads the same prompt parameters, and is checked before it is timed:
   fastprompt-torch  fastprompt-eager with kernels off (backend="torch": the PyTorch references)
   fastprompt-loss-graph  the loss's forward and backward replayed from CUDA graphs, the update eager
                     (fastprompt.train.CudaGraphLoss: the Trainer's step with gradient accumulation; CUDA
-                    only, "n/a" elsewhere; peak_mb None as above)
+                    only, "n/a" elsewhere; peak_mb as fastprompt's above)
 
 Check (on the first batch, before any optimizer step): the loss and every prompt-parameter gradient
 against an fp32 reference, PEFT on the same weights upcast, computed row by row (the rows have no padding,
-so the mean over rows of the row losses is the batch loss), with SDPA attention (fp32: its memory stays
-linear in T, where eager attention's T x T probabilities would take 36 GB at T=4096 on the 1B shape). fp32 runs are held
-to 1e-4; in bf16/fp16 a whole backbone drifts from fp32 by itself (PEFT's prompt gradients by 2% on an
-8-layer model), so the bar per quantity is PEFT (SDPA)'s own error in that dtype, x1.25 + 1e-3, or the
+so the mean over rows of the row losses is the batch loss), with SDPA attention (in fp32 its memory stays
+linear in T, where eager attention's T x T probabilities would take 36 GB at T=4096 on the 1B shape).
+fp32 runs are held to 1e-4; in bf16/fp16 a whole backbone drifts from fp32 by itself (PEFT's prompt
+gradients by 2% on an 8-layer model), so the bar per quantity is PEFT (SDPA)'s own error in that dtype, x1.25 + 1e-3, or the
 ARCHITECTURE.md tolerance 2e-2 where larger. LoRA at initialisation computes the backbone's own function, so its
 loss is checked against the backbone's fp32 loss. A provider over the bar is refused: its row carries
 the error message and no timing.
@@ -120,7 +120,7 @@ class Case:
     batch: int
     seq_len: int
     sweep: str | None = None    # "seq_len", "batch" or "num_virtual" for the points of a sweep, "longest"
-                                # for longest_seq_len's probes, None for the main table
+                                # for bench/longest.py's probes, None for the main table
 
 
 @dataclass
@@ -334,8 +334,9 @@ def reference(base: nn.Module, method: Method, batch: Batch, dtype: torch.dtype,
     runner = peft_prompt("sdpa")(_backbone_copy(base, "sdpa", torch.float32), method, None)
     runner.module.float()   # PEFT's prompt encoder; the backbone is fp32 already
     # Rounded to the run's dtype and back: the reference starts from the values every provider loads.
-    state = {k: v.detach().to(dtype).float() for k, v in runner.module.prompt_encoder["default"].state_dict().items()}
-    runner.module.prompt_encoder["default"].load_state_dict(state)
+    prompt = runner.module.prompt_encoder["default"]
+    state = {k: v.detach().to(dtype).float() for k, v in prompt.state_dict().items()}
+    prompt.load_state_dict(state)
     loss, grads = loss_and_grads(runner, batch, rows_per_chunk=1)
     with torch.no_grad():
         backbone = runner.module.get_base_model()
@@ -453,7 +454,8 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
         ref, state = reference(base, case.method, batch, settings.dtype)
     except Exception as error:  # no reference, no check: every provider of the case is reported failed
         status, message = failure_status(error)
-        return [result_row(common, provider=name, status=status, error=f"reference: {message}") for name in providers]
+        return [result_row(common, provider=name, status=status, error=f"reference: {message}")
+                for name in providers]
 
     # Build and check every provider first, then time those that passed together (interleaved), so that
     # their ratios see the same machine load.
@@ -491,9 +493,9 @@ def bench_case(base: nn.Module, case: Case, settings: Settings, providers: dict[
         if runners[name].eager_loss is not None:   # a graph: its pool, filled at capture
             result = {**result, "peak_mb": setup_peak_mb[name]}
         rows[name] = result_row(common, provider=name, status="ok", **checked[name], **result,
-                          tokens_per_s=case.batch * case.seq_len / (result["step_ms"] / 1e3),
-                          flops_per_step=step_flops, **_mfu(step_flops, result["step_ms"], settings.peak_flops,
-                                                            datasheet))
+                                tokens_per_s=case.batch * case.seq_len / (result["step_ms"] / 1e3),
+                                flops_per_step=step_flops,
+                                **_mfu(step_flops, result["step_ms"], settings.peak_flops, datasheet))
     del runners, measured
     release_memory(settings.device)
     for name in providers:

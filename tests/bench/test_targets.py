@@ -183,7 +183,8 @@ def test_the_loss_is_held_to_liger_where_liger_ran():
         return {"op": "linear_cross_entropy", "provider": provider, "mode": mode, "shape": shape,
                 "ratio_vs_liger": ratio}
 
-    rows = [loss_row("fastprompt", "fwd+bwd", 0.92), loss_row("fastprompt", "fwd", 1.3), loss_row("liger", "fwd+bwd", 1.0),
+    rows = [loss_row("fastprompt", "fwd+bwd", 0.92), loss_row("fastprompt", "fwd", 1.3),
+            loss_row("liger", "fwd+bwd", 1.0),
             loss_row("fastprompt", "fwd+bwd", 1.07, "N8192-V128256-d4096"),
             {"op": "linear_cross_entropy", "provider": "fastprompt", "mode": "fwd+bwd", "shape": "cpu"}]
     found = [str(t) for t in targets(rows, "cuda")]
