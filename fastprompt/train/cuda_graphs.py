@@ -81,13 +81,12 @@ def _may_capture(owner, captured: dict) -> bool:
     return False
 
 
-def _capture_failed(owner, error: RuntimeError, instead: str) -> RuntimeError:
-    """The error to raise for a failed capture: a capture error explained (something read a GPU value on the
-    host), any other error as it was."""
-    if "captur" not in str(error):
-        return error
-    return RuntimeError(f"{type(owner).__name__}: the step could not be captured as a CUDA graph ({error}); "
-                        f"something in it reads a GPU value on the host. {instead}")
+def _explain_capture_failure(owner, error: RuntimeError, instead: str) -> None:
+    """Called where a capture raised `error`: raises a capture error explained (something read a GPU value on
+    the host); returns for any other error, which the caller re-raises as it was."""
+    if "captur" in str(error):
+        raise RuntimeError(f"{type(owner).__name__}: the step could not be captured as a CUDA graph ({error}); "
+                           f"something in it reads a GPU value on the host. {instead}") from error
 
 
 class _Loss(nn.Module):
@@ -162,10 +161,8 @@ class CudaGraphLoss:
                                                      num_warmup_iters=self.warmup_steps,
                                                      allow_unused_input=True, pool=self._pool)
         except RuntimeError as error:
-            failure = _capture_failed(self, error, "Call the model eagerly instead.")
-            if failure is error:
-                raise
-            raise failure from error
+            _explain_capture_failure(self, error, "Call the model eagerly instead.")
+            raise
 
 
 class _CudaRecorder:
@@ -322,10 +319,8 @@ class CudaGraphStep:
                     self._step(inputs)
             graph = self._recorder.record(lambda: self._step(inputs), self._pool)
         except RuntimeError as error:
-            failure = _capture_failed(self, error, "Train eagerly instead.")
-            if failure is error:
-                raise
-            raise failure from error
+            _explain_capture_failure(self, error, "Train eagerly instead.")
+            raise
         finally:
             self._restore(before)
         return _Captured(graph, inputs, [p.grad for p in self.params])

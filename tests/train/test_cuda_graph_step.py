@@ -235,3 +235,31 @@ def test_where_the_update_cannot_join_the_graph_the_loss_is_graphed_and_one_line
     assert trainer.use_graphs and not trainer.whole_step
     lines = capsys.readouterr().err.splitlines()
     assert lines == [f"fastprompt: CUDA graphs replay each micro-batch's loss, the update runs eagerly: {reason}"]
+
+
+
+@pytest.mark.parametrize("message, explained", [("operation not permitted when stream is capturing", True),
+                                                ("CUDA out of memory", False)])
+def test_a_failed_capture_is_explained_other_errors_raised_as_they_were(recorder, monkeypatch, message, explained):
+    """A capture error (a host read of a GPU value) is explained with what to do; any other error reaches the
+    caller unchanged. Either way warm-up leaves the prompt as it was."""
+    error = RuntimeError(message)
+
+    def record(body, pool):
+        raise error
+
+    monkeypatch.setattr(recorder, "record", record)
+    model = _model("prompt_tuning")
+    before = [p.detach().clone() for p in model.prompt_sources.parameters()]
+    step = CudaGraphStep(model, lr=1.0)
+    with pytest.raises(RuntimeError) as raised:
+        step(*_inputs("prompt_tuning", *SHAPES[0], seed=0), lr=LRS[0])
+    if explained:
+        assert str(raised.value).startswith("CudaGraphStep: the step could not be captured as a CUDA graph (operation "
+                                            "not permitted when stream is capturing); something in it reads a GPU "
+                                            "value on the host. Train eagerly instead.")
+        assert raised.value.__cause__ is error
+    else:
+        assert raised.value is error
+    for got, want in zip(model.prompt_sources.parameters(), before):
+        assert torch.equal(got, want)
