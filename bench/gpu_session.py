@@ -68,15 +68,23 @@ def _script(name: str, *args: str) -> tuple[str, ...]:
 TRAINING_PROVIDERS = "peft-sdpa,peft-lora-r16,fastprompt,fastprompt-eager,fastprompt-shared,fastprompt-concat"
 
 
+def _training_suite(name: str, limit_s: int, *, model: str, method: str, batch: int, seq_len: int, providers: str,
+                    steps: int, extra: tuple[str, ...] = (), quick_extra: tuple[str, ...] = ()) -> Step:
+    """A training-suite run in its own process (a time-out costs it alone): `method` on `model` at batch x
+    seq_len, bf16, `providers`, 2 warm-up + `steps` timed steps, then `extra` (e.g. a sweep). Its dry run:
+    tiny-llama, --quick, then `quick_extra`."""
+    return Step(name,
+                _bench("--suite", "training", "--models", model, "--methods", method, "--batch", str(batch),
+                       "--seq-len", str(seq_len), *extra, "--providers", providers, "--warmup", "2", "--steps",
+                       str(steps), "--out", "{scratch}"), limit_s,
+                _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", method, *quick_extra,
+                       "--providers", providers, "--out", "{scratch}"))
+
+
 def _training(seq_len: int, method: str, limit_s: int) -> Step:
-    """One training-suite case at the Llama-3.2-1B shape, bf16, B8: TRAINING_PROVIDERS, 2 warm-up + 6 timed
-    steps. One process per case, so a time-out costs that case alone."""
-    return Step(f"train-T{seq_len}-{method}",
-                _bench("--suite", "training", "--models", MODEL, "--methods", method, "--batch", "8", "--seq-len",
-                       str(seq_len), "--providers", TRAINING_PROVIDERS, "--warmup", "2", "--steps", "6",
-                       "--out", "{scratch}"), limit_s,
-                _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", method,
-                       "--providers", TRAINING_PROVIDERS, "--out", "{scratch}"))
+    """One training-suite case at the Llama-3.2-1B shape, B8: TRAINING_PROVIDERS, 6 timed steps."""
+    return _training_suite(f"train-T{seq_len}-{method}", limit_s, model=MODEL, method=method, batch=8,
+                           seq_len=seq_len, providers=TRAINING_PROVIDERS, steps=6)
 
 
 def _profile(seq_len: int, method: str, limit_s: int) -> Step:
@@ -124,14 +132,11 @@ LONGEST_SEQ_LENS = "4096,8192,12288,16384,24576,32768"
 
 
 def _scale(batch: int, seq_len: int, limit_s: int) -> Step:
-    """Issue 25's 8B case: prompt tuning P=100 at the Llama-3.1-8B shape, bf16 (random weights built on the
-    device, one copy shared by every provider), 2 warm-up + 5 timed steps."""
-    return Step(f"scale-8b-B{batch}-T{seq_len}",
-                _bench("--suite", "training", "--models", SCALE_MODEL, "--methods", "prompt_tuning-P100", "--batch",
-                       str(batch), "--seq-len", str(seq_len), "--providers", SCALE_PROVIDERS, "--warmup", "2",
-                       "--steps", "5", "--out", "{scratch}"), limit_s,
-                _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", "prompt_tuning-P100",
-                       "--batch", str(batch), "--providers", SCALE_PROVIDERS, "--out", "{scratch}"))
+    """Issue 25's 8B case: prompt tuning P=100 at the Llama-3.1-8B shape (random weights built on the device,
+    one copy shared by every provider), SCALE_PROVIDERS, 5 timed steps."""
+    return _training_suite(f"scale-8b-B{batch}-T{seq_len}", limit_s, model=SCALE_MODEL, method="prompt_tuning-P100",
+                           batch=batch, seq_len=seq_len, providers=SCALE_PROVIDERS, steps=5,
+                           quick_extra=("--batch", str(batch)))
 
 
 def _longest(provider: str, limit_s: int) -> Step:
@@ -145,13 +150,10 @@ def _longest(provider: str, limit_s: int) -> Step:
 
 def _sweep(flag: str, values: str, seq_len: int, limit_s: int) -> Step:
     """A sweep at the 1B shape, B8, prompt tuning (tokens/s against T or P, bench/plot.py draws it), beside
-    its main-table case at --seq-len: PEFT and the default only, 2 warm-up + 4 timed steps."""
-    return Step(f"sweep-{flag.removeprefix('--sweep-')}",
-                _bench("--suite", "training", "--models", MODEL, "--methods", "prompt_tuning-P100", "--batch", "8",
-                       "--seq-len", str(seq_len), flag, values, "--providers", SWEEP_PROVIDERS, "--warmup", "2",
-                       "--steps", "4", "--out", "{scratch}"), limit_s,
-                _bench("--quick", "--suite", "training", "--models", "tiny-llama", "--methods", "prompt_tuning-P100",
-                       flag, "4,8" if "seq" in flag else "5,10", "--providers", SWEEP_PROVIDERS, "--out", "{scratch}"))
+    its main-table case at `seq_len`: PEFT and the default only, 4 timed steps."""
+    return _training_suite(f"sweep-{flag.removeprefix('--sweep-')}", limit_s, model=MODEL,
+                           method="prompt_tuning-P100", batch=8, seq_len=seq_len, providers=SWEEP_PROVIDERS, steps=4,
+                           extra=(flag, values), quick_extra=(flag, "4,8" if "seq" in flag else "5,10"))
 
 
 # Issue 25's scale stage, for a session after the headline cases of "all" have run: the 8B cases first,

@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         wrong = [r for r in args.recipes or () if r not in METHOD_RECIPES[method]]
         if wrong:
-            parser.error(f"recipe(s) {', '.join(wrong)} do not apply to {method} (prompt tuning only); "
+            parser.error(f"recipe(s) {', '.join(wrong)} do not apply to {method}; "
                          f"{method}'s recipes: {', '.join(METHOD_RECIPES[method])}")
     import torch
 
