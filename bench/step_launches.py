@@ -215,16 +215,8 @@ def count_step(model_name: str, method, provider: str, batch: int, seq_len: int,
             base = models.build_model(model_name, torch.bfloat16, torch.device("meta"))
         runner = training.PROVIDERS[provider](base, method, None)
         data = training.Batch.random(training.Case(model_name, method, batch, seq_len), 100, torch.device("meta"))
-        if runner.step is not None:
-            def step():
-                runner.step(data, training.LR)
-        else:
-            optimizer = torch.optim.AdamW(list(runner.params.values()), lr=training.LR, foreach=True)  # as on CUDA
-
-            def step():
-                runner.loss(data).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        optimizer = torch.optim.AdamW(list(runner.params.values()), lr=training.LR, foreach=True)  # as on CUDA
+        step = training.training_step(runner, data, optimizer)
         step()                                   # first step: optimizer state made, the graph captured
         host = collections.Counter()
         with launches.into(host):
