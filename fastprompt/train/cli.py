@@ -104,6 +104,9 @@ def add_training_options(parser) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     parser.add_argument("--metric", default="auto", help="eval_loss, eval_accuracy, eval_token_accuracy or auto")
     parser.add_argument("--patience", type=int, default=None, help="early stopping: evaluations without gain")
+    parser.add_argument("--no-restore-best", dest="restore_best", action="store_false",
+                        help="end with the last step's prompt (default: the best evaluation's, when evaluations ran "
+                             "during training)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -138,6 +141,7 @@ def training_config(args, recipe=None):
         warmup=given("warmup"), max_grad_norm=args.max_grad_norm or None, precision=args.precision,
         eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
+        restore_best=args.restore_best,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
         log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score,
         cuda_graphs=args.cuda_graphs)
@@ -384,8 +388,11 @@ def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | No
             print(f"zero-shot accuracy on {len(trainer.eval_data)} held-out records: {zero_shot:.1%}", flush=True)
     result = trainer.train(resume=args.resume)
     if classifies and trainer.dist.is_main:
-        final = [r["eval_accuracy"] for r in result.log if "eval_accuracy" in r][-1]
-        print(f"held-out accuracy after training: {final:.1%} ({len(trainer.eval_data)} records)")
+        evals = [r for r in result.log if "eval_accuracy" in r]
+        final = next(r for r in evals if r["step"] == result.best_step) if result.restored_best else evals[-1]
+        kept = f", the prompt of step {result.best_step}, the best evaluation" if result.restored_best else ""
+        print(f"held-out accuracy after training: {final['eval_accuracy']:.1%} ({len(trainer.eval_data)} "
+              f"records{kept})")
     if trainer.dist.is_main:
         print(json.dumps({"step": result.step, "stopped_early": result.stopped_early,
                           "best_metric": result.best_metric,

@@ -32,6 +32,7 @@ class TrainingConfig:
                                           # "auto": accuracy when the eval data has classification records
     patience: int | None = None           # stop after this many evaluations without improvement
     min_delta: float = 0.0
+    restore_best: bool = True             # end with the prompt of the best evaluation, not the last step's
     save_every: int = 0                   # 0: no intermediate checkpoints
     keep_checkpoints: int | None = None   # keep only the newest N checkpoint folders
     seed: int = 0

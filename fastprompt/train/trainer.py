@@ -100,6 +100,8 @@ class TrainResult:
     step: int
     stopped_early: bool
     best_metric: float | None
+    best_step: int | None = None                       # the step of the best evaluation
+    restored_best: bool = False                        # the model ends with that step's prompt (restore_best)
     log: list[dict] = field(default_factory=list)      # this call's records (train and eval)
 
     @property
@@ -311,7 +313,8 @@ class Trainer:
             self._graphed_loss = CudaGraphLoss(model, max_shapes=16)
         device_type = model.backbone.device.type
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
-        state = {"best": None, "bad_evals": 0, "tokens": 0}
+        state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0}
+        self._best_params = None   # a copy of the trainable parameters at the best evaluation of this call
         main = self.dist.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / LOG_NAME
@@ -372,13 +375,30 @@ class Trainer:
         finally:
             progress.close()
             model.prompt_sources.train(was_training)
+        result.restored_best = self._restore_best(state, step, params, progress)
         if main:
             self.save_model(self.output_dir)
             if cfg.plot:
                 plot_loss_curve(read_log(log_path), self.output_dir / PLOT_NAME, say=progress.message)
         self.dist.barrier()  # the other ranks return once rank 0's files are in place
-        result.step, result.best_metric = step, state["best"]
+        result.step, result.best_metric, result.best_step = step, state["best"], state["best_step"]
         return result
+
+    def _restore_best(self, state: dict, step: int, params: list, progress) -> bool:
+        """With config.restore_best, put back the trainable parameters of the best evaluation when it was not
+        the last step's; whether the model now holds them."""
+        best_step = state["best_step"]
+        if not self.config.restore_best or best_step is None or best_step == step:
+            return False
+        if self._best_params is None:   # the best evaluation came before a resume: its copy was not kept
+            progress.message(f"the best evaluation (step {best_step}) predates the resume: the final adapter is "
+                             f"step {step}'s; {self.output_dir / 'best'} holds step {best_step}'s")
+            return False
+        with torch.no_grad():
+            for p, best in zip(params, self._best_params):
+                p.copy_(best)
+        progress.message(f"restored the prompt of step {best_step}, the best evaluation (restore_best)")
+        return True
 
     def _metric_name(self) -> str:
         if self.config.metric != "auto":
@@ -394,7 +414,9 @@ class Trainer:
         improved = best is None or (value > best + self.config.min_delta if higher
                                     else value < best - self.config.min_delta)
         if improved:
-            state["best"], state["bad_evals"] = value, 0
+            state["best"], state["best_step"], state["bad_evals"] = value, step, 0
+            if self.config.restore_best:
+                self._best_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
             if self.dist.is_main:
                 self.save_model(self.output_dir / "best")
         else:
@@ -460,10 +482,16 @@ class Trainer:
         finally:
             model.prompt_sources.train(was_training)
 
-    @torch.no_grad()
     def classify(self, examples, choices: dict) -> list[str]:
         """Each example's predicted label: the candidate whose verbalizer has the highest log-likelihood
         after the example's text (summed over its tokens, or averaged with config.score="mean")."""
+        return [max(scores, key=scores.get) for scores in self.label_scores(examples, choices)]
+
+    @torch.no_grad()
+    def label_scores(self, examples, choices: dict) -> list[dict[str, float]]:
+        """Each example's {label: log-likelihood of its verbalizer after the example's text} under the
+        active adapter (summed over the verbalizer's tokens, or averaged with config.score="mean");
+        choices: task -> [(label, token ids)], as `PromptDataset.choices`."""
         rows, owners = [], []
         for k, e in enumerate(examples):
             for label, ids in choices[e.task]:
@@ -484,9 +512,7 @@ class Trainer:
             if self.config.score == "mean":
                 total = total / (targets != -100).sum(-1).clamp(min=1)
             scores.extend(total.tolist())
-        best: dict[int, tuple[float, str]] = {}
+        per_example: list[dict[str, float]] = [{} for _ in examples]
         for owner, row, score in zip(owners, rows, scores):
-            if owner not in best or score > best[owner][0]:
-                best[owner] = (score, row.label)
-        return [best[k][1] for k in range(len(examples))]
-
+            per_example[owner][row.label] = score
+        return per_example

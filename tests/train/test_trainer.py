@@ -121,6 +121,57 @@ def test_early_stopping_stops(tmp_path):
     assert (tmp_path / "out" / "best" / "adapter_config.json").is_file()
 
 
+def _scripted_evaluations(trainer, accuracies):
+    """Make `trainer.evaluate` report `accuracies` in turn, keeping a copy of the prompt at each evaluation."""
+    seen, script = [], iter(accuracies)
+
+    def evaluate(data=None):
+        seen.append(trainer.model.prompt_sources["default"].embedding.weight.detach().clone())
+        return {"eval_loss": 1.0, "eval_accuracy": next(script)}
+
+    trainer.evaluate = evaluate
+    return seen
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_training_ends_with_the_best_evaluations_prompt(tmp_path, restore_best):
+    data = dataset(tmp_path, classification_records(8), verbalizers={"positive": "good", "negative": "bad"})
+    trainer = Trainer(prompt_model(), _config(tmp_path, steps=4, eval_every=1, restore_best=restore_best), data, data)
+    seen = _scripted_evaluations(trainer, [0.5, 0.9, 0.6, 0.7])
+    result = trainer.train()
+    assert (result.best_step, result.best_metric, result.restored_best) == (2, 0.9, restore_best)
+    final = trainer.model.prompt_sources["default"].embedding.weight
+    expected = seen[1] if restore_best else seen[3]
+    assert not torch.equal(seen[1], seen[3])
+    assert torch.equal(final, expected)
+    saved = fastprompt.io.read_tensors(tmp_path / "out" / "adapter_model.safetensors")
+    assert torch.equal(saved["prompt_embeddings"], expected)
+
+
+def test_restore_best_keeps_the_last_prompt_when_the_last_evaluation_is_best(tmp_path):
+    data = dataset(tmp_path, classification_records(8), verbalizers={"positive": "good", "negative": "bad"})
+    trainer = Trainer(prompt_model(), _config(tmp_path, steps=4, eval_every=2), data, data)
+    seen = _scripted_evaluations(trainer, [0.5, 0.9])
+    result = trainer.train()
+    assert (result.best_step, result.restored_best) == (4, False)
+    assert torch.equal(trainer.model.prompt_sources["default"].embedding.weight, seen[1])
+
+
+def test_the_best_step_survives_a_checkpoint(tmp_path, capsys):
+    data = dataset(tmp_path, classification_records(8), verbalizers={"positive": "good", "negative": "bad"})
+    config = _config(tmp_path, steps=2, eval_every=1, save_every=2, progress="print")
+    first = Trainer(prompt_model(), config, data, data)
+    _scripted_evaluations(first, [0.9, 0.5])
+    first.train()
+    resumed = Trainer(prompt_model(), _config(tmp_path, steps=4, eval_every=1, save_every=2, progress="print"),
+                      data, data)
+    _scripted_evaluations(resumed, [0.6, 0.7])
+    result = resumed.train(resume=True)
+    # The copy of step 1's prompt was not kept across processes: the run says so and ends with step 4's.
+    assert (result.best_step, result.best_metric, result.restored_best) == (1, 0.9, False)
+    assert "the best evaluation (step 1) predates the resume" in capsys.readouterr().out
+
+
 def test_classification_accuracy_learns(tmp_path):
     data = dataset(tmp_path, classification_records(16), verbalizers={"positive": "review", "negative": "film"})
     trainer = Trainer(prompt_model(fastprompt.PromptTuningConfig(num_virtual_tokens=4)),
