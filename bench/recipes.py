@@ -11,7 +11,7 @@ split made with seed 0, so a run's seed changes only the prompt's start and the 
 - news: BBC News, five topics, articles cut to 24 words;
 - debates: 2016 presidential debates, Clinton / Trump, statements cut to 24 words.
 
-Methods (--methods; default prompt tuning only): prompt-tuning, prefix-tuning, p-tuning. Every recipe trains
+Methods (--methods; default prompt tuning only): prompt-tuning, prefix-tuning, p-tuning, mpt. Every recipe trains
 with AdamW, batch 8, gradient clipping at 1.0, the label's verbalizer as target.
 
 Prompt-tuning recipes:
@@ -22,7 +22,10 @@ Prompt-tuning recipes:
   tokens), lr 1e-2, constant, 150 steps;
 - new: `recipe.default_recipe` as `fastprompt train` applies it (the instruction generated from the label
   words: nothing written by hand);
-- new-lr3e-2: a candidate: `new` with PEFT's example learning rate, 3e-2.
+- new-lr3e-2: a candidate: `new` with PEFT's example learning rate, 3e-2;
+- new-ensemble: a candidate: three prompts of `new`, trained in one mixed batch (batch 8 per member: each
+  step 24 rows, each routed to its member's adapter) and answering together
+  (`fastprompt.train.ensembles`: the label with the highest mean log-likelihood over the members).
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -41,6 +44,9 @@ no prefix projection, MLP encoder):
 - new-text (prefix tuning, a candidate): `new` started from the keys/values of the instruction that names the
   label words (`fastprompt.train.prefix_init`; P = its tokens), as prompt tuning's `new` starts from its
   embeddings.
+
+MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data) has one recipe,
+`new`: its default (`recipe.default_recipe("mpt", ...)`), prompt tuning's start and schedule.
 
 Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
 (a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).
@@ -63,10 +69,11 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
 }
-RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-text")
-METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
-METHOD_RECIPES = {"prompt-tuning": RECIPES[:5], "prefix-tuning": ("old", "peft-example", "new", "new-text"),
-                  "p-tuning": ("old", "peft-example", "new")}
+RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-text")
+ENSEMBLE_MEMBERS = 3
+METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
+METHOD_RECIPES = {"prompt-tuning": RECIPES[:6], "prefix-tuning": ("old", "peft-example", "new", "new-text"),
+                  "p-tuning": ("old", "peft-example", "new"), "mpt": ("new",)}
 TEST_SIZE = {"sentiment": 200, "news": 100, "debates": 100}
 
 
@@ -92,6 +99,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if recipe not in METHOD_RECIPES[method]:
         raise ValueError(f"recipe {recipe!r} does not apply to {method}: its recipes are {METHOD_RECIPES[method]}")
+    if method == "mpt":   # its one recipe: the default, prompt tuning's start and schedule through P* ∘ (u vᵀ)
+        return dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values())))
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
@@ -121,6 +130,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return dataclasses.asdict(default_recipe("prompt-tuning", list(task.verbalizers.values())))
     if recipe == "new-lr3e-2":
         return {**recipe_options("new", task), "lr": 3e-2}
+    if recipe == "new-ensemble":
+        return {**recipe_options("new", task), "ensemble": ENSEMBLE_MEMBERS}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
@@ -142,6 +153,9 @@ def adapter_config(method: str, options: dict, tokenizer):
     if init == "TEXT":
         extra = {"prompt_tuning_init_text": options["init_text"], "tokenizer_name_or_path": str(smollm2_folder())}
     tokens = options["num_virtual_tokens"] or len(tokenizer(options["init_text"])["input_ids"])
+    if method == "mpt":   # one task, as `fastprompt train --method mpt` builds it on single-task data
+        return fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init=init, num_tasks=1,
+                                                      **extra), tokens
     return fastprompt.PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init=init, **extra), tokens
 
 
@@ -153,6 +167,8 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     from fastprompt.demo import accuracy
     from fastprompt.offline.smollm2 import load_smollm2
     from fastprompt.train import Trainer, TrainingConfig, load_data
+    from fastprompt.train.ensembles import ensemble_classify, member_names, replicate
+    from fastprompt.train.trainer import task_model
 
     options = recipe_options(recipe, task, method)
     start = time.perf_counter()
@@ -161,24 +177,32 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
     test = load_data(files["test"], tokenizer, verbalizers=task.verbalizers)
     adapter, tokens = adapter_config(method, options, tokenizer)
+    members = member_names(options["ensemble"]) if options.get("ensemble") else []
     torch.manual_seed(seed)
-    model = fastprompt.get_peft_model(base, adapter)
+    model = task_model(base, adapter, members) if members else fastprompt.get_peft_model(base, adapter)
     if method == "prefix-tuning" and options["init"] == "text":
         from fastprompt.train.prefix_init import init_prefix_from_text
 
         init_prefix_from_text(model, tokenizer(options["init_text"])["input_ids"])
-    config = TrainingConfig(output_dir=str(folder), steps=options["steps"], batch_size=8, lr=options["lr"],
+    config = TrainingConfig(output_dir=str(folder), steps=options["steps"], batch_size=8 * max(1, len(members)),
+                            lr=options["lr"],
                             schedule=options["schedule"], warmup=options["warmup"],
                             weight_decay=options.get("weight_decay", 0.0), seed=seed, eval_batch_size=32,
                             progress="none", plot=False)
-    trainer = Trainer(model, config, train, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model, config, replicate(train, members) if members else train,
+                      pad_token_id=tokenizer.pad_token_id)
     trainer.train()
-    extra = {}
-    if method != "prompt-tuning":   # the encoder's width as resolved on the model (PEFT's default: hidden size)
-        extra = {"weight_decay": config.weight_decay}
+    if members:
+        predictions = ensemble_classify(trainer, test, members)
+        held_out = sum(p == e.label for p, e in zip(predictions, test.examples)) / len(test)
+    else:
+        held_out = accuracy(trainer, test)
+    extra = {"ensemble": len(members)} if members else {}
+    if method in ("prefix-tuning", "p-tuning"):   # the encoder's width as resolved on the model (PEFT's default: hidden size)
+        extra["weight_decay"] = config.weight_decay
         if method == "p-tuning":
             extra["encoder_hidden_size"] = model.peft_config["default"].encoder_hidden_size
-    return {"method": method, "task": task.name, "recipe": recipe, "seed": seed, "accuracy": accuracy(trainer, test),
+    return {"method": method, "task": task.name, "recipe": recipe, "seed": seed, "accuracy": held_out,
             "test_examples": len(test), "num_virtual_tokens": tokens, **{k: options[k] for k in
                                                                         ("lr", "schedule", "warmup", "steps")},
             **extra,

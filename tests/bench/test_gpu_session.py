@@ -33,7 +33,8 @@ def test_a_spent_budget_runs_no_further_step(tmp_path):
     steps = (gs.Step("slow", (sys.executable, "-c", "import time; time.sleep(60)"), 60, None),
              gs.Step("after", _writer("serving-x.json", [{}]), 60, None))
     statuses = gs.run_stage("all", steps, tmp_path, quick=False, budget_s=6)
-    assert statuses["slow"] == "timed out after 6 s"
+    # The step gets what is left of the 6 s: a busy machine spends part of a second before it starts.
+    assert statuses["slow"] in ("timed out after 6 s", "timed out after 5 s")
     assert statuses["after"].startswith("not run")
     assert not (tmp_path / "serving-x.json").exists()
 
