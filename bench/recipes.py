@@ -25,7 +25,9 @@ Prompt-tuning recipes:
 - new-lr3e-2: a candidate: `new` with PEFT's example learning rate, 3e-2;
 - new-ensemble: a candidate: three prompts of `new`, trained in one mixed batch (batch 8 per member: each
   step 24 rows, each routed to its member's adapter) and answering together
-  (`fastprompt.train.ensembles`: the label with the highest mean log-likelihood over the members).
+  (`fastprompt.train.ensembles`: the label with the highest mean log-likelihood over the members);
+- new-early-stop: a candidate: `new` with `fastprompt train`'s held-out split (10% of the training records, at
+  most 200) evaluated every 20 steps, ending with the prompt of the best held-out accuracy (`restore_best`).
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -69,10 +71,10 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
 }
-RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-text")
+RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop", "new-text")
 ENSEMBLE_MEMBERS = 3
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
-METHOD_RECIPES = {"prompt-tuning": RECIPES[:6], "prefix-tuning": ("old", "peft-example", "new", "new-text"),
+METHOD_RECIPES = {"prompt-tuning": RECIPES[:7], "prefix-tuning": ("old", "peft-example", "new", "new-text"),
                   "p-tuning": ("old", "peft-example", "new"), "mpt": ("new",)}
 TEST_SIZE = {"sentiment": 200, "news": 100, "debates": 100}
 
@@ -132,6 +134,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new", task), "lr": 3e-2}
     if recipe == "new-ensemble":
         return {**recipe_options("new", task), "ensemble": ENSEMBLE_MEMBERS}
+    if recipe == "new-early-stop":
+        return {**recipe_options("new", task), "eval_every": 20}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
@@ -167,6 +171,8 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     from fastprompt.demo import accuracy
     from fastprompt.offline.smollm2 import load_smollm2
     from fastprompt.train import Trainer, TrainingConfig, load_data
+    from fastprompt.train.cli import HOLDOUT_FRACTION, HOLDOUT_MAX
+    from fastprompt.train.data import hold_out
     from fastprompt.train.ensembles import ensemble_classify, member_names, replicate
     from fastprompt.train.trainer import task_model
 
@@ -175,6 +181,9 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     base, tokenizer = load_smollm2()
     files = task.write(folder / "data")
     train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
+    held = None
+    if options.get("eval_every"):   # the held-out split `fastprompt train` carves by default
+        train, held = hold_out(train, min(HOLDOUT_MAX, int(HOLDOUT_FRACTION * len(train))), seed)
     test = load_data(files["test"], tokenizer, verbalizers=task.verbalizers)
     adapter, tokens = adapter_config(method, options, tokenizer)
     members = member_names(options["ensemble"]) if options.get("ensemble") else []
@@ -188,16 +197,19 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
                             lr=options["lr"],
                             schedule=options["schedule"], warmup=options["warmup"],
                             weight_decay=options.get("weight_decay", 0.0), seed=seed, eval_batch_size=32,
+                            eval_every=options.get("eval_every", 0),
                             progress="none", plot=False)
-    trainer = Trainer(model, config, replicate(train, members) if members else train,
+    trainer = Trainer(model, config, replicate(train, members) if members else train, held,
                       pad_token_id=tokenizer.pad_token_id)
-    trainer.train()
+    result = trainer.train()
     if members:
         predictions = ensemble_classify(trainer, test, members)
         held_out = sum(p == e.label for p, e in zip(predictions, test.examples)) / len(test)
     else:
         held_out = accuracy(trainer, test)
     extra = {"ensemble": len(members)} if members else {}
+    if held is not None:
+        extra.update(held_out=len(held), eval_every=config.eval_every, best_step=result.best_step)
     if method in ("prefix-tuning", "p-tuning"):   # the encoder's width as resolved on the model (PEFT's default: hidden size)
         extra["weight_decay"] = config.weight_decay
         if method == "p-tuning":
