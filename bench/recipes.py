@@ -47,8 +47,12 @@ no prefix projection, MLP encoder):
   label words (`fastprompt.train.prefix_init`; P = its tokens), as prompt tuning's `new` starts from its
   embeddings.
 
-MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data) has one recipe,
-`new`: its default (`recipe.default_recipe("mpt", ...)`), prompt tuning's start and schedule.
+MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), both recipes with
+the default's instruction start and schedule (`recipe.default_recipe("mpt", ...)`):
+- peft-start: the instruction in P* and the task factors U, V from PEFT's N(0, 0.02), so the prompt
+  P* ∘ (U V) starts near 0 (the default until this study measured it);
+- new: the default: U V all ones (`fastprompt.train.mpt.start_tasks_at_shared_prompt`), so the prompt starts
+  as the instruction, as prompt tuning's does.
 
 Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
 (a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).
@@ -71,11 +75,14 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
 }
-RECIPES = ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop", "new-text")
+RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
+           "new-text")
 ENSEMBLE_MEMBERS = 3
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
-METHOD_RECIPES = {"prompt-tuning": RECIPES[:7], "prefix-tuning": ("old", "peft-example", "new", "new-text"),
-                  "p-tuning": ("old", "peft-example", "new"), "mpt": ("new",)}
+METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
+                                    "new-early-stop"), "prefix-tuning": ("old", "peft-example", "new", "new-text"),
+                  "p-tuning": ("old", "peft-example", "new"),
+                  "mpt": ("peft-start", "new")}
 TEST_SIZE = {"sentiment": 200, "news": 100, "debates": 100}
 
 
@@ -101,7 +108,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if recipe not in METHOD_RECIPES[method]:
         raise ValueError(f"recipe {recipe!r} does not apply to {method}: its recipes are {METHOD_RECIPES[method]}")
-    if method == "mpt":   # its one recipe: the default, prompt tuning's start and schedule through P* ∘ (u vᵀ)
+    if method == "mpt":   # the default's text and schedule; "peft-start" leaves the task factors as PEFT draws them
         return dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values())))
     if method != "prompt-tuning":
         if recipe == "old":
@@ -174,6 +181,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     from fastprompt.train.cli import HOLDOUT_FRACTION, HOLDOUT_MAX
     from fastprompt.train.data import hold_out
     from fastprompt.train.ensembles import ensemble_classify, member_names, replicate
+    from fastprompt.train.mpt import start_tasks_at_shared_prompt
     from fastprompt.train.trainer import task_model
 
     options = recipe_options(recipe, task, method)
@@ -189,6 +197,8 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     members = member_names(options["ensemble"]) if options.get("ensemble") else []
     torch.manual_seed(seed)
     model = task_model(base, adapter, members) if members else fastprompt.get_peft_model(base, adapter)
+    if method == "mpt" and options["init"] == "text" and recipe == "new":   # as `fastprompt train` starts it
+        start_tasks_at_shared_prompt(model)
     if method == "prefix-tuning" and options["init"] == "text":
         from fastprompt.train.prefix_init import init_prefix_from_text
 

@@ -403,6 +403,7 @@ def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | No
 def run_train(args) -> int:
     import torch
 
+    from fastprompt.train.mpt import start_tasks_at_shared_prompt
     from fastprompt.train.recipe import default_recipe
     from fastprompt.train.trainer import Trainer, task_model
 
@@ -417,6 +418,8 @@ def run_train(args) -> int:
         config = _config_for(args, tasks, kwargs["verbalizers"], recipe, tokenizer)
         model = task_model(base, config, tasks, path=args.path)
         start_prefix_from_text(model, args, recipe, tokenizer)
+        if args.method == "mpt" and config.prompt_tuning_init == "TEXT":   # the task prompts start as the text
+            start_tasks_at_shared_prompt(model)
         if context.is_main:
             model.print_trainable_parameters()
         trainer = Trainer(model, training_config(args, recipe), train_data, eval_data, pad_token_id=pad_id(tokenizer),

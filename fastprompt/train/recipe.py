@@ -53,8 +53,9 @@ def default_recipe(method: str, label_words: list[str] | None = None) -> Recipe:
     """The measured default for `method` ("prompt-tuning", "mpt", "prefix-tuning", "p-tuning").
 
     label_words: the verbalizer word of each label when the training data is classification (None for
-    text-to-text data). Prompt tuning and MPT then start from `instruction(label_words)`'s embeddings, prefix
-    tuning from its keys/values (`prefix_init`); otherwise, and P-tuning always, from PEFT's own start (random
+    text-to-text data). Prompt tuning and MPT then start from `instruction(label_words)`'s embeddings (MPT's
+    task factors at one, `mpt.start_tasks_at_shared_prompt`, so its prompt is that text), prefix tuning from its
+    keys/values (`prefix_init`); otherwise, and P-tuning always, from PEFT's own start (random
     prompt, random prefix, the P-tuning encoder's initialisation). With label words `init_text` is the
     instruction for every method (what `--init text` starts from when no text is given).
 

@@ -14,6 +14,7 @@ from fastprompt.train.mpt import (
     next_token_states,
     prompt_hidden_states,
     source_model,
+    start_tasks_at_shared_prompt,
     target_model,
 )
 from tests.helpers import assert_close
@@ -195,3 +196,21 @@ def test_peft_initialises_a_target_from_our_source_checkpoint_the_same_way(tmp_p
         loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "target").prompt_encoder["default"]
     for name in ("embedding.weight", "prefix_task_cols", "prefix_task_rows"):
         assert torch.equal(loaded.state_dict()[name], mine.state_dict()[name]), name
+
+
+def test_task_prompts_start_as_the_shared_prompt():
+    config = fastprompt.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=3, num_ranks=2)
+    model = fastprompt.get_peft_model(tiny_model("llama"), config)
+    source = model.prompt_sources["default"]
+    shared = source.embedding.weight.detach()
+    tasks = torch.arange(3)
+    # PEFT's N(0, 0.02) factors leave every task prompt near 0, whatever P* holds.
+    assert source.prompts(tasks).abs().max() < 0.05 * shared.abs().max()
+    start_tasks_at_shared_prompt(model)
+    assert torch.equal(source.prompts(tasks), shared.expand(3, -1, -1))
+
+
+def test_only_an_mpt_adapter_starts_its_tasks_at_the_shared_prompt():
+    model = fastprompt.get_peft_model(tiny_model("llama"), fastprompt.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="adapter 'default' is not an MPT adapter"):
+        start_tasks_at_shared_prompt(model)

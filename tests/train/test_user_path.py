@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import fastprompt
 from fastprompt import cli
 from fastprompt.cli import main
 from fastprompt.train import cli as train_cli
@@ -55,6 +56,17 @@ def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, 
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["prompt_tuning_init"] == "TEXT"
     assert config["prompt_tuning_init_text"] == "Answer with one word: negative or positive.\n"  # sorted labels
+
+
+def test_mpt_from_text_starts_every_task_prompt_as_the_text(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(24))
+    assert _train(model_dir, data, tmp_path / "out", "--method", "mpt", "--steps", "1") == 0
+    saved = fastprompt.io.read_tensors(tmp_path / "out" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["prompt_tuning_init"] == "TEXT"
+    # One step at the warm-up's learning rate 0: the factors are still U V = 1 (PEFT's would be near 0).
+    product = saved["prefix_task_cols"] @ saved["prefix_task_rows"]
+    assert torch.equal(product, torch.ones_like(product))
 
 
 def test_holdout_zero_trains_without_evaluation(tmp_path, model_dir, capsys):
