@@ -178,7 +178,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     from fastprompt.demo import accuracy
     from fastprompt.offline.smollm2 import load_smollm2
     from fastprompt.train import Trainer, TrainingConfig, load_data
-    from fastprompt.train.cli import HOLDOUT_FRACTION, HOLDOUT_MAX
+    from fastprompt.train.cli import default_holdout
     from fastprompt.train.data import hold_out
     from fastprompt.train.ensembles import ensemble_classify, member_names, replicate
     from fastprompt.train.mpt import start_tasks_at_shared_prompt
@@ -191,7 +191,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
     held = None
     if options.get("eval_every"):   # the held-out split `fastprompt train` carves by default
-        train, held = hold_out(train, min(HOLDOUT_MAX, int(HOLDOUT_FRACTION * len(train))), seed)
+        train, held = hold_out(train, default_holdout(train), seed)
     test = load_data(files["test"], tokenizer, verbalizers=task.verbalizers)
     adapter, tokens = adapter_config(method, options, tokenizer)
     members = member_names(options["ensemble"]) if options.get("ensemble") else []
@@ -204,8 +204,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
 
         init_prefix_from_text(model, tokenizer(options["init_text"])["input_ids"])
     config = TrainingConfig(output_dir=str(folder), steps=options["steps"], batch_size=8 * max(1, len(members)),
-                            lr=options["lr"],
-                            schedule=options["schedule"], warmup=options["warmup"],
+                            lr=options["lr"], schedule=options["schedule"], warmup=options["warmup"],
                             weight_decay=options.get("weight_decay", 0.0), seed=seed, eval_batch_size=32,
                             eval_every=options.get("eval_every", 0),
                             progress="none", plot=False)
@@ -220,9 +219,9 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     extra = {"ensemble": len(members)} if members else {}
     if held is not None:
         extra.update(held_out=len(held), eval_every=config.eval_every, best_step=result.best_step)
-    if method in ("prefix-tuning", "p-tuning"):   # the encoder's width as resolved on the model (PEFT's default: hidden size)
+    if method in ("prefix-tuning", "p-tuning"):
         extra["weight_decay"] = config.weight_decay
-        if method == "p-tuning":
+        if method == "p-tuning":   # the encoder's width as resolved on the model (PEFT's default: hidden size)
             extra["encoder_hidden_size"] = model.peft_config["default"].encoder_hidden_size
     return {"method": method, "task": task.name, "recipe": recipe, "seed": seed, "accuracy": held_out,
             "test_examples": len(test), "num_virtual_tokens": tokens, **{k: options[k] for k in

@@ -36,7 +36,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, *, state: dic
     step's examples and the run's `TrainingConfig`; then keep only the newest ``config.keep_checkpoints``."""
     folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     extra = {"trainer": {
-        "best": state["best"], "best_step": state["best_step"], "bad_evals": state["bad_evals"], "tokens": state["tokens"],
+        **state,    # best metric and its step, evaluations without gain, tokens seen: load_checkpoint reads them back
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "data": {**data_order, "next_step": step, "shuffle": config.shuffle},
         "config": asdict(config)}}

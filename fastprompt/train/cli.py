@@ -350,6 +350,12 @@ def label_words(data, tokenizer, verbalizers: dict | None, *, say: bool = True) 
     return words
 
 
+def default_holdout(train_data) -> int:
+    """How many records `fastprompt train` holds out when neither --eval-data nor --holdout is given: 10% of
+    classification data, at most 200; none of text-to-text data."""
+    return min(HOLDOUT_MAX, int(HOLDOUT_FRACTION * len(train_data))) if train_data.has_classification else 0
+
+
 def held_out_split(args, train_data, eval_data, context) -> tuple:
     """(train, eval) data: --eval-data as given, else --holdout records of the training data (default 10%
     of classification data, at most 200; none for text-to-text data)."""
@@ -359,7 +365,7 @@ def held_out_split(args, train_data, eval_data, context) -> tuple:
         return train_data, eval_data
     count = args.holdout
     if count is None:
-        count = min(HOLDOUT_MAX, int(HOLDOUT_FRACTION * len(train_data))) if train_data.has_classification else 0
+        count = default_holdout(train_data)
     if not count:
         return train_data, None
     if count >= len(train_data):

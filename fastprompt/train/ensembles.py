@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
+from fastprompt.ensemble import combine_predictions
 from fastprompt.train.data import PromptDataset
 
 
@@ -40,21 +43,25 @@ def replicate(data: PromptDataset, names: list[str]) -> PromptDataset:
 
 
 def ensemble_classify(trainer, data: PromptDataset, names: list[str]) -> list[str]:
-    """Each of `data`'s classification examples' label under the ensemble `names` of `trainer.model`: the
-    label whose verbalizer's log-likelihood (as `Trainer.label_scores` gives it), averaged over the members,
-    is highest. Leaves the model's active adapter as it was."""
+    """Each of `data`'s examples' label under the ensemble `names` of `trainer.model` (`data`: one task's
+    classification examples): the label whose verbalizer's log-likelihood (as `Trainer.label_scores` gives
+    it), averaged over the members, is highest (`combine_predictions`, "mean"). Leaves the model's active
+    adapter as it was."""
     model = trainer.model
     missing = [n for n in names if n not in model.adapter_names]
     if missing or not names:
         raise ValueError(f"names must be loaded adapters; missing {missing or names}, loaded: {model.adapter_names}")
+    if data.tasks:
+        raise ValueError(f"an ensemble answers one task's data; got examples of tasks {data.tasks}")
+    labels = [label for label, _ in data.choices[None]]
     active = model.active_adapter
-    totals: list[dict[str, float]] = [{} for _ in data.examples]
     try:
+        scores = []
         for name in names:
             model.set_adapter(name)
-            for total, scores in zip(totals, trainer.label_scores(data.examples, data.choices)):
-                for label, score in scores.items():
-                    total[label] = total.get(label, 0.0) + score / len(names)
+            scores.append([[own[label] for label in labels]
+                           for own in trainer.label_scores(data.examples, data.choices)])
     finally:
         model.set_adapter(active)
-    return [max(total, key=total.get) for total in totals]
+    chosen = combine_predictions(torch.tensor(scores, dtype=torch.float64), how="mean")   # [n_examples]
+    return [labels[i] for i in chosen.tolist()]

@@ -84,3 +84,12 @@ def test_ensemble_classify_names_missing_members(tmp_path):
     trainer = Trainer(model, _config(tmp_path), data)
     with pytest.raises(ValueError, match=r"missing \['member5'\]"):
         ensemble_classify(trainer, data, ["member0", "member5"])
+
+
+def test_ensemble_classify_answers_one_task(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(4, tasks=["x", "y"]))
+    model = prompt_model(names=member_names(2))
+    trainer = Trainer(model, _config(tmp_path), dataset(tmp_path, classification_records(4), "c.jsonl",
+                                                         verbalizers=VERBALIZERS))
+    with pytest.raises(ValueError, match=r"one task's data; got examples of tasks \['x', 'y'\]"):
+        ensemble_classify(trainer, data, member_names(2))
