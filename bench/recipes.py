@@ -83,7 +83,8 @@ RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2
 ENSEMBLE_MEMBERS = 3
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
-                                    "new-early-stop", "new-200"), "prefix-tuning": ("old", "peft-example", "new", "new-text"),
+                                    "new-early-stop", "new-200"),
+                  "prefix-tuning": ("old", "peft-example", "new", "new-text"),
                   "p-tuning": ("old", "peft-example", "new"),
                   "mpt": ("peft-start", "new")}
 TEST_SIZE = {"sentiment": 200, "news": 100, "debates": 100}
@@ -290,15 +291,10 @@ def main(argv=None) -> int:
     if args.summary:
         print(summary(args.summary))
         return 0
-    if args.start:
-        for task in map(load_task, args.tasks):
-            for recipe in args.recipes or METHOD_RECIPES["prompt-tuning"]:
-                with tempfile.TemporaryDirectory(prefix="fastprompt-recipes-") as folder:
-                    print(f"{task.name} {recipe}: {start_accuracy(task, recipe, Path(folder)):.3f}", flush=True)
-        return 0
-    if args.out is None:
+    if args.out is None and not args.start:
         parser.error("--out is required (or --summary FILE, or --start)")
-    for method in args.methods:
+    methods = ["prompt-tuning"] if args.start else args.methods   # --start measures prompt tuning's starts
+    for method in methods:
         wrong = [r for r in args.recipes or () if r not in METHOD_RECIPES[method]]
         if wrong:
             parser.error(f"recipe(s) {', '.join(wrong)} do not apply to {method}; "
@@ -306,6 +302,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.start:
+        for task in map(load_task, args.tasks):
+            for recipe in args.recipes or METHOD_RECIPES["prompt-tuning"]:
+                with tempfile.TemporaryDirectory(prefix="fastprompt-recipes-") as folder:
+                    print(f"{task.name} {recipe}: {start_accuracy(task, recipe, Path(folder)):.3f}", flush=True)
+        return 0
     done = done_runs(args.out)
     tasks = [load_task(name) for name in args.tasks]
     for seed in args.seeds:       # seeds outermost: every method, task and recipe has results early

@@ -48,3 +48,10 @@ def test_summary_groups_runs_by_method_task_and_recipe(tmp_path):
                          "| mpt | news | new | 1 | 0.700 | 0.700 | 0.700 | 0.000 |"]
     assert recipes.done_runs(path) == {("prompt-tuning", "news", "new", 0), ("prompt-tuning", "news", "new", 1),
                                        ("mpt", "news", "new", 0)}
+
+
+def test_start_takes_only_prompt_tuning_recipes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipes.main(["--start", "--recipes", "new-text"])
+    assert exit_info.value.code == 2
+    assert "recipe(s) new-text do not apply to prompt-tuning" in capsys.readouterr().err
