@@ -203,14 +203,16 @@ def choice_loss_trainer(model, config, train, held, pad_token_id):
 
     from fastprompt.train import Trainer
 
-    (_, [*choices]), = train.choices.items()
+    if len(train.choices) != 1:
+        raise ValueError(f"the choice loss trains one classification task; got the choices of {list(train.choices)}")
+    [choices] = train.choices.values()
     first = [ids[0] for _, ids in choices]
     if len(set(first)) != len(first):
         raise ValueError(f"the choice loss needs verbalizers whose first tokens differ; got {choices}")
 
     class ChoiceLossTrainer(Trainer):
         def normalizers(self, batches):
-            return {**super().normalizers(batches), "rows": max(1, sum(len(b["labels"]) for b in batches))}
+            return {**super().normalizers(batches), "rows": max(1, sum(b["rows"] for b in batches))}
 
         def compute_loss(self, batch, norms):
             inputs = self.model_inputs(batch)
