@@ -85,9 +85,9 @@ from pathlib import Path
 TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned recipes
     "sentiment": "Movie review sentiment, positive or negative?\n",
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
-    "news-500": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
 }
+TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, tested on more rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-text")
 ENSEMBLE_MEMBERS = 3
@@ -107,12 +107,10 @@ def load_task(name: str):
         return datasets.rotten_tomatoes(test_size=TEST_SIZE[name], max_words=16, train_size=1000)
     if name in ("news", "news-500"):
         news = datasets.bbc_news(test_size=TEST_SIZE["news"], max_words=24)
-        if name == "news":
-            return dataclasses.replace(news, train=news.train[:1000])
-        # news's training rows; its test rows and the next 400 of the split (module docstring)
-        extra = TEST_SIZE[name] - TEST_SIZE["news"]
-        return dataclasses.replace(news, name=name, train=news.train[:1000],
-                                   test=news.test + news.train[1000:1000 + extra])
+        train, rest = news.train[:1000], news.train[1000:]
+        # news-500 also tests on the 400 rows of the split that follow news's training rows (module docstring)
+        test = news.test + rest[:TEST_SIZE[name] - TEST_SIZE["news"]]
+        return dataclasses.replace(news, name=name, train=train, test=test)
     if name == "debates":
         return datasets.debates(test_size=TEST_SIZE[name], max_words=24)
     raise ValueError(f"task must be one of {sorted(TASK_INSTRUCTIONS)}, got {name!r}")
