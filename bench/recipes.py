@@ -12,7 +12,10 @@ split made with seed 0, so a run's seed changes only the prompt's start and the 
 - news: BBC News, five topics, articles cut to 24 words;
 - news-500: news's training rows, tested on 500 held-out rows (news's 100 and the next 400 of the split), so
   that one row weighs 0.002;
-- debates: 2016 presidential debates, Clinton / Trump, statements cut to 24 words.
+- debates: 2016 presidential debates, Clinton / Trump, statements cut to 24 words;
+- speeches: 2012 national convention speeches' paragraphs, Democrat / Republican, cut to 24 words (1,000
+  training rows, 500 held out): a second political-attribution task, with a test set large enough to tell a
+  recipe's spread over seeds from debates's 100-row noise.
 
 Methods (--methods; default prompt tuning only): prompt-tuning, prefix-tuning, p-tuning, mpt. Every recipe trains
 with AdamW, batch 8, gradient clipping at 1.0, the label's verbalizer as target.
@@ -38,7 +41,9 @@ Prompt-tuning recipes:
   to tell the prompt's length from its text;
 - new-choice: a candidate: `new` trained on the classification objective of PET and LM-BFF (Schick & Schütze;
   Gao et al.): cross-entropy over the label words' logits at the answer position (a softmax over the task's
-  choices, not the vocabulary), the decision the evaluation scores, in place of the verbalizer's LM loss.
+  choices, not the vocabulary), the decision the evaluation scores, in place of the verbalizer's LM loss;
+- new-hand: a candidate: `new` started from the hand-written instruction of peft-example and hand-tuned (P = its
+  tokens), what `fastprompt train --init-text` gives: the default's schedule with PEFT's example's information.
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -86,18 +91,19 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "sentiment": "Movie review sentiment, positive or negative?\n",
     "news": "News article topic: business, entertainment, politics, sport or technology?\n",
     "debates": "Who said this in the debate, Clinton or Trump?\n",
+    "speeches": "Convention speech by which party, Democrat or Republican?\n",
 }
 TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, tested on more rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
-           "new-200", "new-p8", "new-choice", "new-text")
+           "new-200", "new-p8", "new-choice", "new-hand", "new-text")
 ENSEMBLE_MEMBERS = 3
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
-                                    "new-early-stop", "new-200", "new-p8", "new-choice"),
+                                    "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text"),
                   "p-tuning": ("old", "peft-example", "new"),
                   "mpt": ("peft-start", "new")}
-TEST_SIZE = {"sentiment": 200, "news": 100, "news-500": 500, "debates": 100}
+TEST_SIZE = {"sentiment": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500}
 
 
 def load_task(name: str):
@@ -113,6 +119,8 @@ def load_task(name: str):
         return dataclasses.replace(news, name=name, train=train, test=test)
     if name == "debates":
         return datasets.debates(test_size=TEST_SIZE[name], max_words=24)
+    if name == "speeches":
+        return datasets.speeches(test_size=TEST_SIZE[name], max_words=24, train_size=1000)
     raise ValueError(f"task must be one of {sorted(TASK_INSTRUCTIONS)}, got {name!r}")
 
 
@@ -165,6 +173,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new", task), "num_virtual_tokens": 8}
     if recipe == "new-choice":
         return {**recipe_options("new", task), "loss": "choices"}
+    if recipe == "new-hand":
+        return {**recipe_options("new", task), "init_text": TASK_INSTRUCTIONS[task.name]}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 

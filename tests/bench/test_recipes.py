@@ -28,6 +28,12 @@ def test_the_ensemble_is_the_default_three_times():
     assert recipes.recipe_options("new-ensemble", TASK) == {**new, "ensemble": recipes.ENSEMBLE_MEMBERS}
 
 
+def test_new_hand_is_the_default_from_the_hand_written_instruction():
+    new = recipes.recipe_options("new", TASK)
+    hand = recipes.recipe_options("new-hand", TASK)
+    assert hand == {**new, "init_text": recipes.TASK_INSTRUCTIONS["sentiment"]} and hand["num_virtual_tokens"] is None
+
+
 def test_mpt_is_measured_with_its_default():
     words = list(TASK.verbalizers.values())
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
@@ -105,3 +111,11 @@ def test_news_500_is_news_tested_on_more_rows():
     assert len(wide.test) == 500 and wide.test[:100] == news.test
     assert not {r["text"] for r in wide.test} & {r["text"] for r in wide.train}
     assert {r["label"] for r in wide.test[100:]} == set(news.verbalizers)
+
+
+@pytest.mark.parametrize("name", sorted(recipes.TASK_INSTRUCTIONS))
+def test_every_task_has_its_test_size_and_an_instruction_naming_its_labels(name):
+    task = recipes.load_task(name)
+    assert task.name == name and len(task.test) == recipes.TEST_SIZE[name]
+    assert not {r["text"] for r in task.test} & {r["text"] for r in task.train}
+    assert all(word.lower() in recipes.TASK_INSTRUCTIONS[name].lower() for word in task.verbalizers.values())
