@@ -43,7 +43,9 @@ Prompt-tuning recipes:
   Gao et al.): cross-entropy over the label words' logits at the answer position (a softmax over the task's
   choices, not the vocabulary), the decision the evaluation scores, in place of the verbalizer's LM loss;
 - new-hand: a candidate: `new` started from the hand-written instruction of peft-example and hand-tuned (P = its
-  tokens), what `fastprompt train --init-text` gives: the default's schedule with PEFT's example's information.
+  tokens), what `fastprompt train --init-text` gives: the default's schedule with PEFT's example's information;
+- new-peft-schedule: a candidate: `new`'s start (the generated instruction, P = its tokens) with PEFT's example's
+  optimisation: lr 3e-2, linear decay, no warm-up.
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -95,11 +97,12 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
 }
 TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, tested on more rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
-           "new-200", "new-p8", "new-choice", "new-hand", "new-text")
+           "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-text")
 ENSEMBLE_MEMBERS = 3
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
-                                    "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand"),
+                                    "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand",
+                                    "new-peft-schedule"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text"),
                   "p-tuning": ("old", "peft-example", "new"),
                   "mpt": ("peft-start", "new")}
@@ -175,6 +178,9 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new", task), "loss": "choices"}
     if recipe == "new-hand":
         return {**recipe_options("new", task), "init_text": TASK_INSTRUCTIONS[task.name]}
+    if recipe == "new-peft-schedule":
+        peft = recipe_options("peft-example", task)
+        return {**recipe_options("new", task), **{k: peft[k] for k in ("lr", "schedule", "warmup", "steps")}}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 

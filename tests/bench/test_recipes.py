@@ -34,6 +34,13 @@ def test_new_hand_is_the_default_from_the_hand_written_instruction():
     assert hand == {**new, "init_text": recipes.TASK_INSTRUCTIONS["sentiment"]} and hand["num_virtual_tokens"] is None
 
 
+def test_new_peft_schedule_is_the_default_start_with_peft_example_optimisation():
+    new, peft = recipes.recipe_options("new", TASK), recipes.recipe_options("peft-example", TASK)
+    mixed = recipes.recipe_options("new-peft-schedule", TASK)
+    assert mixed == {**new, "lr": 3e-2, "schedule": "linear", "warmup": 0, "steps": 100}
+    assert all(mixed[k] == peft[k] for k in ("lr", "schedule", "warmup", "steps"))
+
+
 def test_mpt_is_measured_with_its_default():
     words = list(TASK.verbalizers.values())
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
