@@ -4,9 +4,11 @@ Measured with ``bench/recipes.py`` (README, "Default recipe", for the numbers an
 on small models prompt tuning from a random start is unstable across seeds (Lester et al.); starting the
 prompt from the embeddings of a short instruction that names the answer words, with a lower learning rate,
 a linear warm-up and a cosine decay, was more accurate than the old defaults on three tasks and no less
-steady. Prefix tuning from PEFT's random prefix stayed near chance on two of the three tasks under every
-schedule tried; started from that instruction's keys/values it learnt them (Li & Liang's start from real
-activations). P-tuning's encoder trained best with PEFT's own task-guide recipe.
+steady. PEFT's example's lr 3e-2 with linear decay was 1.5 points better on one task (news) and twice as
+unsteady on another (debates), so the rate stays 1e-2. Prefix tuning from PEFT's random prefix stayed near
+chance on two of the three tasks under every schedule tried; started from that instruction's keys/values it
+learnt them (Li & Liang's start from real activations). P-tuning's encoder trained best with PEFT's own
+task-guide recipe.
 
     recipe = default_recipe("prompt-tuning", ["positive", "negative"])
     recipe.init_text   # 'Answer with one word: positive or negative.\\n'
