@@ -41,6 +41,35 @@ def test_new_peft_schedule_is_the_default_start_with_peft_example_optimisation()
     assert all(mixed[k] == peft[k] for k in ("lr", "schedule", "warmup", "steps"))
 
 
+def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path):
+    """new-residual is `new` plus the MLP; the reparameterized prompt starts as the embeddings (same logits)
+    and a training step moves the embeddings and the MLP (every part of it reached by the gradient)."""
+    import torch
+
+    from fastprompt.train import Trainer, TrainingConfig
+    from tests.train.common import classification_records, dataset, prompt_model
+
+    new = recipes.recipe_options("new", TASK)
+    assert recipes.recipe_options("new-residual", TASK) == {**new, "residual_bottleneck": recipes.RESIDUAL_BOTTLENECK}
+    model = prompt_model()
+    ids = torch.randint(3, 50, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    recipes.residual_prompts(model, bottleneck=5)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".residual." in n for n in start)
+    data = dataset(tmp_path, classification_records(6), verbalizers={"positive": "good", "negative": "bad"})
+    config = TrainingConfig(output_dir=str(tmp_path / "out"), steps=2, batch_size=3, lr=1e-2, progress="none",
+                            plot=False)
+    Trainer(model, config, data, pad_token_id=0).train()
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])}
+    assert moved == set(start)
+    with pytest.raises(ValueError, match="reparameterizes prompt tuning"):
+        recipes.residual_prompts(model, bottleneck=5)
+
+
 def test_mpt_is_measured_with_its_default():
     words = list(TASK.verbalizers.values())
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
