@@ -41,6 +41,10 @@ def test_new_peft_schedule_is_the_default_start_with_peft_example_optimisation()
     assert all(mixed[k] == peft[k] for k in ("lr", "schedule", "warmup", "steps"))
 
 
+def test_new_b16_is_the_default_with_twice_the_batch():
+    assert recipes.recipe_options("new-b16", TASK) == {**recipes.recipe_options("new", TASK), "batch_size": 16}
+
+
 def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path):
     """new-residual is `new` plus the MLP; the reparameterized prompt starts as the embeddings (same logits)
     and a training step moves the embeddings and the MLP (every part of it reached by the gradient)."""
