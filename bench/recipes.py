@@ -51,7 +51,11 @@ Prompt-tuning recipes:
   e + LayerNorm(W_up ReLU(W_down e)), one bottleneck MLP shared by the tokens (`residual_prompts`), the
   LayerNorm's gain starting at 0 so that the prompt starts as the instruction;
 - new-b16: a candidate: `new` with batch 16 instead of 8 (twice the rows per step, half the gradient noise of
-  the data order, which is all a run's seed changes from a text start).
+  the data order, which is all a run's seed changes from a text start);
+- new-balanced: a candidate: `new` trained on label-balanced data, each rarer label's rows repeated in turn until
+  every label has as many rows as the most frequent (`balance_labels`). Debates's training rows are 62.5%
+  Trump and its held-out rows 50%; every other task's training rows are balanced already, where new-balanced
+  is `new` exactly.
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -104,13 +108,13 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
 TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, tested on more rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
-           "new-text")
+           "new-balanced", "new-text")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
                                     "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand",
-                                    "new-peft-schedule", "new-residual", "new-b16"),
+                                    "new-peft-schedule", "new-residual", "new-b16", "new-balanced"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text"),
                   "p-tuning": ("old", "peft-example", "new"),
                   "mpt": ("peft-start", "new")}
@@ -193,6 +197,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new", task), "residual_bottleneck": RESIDUAL_BOTTLENECK}
     if recipe == "new-b16":
         return {**recipe_options("new", task), "batch_size": 16}
+    if recipe == "new-balanced":
+        return {**recipe_options("new", task), "balance_labels": True}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
@@ -253,6 +259,19 @@ def choice_loss_trainer(model, config, train, held, pad_token_id):
     return ChoiceLossTrainer(model, config, train, held, pad_token_id=pad_token_id)
 
 
+def balance_labels(data):
+    """`data` (one classification task's PromptDataset) with each rarer label's examples repeated, in order and
+    cycling, until every label has as many as the most frequent; `data` itself when it is balanced already."""
+    from fastprompt.train.data import PromptDataset
+
+    by_label: dict = {}
+    for example in data.examples:
+        by_label.setdefault(example.label, []).append(example)
+    most = max(map(len, by_label.values()))
+    extra = [rows[i % len(rows)] for rows in by_label.values() for i in range(most - len(rows))]
+    return PromptDataset(data.examples + extra, data.choices) if extra else data
+
+
 def residual_prompts(model, bottleneck: int) -> None:
     """Reparameterize `model`'s prompt-tuning adapter as residual prompt tuning does (Razdaibiedina et al.):
     its virtual tokens E [P, d] read as E + LayerNorm(W_up ReLU(W_down E)), the MLP (width `bottleneck`)
@@ -298,6 +317,8 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     base, tokenizer = load_smollm2()
     files = task.write(folder / "data")
     train = load_data(files["train"], tokenizer, verbalizers=task.verbalizers)
+    if options.get("balance_labels"):
+        train = balance_labels(train)
     held = None
     if options.get("eval_every"):   # the held-out split `fastprompt train` carves by default
         train, held = hold_out(train, default_holdout(train), seed)
@@ -334,6 +355,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     right = [p == e.label for p, e in zip(predictions, test.examples)]
     held_out = sum(right) / len(test)
     extra = {"ensemble": len(members)} if members else {}
+    extra["predicted"] = {label: predictions.count(label) for label, _ in test.choices[None]}   # label bias
     if task.name == "news-500":   # the same prompt on news's own 100 test rows, comparable with news's runs
         extra["news_accuracy"] = sum(right[:TEST_SIZE["news"]]) / TEST_SIZE["news"]
     if options.get("residual_bottleneck"):

@@ -45,6 +45,26 @@ def test_new_b16_is_the_default_with_twice_the_batch():
     assert recipes.recipe_options("new-b16", TASK) == {**recipes.recipe_options("new", TASK), "batch_size": 16}
 
 
+def test_new_balanced_repeats_the_rarer_labels_rows_in_turn(tmp_path):
+    from collections import Counter
+
+    from tests.train.common import dataset
+
+    assert recipes.recipe_options("new-balanced", TASK) == {**recipes.recipe_options("new", TASK),
+                                                             "balance_labels": True}
+    records = ([{"text": f"good {i}", "label": "positive"} for i in range(5)]
+               + [{"text": f"bad {i}", "label": "negative"} for i in range(2)])
+    data = dataset(tmp_path, records)
+    balanced = recipes.balance_labels(data)
+    assert Counter(e.label for e in balanced.examples) == {"positive": 5, "negative": 5}
+    negatives = [e for e in data.examples if e.label == "negative"]
+    assert balanced.examples[:7] == data.examples                            # every row kept, in order,
+    assert balanced.examples[7:] == [negatives[0], negatives[1], negatives[0]]   # then the rarer label's in turn
+    assert balanced.choices == data.choices
+    even = dataset(tmp_path, records[:2] + records[5:], name="even.jsonl")
+    assert recipes.balance_labels(even) is even                             # balanced data: untouched
+
+
 def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path):
     """new-residual is `new` plus the MLP; the reparameterized prompt starts as the embeddings (same logits)
     and a training step moves the embeddings and the MLP (every part of it reached by the gradient)."""
