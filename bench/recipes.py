@@ -5,6 +5,7 @@
     python -m bench.recipes --out /tmp/recipes.jsonl --methods prefix-tuning p-tuning   # their recipes
     python -m bench.recipes --summary /tmp/recipes.jsonl             # the README's table from a finished file
     python -m bench.recipes --start --tasks news --recipes new peft-example   # held-out accuracy before training
+    python -m bench.recipes --out /tmp/bias.jsonl --bias --tasks debates --recipes new   # what the bias costs
 
 Model: SmolLM2-135M-Instruct (`fastprompt.offline.smollm2`). Tasks (`fastprompt.offline.datasets`, each a fixed
 split made with seed 0, so a run's seed changes only the prompt's start and the data order):
@@ -299,8 +300,42 @@ def residual_prompts(model, bottleneck: int) -> None:
     source.__class__ = ResidualPromptTuning
 
 
-def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tuning") -> dict:
-    """Train one prompt of `method` with `recipe` and `seed`; its held-out accuracy and wall time."""
+def decision_bias(trainer, train, test) -> dict:
+    """How much of a two-label prompt's held-out accuracy its decision's bias costs. The decision is the sign of
+    d = score(second label) - score(first) (`Trainer.label_scores`); moving its threshold from 0 to t gives:
+    - raw: t = 0, the trained prompt's own decision (the study's accuracy);
+    - prior_matched: t such that the training rows' predicted shares equal their label shares (no held-out
+      information);
+    - half_matched: t such that half the training rows go to each label;
+    - best_threshold: the best t on the held-out rows themselves (a ceiling, not a decision one could make).
+    Also first_label_predicted: how many held-out rows the raw decision gives the first label."""
+    (choices,) = test.choices.values()
+    if len(choices) != 2:
+        raise ValueError(f"decision_bias takes a two-label task, got labels {[label for label, _ in choices]}")
+    first, second = (label for label, _ in choices)
+
+    def margins(data):
+        return [s[second] - s[first] for s in trainer.label_scores(data.examples, data.choices)]
+
+    train_d, test_d = sorted(margins(train)), margins(test)
+    is_second = [e.label == second for e in test.examples]
+
+    def accuracy(threshold):
+        return sum((d > threshold) == y for d, y in zip(test_d, is_second)) / len(test_d)
+
+    def sending_first(count):   # the threshold that gives the first label the `count` lowest training rows
+        return train_d[count - 1] if count else train_d[0] - 1.0
+
+    first_rows = sum(e.label == first for e in train.examples)
+    return {"raw": accuracy(0.0), "prior_matched": accuracy(sending_first(first_rows)),
+            "half_matched": accuracy(sending_first(len(train_d) // 2)),
+            "best_threshold": max(accuracy(t) for t in [min(test_d) - 1.0, *test_d]),
+            "first_label_predicted": sum(d <= 0.0 for d in test_d)}
+
+
+def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tuning", bias: bool = False) -> dict:
+    """Train one prompt of `method` with `recipe` and `seed`; its held-out accuracy and wall time (and with `bias`,
+    on a two-label task, `decision_bias`'s figures under "decision")."""
     import torch
 
     import fastprompt
@@ -356,6 +391,10 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     held_out = sum(right) / len(test)
     extra = {"ensemble": len(members)} if members else {}
     extra["predicted"] = {label: predictions.count(label) for label, _ in test.choices[None]}   # label bias
+    if bias:
+        if members:
+            raise ValueError("bias: decision_bias reads one prompt's scores; an ensemble answers by several")
+        extra["decision"] = decision_bias(trainer, train, test)
     if task.name == "news-500":   # the same prompt on news's own 100 test rows, comparable with news's runs
         extra["news_accuracy"] = sum(right[:TEST_SIZE["news"]]) / TEST_SIZE["news"]
     if options.get("residual_bottleneck"):
@@ -421,6 +460,9 @@ def main(argv=None) -> int:
                         help="default: every recipe of each method")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--bias", action="store_true",
+                        help="also record, per run of a two-label task, the accuracy its decision's bias costs "
+                             "(decision_bias)")
     parser.add_argument("--summary", type=Path, help="print the table of a results file and exit")
     parser.add_argument("--start", action="store_true",
                         help="print each prompt-tuning recipe's held-out accuracy before training and exit")
@@ -454,7 +496,7 @@ def main(argv=None) -> int:
                     if (method, task.name, recipe, seed) in done:
                         continue
                     with tempfile.TemporaryDirectory(prefix="fastprompt-recipes-") as folder:
-                        record = run_one(task, recipe, seed, Path(folder), method)
+                        record = run_one(task, recipe, seed, Path(folder), method, bias=args.bias)
                     print(json.dumps(record), flush=True)
                     with args.out.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")

@@ -65,6 +65,32 @@ def test_new_balanced_repeats_the_rarer_labels_rows_in_turn(tmp_path):
     assert recipes.balance_labels(even) is even                             # balanced data: untouched
 
 
+def test_decision_bias_moves_only_the_threshold():
+    """Margins d = score(b) - score(a): the raw decision is d > 0; prior_matched puts the threshold where the
+    training rows' predicted shares equal their label shares; best_threshold is the held-out ceiling."""
+    from fastprompt.train.data import Example, PromptDataset
+
+    def rows(margins, labels):
+        return PromptDataset([Example([1], [1], None, "classification", f"row {i}", 1, label)
+                              for i, label in enumerate(labels)], {None: [("a", [5]), ("b", [6])]}), margins
+
+    train, train_d = rows([-3.0, -2.0, 1.0, 2.0], ["a", "b", "b", "b"])    # 3 of 4 are b
+    test, test_d = rows([-2.5, 1.5, 2.5, 3.5], ["a", "a", "b", "b"])       # leans to b
+    margins = {id(e): d for data, ds in ((train, train_d), (test, test_d)) for e, d in zip(data.examples, ds)}
+
+    class Scores:
+        def label_scores(self, examples, choices):
+            return [{"a": 0.0, "b": margins[id(e)]} for e in examples]
+
+    # raw: 0 splits -2.5 | 1.5 2.5 3.5; prior-matched (1 training row of 4 to a): -3 sends every held-out row
+    # to b; half-matched (2 to a): -2 splits as raw does; the best threshold, 1.5, gets them all
+    assert recipes.decision_bias(Scores(), train, test) == {
+        "raw": 0.75, "prior_matched": 0.5, "half_matched": 0.75, "best_threshold": 1.0, "first_label_predicted": 1}
+    three = PromptDataset(test.examples, {None: [("a", [5]), ("b", [6]), ("c", [7])]})
+    with pytest.raises(ValueError, match="two-label task"):
+        recipes.decision_bias(Scores(), train, three)
+
+
 def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path):
     """new-residual is `new` plus the MLP; the reparameterized prompt starts as the embeddings (same logits)
     and a training step moves the embeddings and the MLP (every part of it reached by the gradient)."""
