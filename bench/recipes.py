@@ -348,6 +348,9 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     from fastprompt.train.trainer import task_model
 
     options = recipe_options(recipe, task, method)
+    if bias and (options.get("ensemble") or len(task.verbalizers) != 2):   # before hours of training, not after
+        raise ValueError(f"bias: decision_bias reads one prompt's two-label decision; {recipe} on {task.name} has "
+                         f"{len(task.verbalizers)} labels and {options.get('ensemble') or 1} prompt(s)")
     start = time.perf_counter()
     base, tokenizer = load_smollm2()
     files = task.write(folder / "data")
@@ -392,8 +395,6 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     extra = {"ensemble": len(members)} if members else {}
     extra["predicted"] = {label: predictions.count(label) for label, _ in test.choices[None]}   # label bias
     if bias:
-        if members:
-            raise ValueError("bias: decision_bias reads one prompt's scores; an ensemble answers by several")
         extra["decision"] = decision_bias(trainer, train, test)
     if task.name == "news-500":   # the same prompt on news's own 100 test rows, comparable with news's runs
         extra["news_accuracy"] = sum(right[:TEST_SIZE["news"]]) / TEST_SIZE["news"]

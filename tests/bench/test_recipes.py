@@ -91,6 +91,15 @@ def test_decision_bias_moves_only_the_threshold():
         recipes.decision_bias(Scores(), train, three)
 
 
+def test_bias_is_refused_before_training_where_no_two_label_decision_exists(tmp_path):
+    five = SimpleNamespace(name="news", verbalizers={k: k for k in "abcde"})
+    with pytest.raises(ValueError, match="news has 5 labels and 1 prompt"):
+        recipes.run_one(five, "new", 0, tmp_path, bias=True)
+    with pytest.raises(ValueError, match="sentiment has 2 labels and 3 prompt"):
+        recipes.run_one(TASK, "new-ensemble", 0, tmp_path, bias=True)
+    assert not any(tmp_path.iterdir())                                       # nothing loaded, nothing written
+
+
 def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path):
     """new-residual is `new` plus the MLP; the reparameterized prompt starts as the embeddings (same logits)
     and a training step moves the embeddings and the MLP (every part of it reached by the gradient)."""
