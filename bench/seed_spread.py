@@ -1,0 +1,95 @@
+"""How much of a recipe's spread over seeds is its held-out rows' noise, and how much the seeds' own.
+
+    python -m bench.seed_spread bench/results/recipes-rows-cpu-x86_64-2026-12-07.jsonl
+
+A recipe's seeds are scored on the same held-out rows. Two prompts of equal worth still disagree on some rows, and
+on 100 rows a few disagreements are several points of accuracy: the max - min a recipe table shows is the seeds'
+own spread (what unlimited held-out rows would show) plus that noise. From each run's answers row by row ("right",
+which `bench.recipes` records), a two-way analysis of variance of the seeds x rows table of right (1) and wrong (0),
+one answer per cell, splits the two:
+- noise: the max - min expected over the seeds from the rows alone, were the seeds of equal worth:
+  d_S * sqrt(MS_error / n);
+- own: the max - min expected of the seeds' accuracies on unlimited rows: d_S * sqrt(max(0, MS_seed - MS_error) / n);
+- p: how often seeds of equal worth spread as far as observed: the share of 10,000 shuffles of each row's answers
+  among the seeds whose max - min is at least the observed one.
+n is the number of rows, MS_seed = n * (the variance of the seeds' accuracies), MS_error the residual mean square,
+d_S the expected range of S standard normal draws (`EXPECTED_RANGE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+# d_S, the expected max - min of S independent standard normal draws (the d2 constants of quality control)
+EXPECTED_RANGE = {2: 1.128, 3: 1.693, 4: 2.059, 5: 2.326, 6: 2.534, 7: 2.704, 8: 2.847, 9: 2.970, 10: 3.078}
+SHUFFLES = 10_000
+
+
+def answers(path: Path) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Each (method, task, recipe) of a results file with its runs' answers: a (seeds, rows) float tensor of 1 (right)
+    and 0 (wrong), seeds in ascending order. Runs without "right" (before it was recorded) are left out."""
+    runs: dict[tuple[str, str, str], dict[int, str]] = {}
+    for record in map(json.loads, path.read_text().splitlines()):
+        if "right" in record:
+            key = (record.get("method", "prompt-tuning"), record["task"], record["recipe"])
+            runs.setdefault(key, {})[record["seed"]] = record["right"]
+    table = {}
+    for key, by_seed in runs.items():
+        lengths = {len(right) for right in by_seed.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{key}: every seed must answer the same held-out rows, got row counts {sorted(lengths)}")
+        table[key] = torch.tensor([[float(c == "1") for c in by_seed[seed]] for seed in sorted(by_seed)])
+    return table
+
+
+def split_spread(right: torch.Tensor, shuffles: int = SHUFFLES, seed: int = 0) -> dict[str, float]:
+    """The spread over seeds of `right` (seeds x rows, float 1/0), split as the module docstring says: its observed
+    max - min ("observed"), "noise", "own" and "p"."""
+    seeds, rows = right.shape
+    if not 2 <= seeds <= max(EXPECTED_RANGE) or rows < 2:
+        raise ValueError(f"right must be (2..{max(EXPECTED_RANGE)} seeds, >= 2 rows), got {tuple(right.shape)}")
+    accuracy = right.mean(1)
+    grand = right.mean()
+    residual = right - accuracy[:, None] - right.mean(0)[None, :] + grand
+    ms_error = residual.pow(2).sum() / ((seeds - 1) * (rows - 1))
+    ms_seed = rows * accuracy.var()
+    observed = (accuracy.max() - accuracy.min()).item()
+    generator = torch.Generator().manual_seed(seed)
+    at_least = 0
+    for start in range(0, shuffles, 1000):   # chunks keep the (shuffles, seeds, rows) table small
+        count = min(1000, shuffles - start)
+        order = torch.rand(count, seeds, rows, generator=generator).argsort(dim=1)
+        shuffled = right.expand(count, seeds, rows).gather(1, order).mean(2)
+        at_least += int((shuffled.max(1).values - shuffled.min(1).values >= observed - 1e-9).sum())
+    d = EXPECTED_RANGE[seeds]
+    return {"observed": observed, "noise": d * (ms_error / rows).sqrt().item(),
+            "own": d * ((ms_seed - ms_error).clamp(min=0) / rows).sqrt().item(), "p": at_least / shuffles}
+
+
+def table(path: Path) -> str:
+    """The markdown table of `split_spread` for every (method, task, recipe) of a results file with per-row answers."""
+    lines = ["| method | task | recipe | seeds | rows | max − min | from the rows (expected) | the seeds' own | p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (method, task, recipe), right in sorted(answers(path).items()):
+        if right.shape[0] < 2:
+            continue
+        s = split_spread(right)
+        lines.append(f"| {method} | {task} | {recipe} | {right.shape[0]} | {right.shape[1]} | {s['observed']:.3f} | "
+                     f"{s['noise']:.3f} | {s['own']:.3f} | {s['p']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", type=Path, help="a bench.recipes JSON-lines file whose runs record \"right\"")
+    args = parser.parse_args(argv)
+    print(table(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
