@@ -56,7 +56,10 @@ Prompt-tuning recipes:
 - new-balanced: a candidate: `new` trained on label-balanced data, each rarer label's rows repeated in turn until
   every label has as many rows as the most frequent (`balance_labels`). Debates's training rows are 62.5%
   Trump and its held-out rows 50%; every other task's training rows are balanced already, where new-balanced
-  is `new` exactly.
+  is `new` exactly;
+- new-soup: a candidate: new-ensemble's three prompts, trained in one mixed batch from the same start, averaged
+  into one prompt after training (`soup_members`: a "model soup" of the virtual tokens), which answers alone:
+  the ensemble's averaging of the data order's noise in a prompt served at one prompt's cost.
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -85,6 +88,8 @@ the default's instruction start and schedule (`recipe.default_recipe("mpt", ...)
 
 Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
 (a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).
+A line's "right" (runs from 2026-12-07 on) marks each held-out row answered right ("1") or wrong ("0"), in the
+test split's order: `bench.seed_spread` reads it to tell a recipe's spread over seeds from its test rows' noise.
 """
 
 from __future__ import annotations
@@ -109,13 +114,14 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
 TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, tested on more rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
-           "new-balanced", "new-text")
+           "new-balanced", "new-soup", "new-text")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
                                     "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand",
-                                    "new-peft-schedule", "new-residual", "new-b16", "new-balanced"),
+                                    "new-peft-schedule", "new-residual", "new-b16", "new-balanced",
+                                    "new-soup"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text"),
                   "p-tuning": ("old", "peft-example", "new"),
                   "mpt": ("peft-start", "new")}
@@ -200,6 +206,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new", task), "batch_size": 16}
     if recipe == "new-balanced":
         return {**recipe_options("new", task), "balance_labels": True}
+    if recipe == "new-soup":
+        return {**recipe_options("new-ensemble", task), "soup": True}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
@@ -300,6 +308,20 @@ def residual_prompts(model, bottleneck: int) -> None:
     source.__class__ = ResidualPromptTuning
 
 
+def soup_members(model, names: list[str]) -> None:
+    """Average the prompt-tuning tables [P, d] of `model`'s adapters `names` (trained side by side from one start)
+    into each of them, so that any one of them answers as their soup."""
+    import torch
+
+    tables = [model.prompt_sources[name].embedding.weight for name in names]
+    if len({tuple(t.shape) for t in tables}) != 1:
+        raise ValueError(f"soup_members averages tables of one shape, got {[tuple(t.shape) for t in tables]}")
+    with torch.no_grad():
+        mean = torch.stack(tables).mean(0)
+        for table in tables:
+            table.copy_(mean)
+
+
 def decision_bias(trainer, train, test) -> dict:
     """How much of a two-label prompt's held-out accuracy its decision's bias costs. The decision is the sign of
     d = score(second label) - score(first) (`Trainer.label_scores`); moving its threshold from 0 to t gives:
@@ -386,14 +408,21 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
         trainer = Trainer(model, config, replicate(train, members) if members else train, held,
                           pad_token_id=tokenizer.pad_token_id)
     result = trainer.train()
-    if members:
+    if options.get("soup"):
+        soup_members(model, members)
+        model.set_adapter(members[0])   # rows without a task name read the active adapter
+        predictions = trainer.classify(test.examples, test.choices)
+    elif members:
         predictions = ensemble_classify(trainer, test, members)
     else:
         predictions = trainer.classify(test.examples, test.choices)
     right = [p == e.label for p, e in zip(predictions, test.examples)]
     held_out = sum(right) / len(test)
     extra = {"ensemble": len(members)} if members else {}
+    if options.get("soup"):
+        extra["soup"] = True
     extra["predicted"] = {label: predictions.count(label) for label, _ in test.choices[None]}   # label bias
+    extra["right"] = "".join("01"[r] for r in right)   # per held-out row, in order: for bench.seed_spread
     if bias:
         extra["decision"] = decision_bias(trainer, train, test)
     if task.name == "news-500":   # the same prompt on news's own 100 test rows, comparable with news's runs

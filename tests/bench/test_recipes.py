@@ -215,3 +215,20 @@ def test_every_task_has_its_test_size_and_an_instruction_naming_its_labels(name)
     assert task.name == name and len(task.test) == recipes.TEST_SIZE[name]
     assert not {r["text"] for r in task.test} & {r["text"] for r in task.train}
     assert all(word.lower() in recipes.TASK_INSTRUCTIONS[name].lower() for word in task.verbalizers.values())
+
+
+def test_new_soup_is_the_ensemble_averaged_into_one_prompt():
+    import torch
+
+    from fastprompt.train.ensembles import member_names
+    from tests.train.common import prompt_model
+
+    assert recipes.recipe_options("new-soup", TASK) == {**recipes.recipe_options("new-ensemble", TASK), "soup": True}
+    names = member_names(3)
+    model = prompt_model(names=names)
+    tables = [model.prompt_sources[name].embedding.weight for name in names]
+    assert not torch.equal(tables[0], tables[1])   # each member draws its own start here
+    expected = torch.stack([t.detach().clone() for t in tables]).mean(0)
+    recipes.soup_members(model, names)
+    for table in tables:
+        torch.testing.assert_close(table.detach(), expected, rtol=0, atol=1e-6)
