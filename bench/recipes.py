@@ -466,6 +466,13 @@ def done_runs(path: Path) -> set:
             for r in map(json.loads, path.read_text().splitlines())}
 
 
+def study_order(key: tuple[str, str, str]) -> tuple:
+    """The sort key of a (method, task, recipe) in the study's tables: method and recipe as METHODS and RECIPES
+    list them, tasks by name."""
+    method, task, recipe = key
+    return METHODS.index(method), task, RECIPES.index(recipe)
+
+
 def summary(path: Path) -> str:
     """The markdown table: method, task, recipe, seeds, mean, min, max, max - min of the held-out accuracy."""
     groups: dict[tuple, list[float]] = {}
@@ -474,8 +481,7 @@ def summary(path: Path) -> str:
         groups.setdefault(key, []).append(record["accuracy"])
     lines = ["| method | task | recipe | seeds | mean | min | max | max − min |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (method, task, recipe), values in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1],
-                                                                                 RECIPES.index(kv[0][2]))):
+    for (method, task, recipe), values in sorted(groups.items(), key=lambda kv: study_order(kv[0])):
         lines.append(f"| {method} | {task} | {recipe} | {len(values)} | {statistics.mean(values):.3f} | "
                      f"{min(values):.3f} | {max(values):.3f} | {max(values) - min(values):.3f} |")
     return "\n".join(lines)

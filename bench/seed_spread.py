@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.recipes import METHODS, RECIPES
+from bench.recipes import study_order
 
 # d_S, the expected max - min of S independent standard normal draws (the d2 constants of quality control)
 EXPECTED_RANGE = {2: 1.128, 3: 1.693, 4: 2.059, 5: 2.326, 6: 2.534, 7: 2.704, 8: 2.847, 9: 2.970, 10: 3.078}
@@ -76,11 +76,7 @@ def table(path: Path) -> str:
     """The markdown table of `split_spread` for every (method, task, recipe) of a results file with per-row answers."""
     lines = ["| method | task | recipe | seeds | rows | max − min | from the rows (expected) | the seeds' own | p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    def order(item):   # as bench.recipes' own table: by method, task, then recipe as the study lists them
-        (method, task, recipe), _ = item
-        return METHODS.index(method), task, RECIPES.index(recipe)
-
-    for (method, task, recipe), right in sorted(answers(path).items(), key=order):
+    for (method, task, recipe), right in sorted(answers(path).items(), key=lambda kv: study_order(kv[0])):
         if right.shape[0] < 2:
             continue
         s = split_spread(right)
