@@ -462,8 +462,12 @@ def start_accuracy(task, recipe: str, folder: Path) -> float:
 def done_runs(path: Path) -> set:
     if not path.is_file():
         return set()
-    return {(r.get("method", "prompt-tuning"), r["task"], r["recipe"], r["seed"])
-            for r in map(json.loads, path.read_text().splitlines())}
+    return {(*recipe_key(r), r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def recipe_key(record: dict) -> tuple[str, str, str]:
+    """A result line's (method, task, recipe); a line without "method" is prompt tuning's (module docstring)."""
+    return record.get("method", "prompt-tuning"), record["task"], record["recipe"]
 
 
 def study_order(key: tuple[str, str, str]) -> tuple:
@@ -477,8 +481,7 @@ def summary(path: Path) -> str:
     """The markdown table: method, task, recipe, seeds, mean, min, max, max - min of the held-out accuracy."""
     groups: dict[tuple, list[float]] = {}
     for record in map(json.loads, path.read_text().splitlines()):
-        key = (record.get("method", "prompt-tuning"), record["task"], record["recipe"])
-        groups.setdefault(key, []).append(record["accuracy"])
+        groups.setdefault(recipe_key(record), []).append(record["accuracy"])
     lines = ["| method | task | recipe | seeds | mean | min | max | max − min |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (method, task, recipe), values in sorted(groups.items(), key=lambda kv: study_order(kv[0])):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.recipes import study_order
+from bench.recipes import recipe_key, study_order
 
 # d_S, the expected max - min of S independent standard normal draws (the d2 constants of quality control)
 EXPECTED_RANGE = {2: 1.128, 3: 1.693, 4: 2.059, 5: 2.326, 6: 2.534, 7: 2.704, 8: 2.847, 9: 2.970, 10: 3.078}
@@ -37,8 +37,7 @@ def answers(path: Path) -> dict[tuple[str, str, str], torch.Tensor]:
     runs: dict[tuple[str, str, str], dict[int, str]] = {}
     for record in map(json.loads, path.read_text().splitlines()):
         if "right" in record:
-            key = (record.get("method", "prompt-tuning"), record["task"], record["recipe"])
-            runs.setdefault(key, {})[record["seed"]] = record["right"]
+            runs.setdefault(recipe_key(record), {})[record["seed"]] = record["right"]
     table = {}
     for key, by_seed in runs.items():
         lengths = {len(right) for right in by_seed.values()}
