@@ -20,10 +20,10 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
 PREFIX_SITES = ("encoder", "decoder", "cross")
 
 
-# Fields fastprompt adds to PEFT's configs, each a list of strings. A save keeps them out of
-# adapter_config.json (PEFT warns on a field it does not know) in fastprompt_config.json beside it
-# (`fastprompt.io.save_adapter`).
-FASTPROMPT_FIELDS = ("class_label_words", "prefix_sites")
+# Fields fastprompt adds to PEFT's configs, and the JSON type each holds ("strings": a list of strings). A save
+# keeps them out of adapter_config.json (PEFT warns on a field it does not know) in fastprompt_config.json
+# beside it (`fastprompt.io.save_adapter`).
+FASTPROMPT_FIELDS = {"class_label_words": "strings", "prefix_sites": "strings", "encoder_residual": "bool"}
 
 
 def check_positive_int(name: str, value) -> None:

@@ -290,7 +290,7 @@ def save_adapter(folder, config_dict: dict, tensors: dict[str, torch.Tensor]) ->
     """Write one adapter in PEFT's layout, all or nothing (`atomic_folder`): adapter_config.json holds PEFT's
     fields only, so PEFT loads it without a warning; fastprompt's own (`FASTPROMPT_FIELDS`), where set, go
     to fastprompt_config.json beside it."""
-    extras = {key: config_dict[key] for key in FASTPROMPT_FIELDS if config_dict.get(key) is not None}
+    extras = {key: config_dict[key] for key in FASTPROMPT_FIELDS if config_dict.get(key) not in (None, False)}
     with atomic_folder(folder) as staging:
         write_tensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         write_json(staging / CONFIG_NAME, {k: v for k, v in config_dict.items() if k not in FASTPROMPT_FIELDS})
@@ -330,12 +330,15 @@ def load_adapter_files(folder) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _read_extras(path: Path) -> dict:
-    """fastprompt_config.json: an object of FASTPROMPT_FIELDS, each a list of strings."""
+    """fastprompt_config.json: an object of FASTPROMPT_FIELDS, each of its type (a list of strings, or a bool)."""
     extras = read_json_object(path)
     for key, value in extras.items():
         if key not in FASTPROMPT_FIELDS:
             raise ValueError(f"{str(path)!r}: unknown field {key!r}; expected some of {sorted(FASTPROMPT_FIELDS)}")
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        if FASTPROMPT_FIELDS[key] == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{str(path)!r}: {key} must be true or false, got {value!r}")
+        elif not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ValueError(f"{str(path)!r}: {key} must be a list of strings, got {value!r}")
     return extras
 

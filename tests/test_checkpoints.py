@@ -192,6 +192,7 @@ def test_an_adapter_without_fastprompt_fields_has_no_extras_file(tmp_path):
 
 @pytest.mark.parametrize("extras, message", [
     ('{"class_label_words": "positive"}', "class_label_words must be a list of strings"),
+    ('{"encoder_residual": "yes"}', "encoder_residual must be true or false"),
     ('{"run_me": ["x"]}', "unknown field 'run_me'"),
     ('{"class_label_words": ["a"', "is corrupt"),
 ])
