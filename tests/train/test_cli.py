@@ -54,8 +54,10 @@ def test_train_then_eval_classification(tmp_path, model_dir, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
 
-def test_train_resume_continues_exactly(tmp_path, model_dir, capsys):
-    train = write_jsonl(tmp_path / "train.jsonl", seq2seq_records(8))
+@pytest.mark.parametrize("records", [seq2seq_records(8), classification_records(8)],
+                         ids=["peft-start", "residual-encoder-from-text"])
+def test_train_resume_continues_exactly(tmp_path, model_dir, capsys, records):
+    train = write_jsonl(tmp_path / "train.jsonl", records)
     base = ["train", "--model", str(model_dir), "--method", "p-tuning", "--data", train, "--num-virtual-tokens", "3",
             "--batch-size", "4", "--progress", "none", "--no-plot", "--schedule", "cosine", "--warmup", "1",
             "--optimizer", "adafactor", "--encoder-hidden-size", "8"]

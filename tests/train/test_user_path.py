@@ -35,8 +35,9 @@ def test_default_recipe_starts_classification_from_an_instruction_of_the_label_w
     assert instruction(["a", "b", "c"]) == "Answer with one word: a, b or c.\n"
     prefix = default_recipe("prefix-tuning", ["positive", "negative"])    # from the instruction's keys/values
     assert (prefix.init, prefix.init_text, prefix.num_virtual_tokens) == ("text", recipe.init_text, None)
-    p_tuning = default_recipe("p-tuning", ["positive"])    # PEFT's start and its task guide's recipe
-    assert (p_tuning.init, p_tuning.num_virtual_tokens, p_tuning.encoder_hidden_size) == ("random", 20, 128)
+    p_tuning = default_recipe("p-tuning", ["positive"])    # the instruction and PEFT's task guide's recipe
+    assert (p_tuning.init, p_tuning.num_virtual_tokens, p_tuning.encoder_hidden_size) == ("text", None, 128)
+    assert (default_recipe("p-tuning").init, default_recipe("p-tuning").num_virtual_tokens) == ("random", 20)
     assert (p_tuning.lr, p_tuning.schedule, p_tuning.warmup, p_tuning.weight_decay) == (1e-3, "linear", 0, 0.01)
     assert recipe.weight_decay == 0.0 and recipe.encoder_hidden_size is None
     assert default_recipe("prompt-tuning", None).init == "random"
@@ -204,6 +205,38 @@ def test_prefix_projection_keeps_peft_start_by_default(tmp_path, model_dir):
     assert config["num_virtual_tokens"] == 3 and config["prefix_projection"] is True
 
 
+def _built_for(model_dir, data, *flags):
+    """The model `fastprompt train --data data *flags` starts training from (run_train's steps), its tokenizer."""
+    args = cli.build_parser().parse_args(["train", "--model", str(model_dir), "--data", data, "--out", "o", *flags])
+    base, tokenizer = train_cli.load_backbone(args, "cpu")
+    train_data, _, kwargs = train_cli.load_training_data(args, tokenizer)
+    words = train_cli.label_words(train_data, tokenizer, kwargs["verbalizers"], say=False)
+    recipe = default_recipe(args.method, words or None)
+    model = fastprompt.get_peft_model(base, train_cli._config_for(args, train_data.tasks, kwargs["verbalizers"], recipe,
+                                                                  tokenizer))
+    train_cli.start_source_from_text(model, args, recipe, tokenizer)
+    return model, tokenizer
+
+
+def test_p_tuning_starts_classification_from_the_instruction(tmp_path, model_dir):
+    """--method p-tuning on classification data: the residual encoder with the instruction's embeddings as its
+    table, so the untuned prompt is that text; --init random (and text-to-text data) keep PEFT's start."""
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(12))
+    model, tokenizer = _built_for(model_dir, data, "--method", "p-tuning")
+    ids = tokenizer("Answer with one word: negative or positive.\n")["input_ids"]
+    config, source = model.peft_config["default"], model.prompt_sources["default"]
+    assert config.encoder_residual and config.num_virtual_tokens == len(ids)
+    with torch.no_grad():
+        assert torch.equal(source.encoded(), model.backbone.word_embeddings.weight[ids])
+    for flags, records in ((["--init", "random"], classification_records(12)), ([], seq2seq_records(8))):
+        other = write_jsonl(tmp_path / "other.jsonl", records)
+        model, _ = _built_for(model_dir, other, "--method", "p-tuning", *flags)
+        assert not model.peft_config["default"].encoder_residual
+        assert model.peft_config["default"].num_virtual_tokens == 20
+    with pytest.raises(train_cli.UsageError, match="--method p-tuning supports --init random or text, got 'class-labels'"):
+        _built_for(model_dir, data, "--method", "p-tuning", "--init", "class-labels")
+
+
 def test_p_tuning_trains_by_its_recipe_unless_told(tmp_path, model_dir, capsys):
     """--method p-tuning with no recipe flag: PEFT's task-guide recipe (encoder 128, lr 1e-3 decaying linearly
     from step 0, weight decay 0.01); each flag given wins."""
@@ -212,6 +245,8 @@ def test_p_tuning_trains_by_its_recipe_unless_told(tmp_path, model_dir, capsys):
     capsys.readouterr()
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "P_TUNING" and config["encoder_hidden_size"] == 128
+    # the residual encoder from the instruction: fastprompt's own field, beside PEFT's config
+    assert json.loads((tmp_path / "out" / "fastprompt_config.json").read_text()) == {"encoder_residual": True}
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in log if "loss" in r] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     args = ["train", "--model", "m", "--data", "d", "--out", "o", "--method", "p-tuning"]
