@@ -55,3 +55,22 @@ def prompt_model(config=None, names=("default",), family="llama"):
     for name in names[1:]:
         model.add_adapter(name, config)
     return model
+
+
+def assert_reads_as_text(base, model, start, text: list[int]) -> None:
+    """`start(model, text)` makes the untuned `model` read as `text`: its logits on random input equal the plain
+    backbone's on text + input (the input's positions). The adapter's table is NaN first, so every row that
+    `start` leaves unwritten fails."""
+    import torch
+
+    from tests.helpers import assert_close
+    from tests.tiny_models import VOCAB
+
+    ids = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = base(input_ids=torch.cat([torch.tensor([text]).expand(3, -1), ids], 1)).logits[:, len(text):]
+    model.prompt_sources[model.active_adapter].embedding.weight.data.fill_(float("nan"))
+    start(model, text)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert_close("logits", got, want, 1e-4)

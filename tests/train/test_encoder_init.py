@@ -15,6 +15,7 @@ from fastprompt import io
 from fastprompt.train.encoder_init import init_encoder_from_text
 from tests.helpers import assert_close
 from tests.tiny_models import VOCAB, tiny_model
+from tests.train.common import assert_reads_as_text
 
 TEXT = [5, 17, 42, 8, 99, 23, 61]   # 7 ids: an odd prompt length
 
@@ -28,15 +29,8 @@ def residual_config(encoder_type: str = "MLP", **overrides):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_untuned_encoder_reads_as_its_text(family, encoder_type):
     base = tiny_model(family)
-    ids = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = base(input_ids=torch.cat([torch.tensor([TEXT]).expand(3, -1), ids], 1)).logits[:, len(TEXT):]
     model = fastprompt.get_peft_model(base, residual_config(encoder_type))
-    model.prompt_sources["default"].embedding.weight.data.fill_(float("nan"))   # every row must be written
-    init_encoder_from_text(model, TEXT)
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    assert_close("logits", got, want, 1e-4)
+    assert_reads_as_text(base, model, init_encoder_from_text, TEXT)
 
 
 def test_the_residual_encoder_trains_and_its_skip_carries_the_gradient():

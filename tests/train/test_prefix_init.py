@@ -10,6 +10,7 @@ import fastprompt
 from fastprompt.train.prefix_init import init_prefix_from_text
 from tests.helpers import assert_close
 from tests.tiny_models import VOCAB, tiny_model
+from tests.train.common import assert_reads_as_text
 
 TEXT = [5, 17, 42, 8, 99, 23, 61]   # 7 ids: an odd prefix length
 
@@ -17,16 +18,8 @@ TEXT = [5, 17, 42, 8, 99, 23, 61]   # 7 ids: an odd prefix length
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_untuned_prefix_reads_as_its_text(family):
     base = tiny_model(family)
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(3, VOCAB, (3, 9), generator=g)
-    with torch.no_grad():
-        want = base(input_ids=torch.cat([torch.tensor([TEXT]).expand(3, -1), ids], 1)).logits[:, len(TEXT):]
     model = fastprompt.get_peft_model(base, fastprompt.PrefixTuningConfig(num_virtual_tokens=len(TEXT)))
-    model.prompt_sources["default"].embedding.weight.data.fill_(float("nan"))   # every slot must be written
-    init_prefix_from_text(model, TEXT)
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    assert_close("logits", got, want, 1e-4)
+    assert_reads_as_text(base, model, init_prefix_from_text, TEXT)
 
 
 def test_each_adapter_of_a_mixed_batch_reads_its_own_text():
