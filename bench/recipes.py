@@ -69,8 +69,8 @@ no prefix projection, MLP encoder):
 - old: `recipe.OLD_RECIPE`: P=20, lr 3e-2, constant, 100 steps (encoder hidden size: PEFT's default, the
   model's hidden size);
 - new: prompt tuning's default schedule from PEFT's start (`recipe.default_recipe` for these methods until
-  prefix tuning's moved to new-text and P-tuning's to peft-example, then peft-example-text): P=20, lr 1e-2, warm-up 10, cosine, 100
-  steps;
+  prefix tuning's moved to new-text and P-tuning's to peft-example, then peft-example-text): P=20, lr 1e-2,
+  warm-up 10, cosine, 100 steps;
 - peft-example: PEFT's documented example for the method, in 100 steps without warm-up:
   prefix tuning from the task guide "Prefix tuning for conditional generation" (t5-large on
   financial_phrasebank, docs/source/task_guides/seq2seq-prefix-tuning.md): P=20, AdamW lr 1e-2, linear decay
@@ -172,7 +172,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
         if recipe == "new":   # the schedule of prompt tuning's default from PEFT's start (fixed here: the
-            # defaults themselves moved once measured: prefix tuning to new-text, P-tuning to peft-example)
+            # defaults themselves moved once measured: prefix tuning to new-text, P-tuning to peft-example-text)
             return {"init": "random", "init_text": None, "num_virtual_tokens": 20, "lr": 1e-2, "schedule": "cosine",
                     "warmup": 10, "steps": 100, "max_grad_norm": 1.0, "encoder_hidden_size": None}
         if recipe in ("new-text", "peft-example-text"):   # started from the instruction: prefix tuning from its

@@ -413,30 +413,38 @@ def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | No
     return 0
 
 
-def run_train(args) -> int:
+def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool = True):
+    """(the model a `fastprompt train` run starts from, its recipe): --method's adapters on `base`, one per task of
+    `train_data`, each started as the flags or the recipe say (seeded by --seed). say: print the label words."""
     import torch
 
     from fastprompt.train.mpt import start_tasks_at_shared_prompt
     from fastprompt.train.recipe import default_recipe
-    from fastprompt.train.trainer import Trainer, task_model
+    from fastprompt.train.trainer import task_model
+
+    words = label_words(train_data, tokenizer, verbalizers, say=say)
+    recipe = default_recipe(args.method, words or None)
+    torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
+    config = _config_for(args, train_data.tasks, verbalizers, recipe, tokenizer)
+    model = task_model(base, config, train_data.tasks, path=args.path)
+    start_source_from_text(model, args, recipe, tokenizer)
+    if args.method == "mpt" and config.prompt_tuning_init == "TEXT":   # the task prompts start as the text
+        start_tasks_at_shared_prompt(model)
+    return model, recipe
+
+
+def run_train(args) -> int:
+    from fastprompt.train.trainer import Trainer
 
     check_data_files(args.data + (args.eval_data or []))
     with training_setup(args) as (context, base, tokenizer):
         train_data, eval_data, kwargs = load_training_data(args, tokenizer)
         train_data, eval_data = held_out_split(args, train_data, eval_data, context)
-        words = label_words(train_data, tokenizer, kwargs["verbalizers"], say=context.is_main)
-        recipe = default_recipe(args.method, words or None)
-        tasks = train_data.tasks
-        torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
-        config = _config_for(args, tasks, kwargs["verbalizers"], recipe, tokenizer)
-        model = task_model(base, config, tasks, path=args.path)
-        start_source_from_text(model, args, recipe, tokenizer)
-        if args.method == "mpt" and config.prompt_tuning_init == "TEXT":   # the task prompts start as the text
-            start_tasks_at_shared_prompt(model)
+        model, recipe = starting_model(args, base, tokenizer, train_data, kwargs["verbalizers"], say=context.is_main)
         if context.is_main:
             model.print_trainable_parameters()
         trainer = Trainer(model, training_config(args, recipe), train_data, eval_data, pad_token_id=pad_id(tokenizer),
-                          tasks=tasks, distributed=context)
+                          tasks=train_data.tasks, distributed=context)
         return run_trainer(trainer, args, args.method, kwargs)
 
 

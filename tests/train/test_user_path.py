@@ -206,15 +206,11 @@ def test_prefix_projection_keeps_peft_start_by_default(tmp_path, model_dir):
 
 
 def _built_for(model_dir, data, *flags):
-    """The model `fastprompt train --data data *flags` starts training from (run_train's steps), its tokenizer."""
+    """The model `fastprompt train --data data *flags` starts training from (`starting_model`), its tokenizer."""
     args = cli.build_parser().parse_args(["train", "--model", str(model_dir), "--data", data, "--out", "o", *flags])
     base, tokenizer = train_cli.load_backbone(args, "cpu")
     train_data, _, kwargs = train_cli.load_training_data(args, tokenizer)
-    words = train_cli.label_words(train_data, tokenizer, kwargs["verbalizers"], say=False)
-    recipe = default_recipe(args.method, words or None)
-    model = fastprompt.get_peft_model(base, train_cli._config_for(args, train_data.tasks, kwargs["verbalizers"], recipe,
-                                                                  tokenizer))
-    train_cli.start_source_from_text(model, args, recipe, tokenizer)
+    model, _ = train_cli.starting_model(args, base, tokenizer, train_data, kwargs["verbalizers"], say=False)
     return model, tokenizer
 
 
