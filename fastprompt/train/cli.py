@@ -10,8 +10,9 @@ adapter per task (subfolders of OUT named after the tasks), or for ``--method mp
 a task id per task. OUT also gets ``fastprompt_data.json`` (method, tasks, verbalizers), which `eval` reads.
 
 Every flag left out takes the measured default recipe (`fastprompt.train.recipe`): for classification
-data, prompt tuning starts from an instruction naming the label words. `train` prints the labels' words, the
-zero-shot held-out accuracy and the accuracy after training; without --eval-data it holds out part of the
+data, prompt tuning starts from an instruction naming the label words, and its rate depends on how many times
+the run reads its training rows. `train` prints the labels' words, the optimisation it takes, the zero-shot
+held-out accuracy and the accuracy after training; without --eval-data it holds out part of the
 training records for that (--holdout). A malformed data file ends the command with one line naming it and exit
 code 2 (`UsageError`; `fastprompt.cli` also resolves --model, a named model or a folder, the same way).
 
@@ -88,15 +89,17 @@ def add_training_options(parser) -> None:
     command (the fields of `TrainingConfig`; read them back with `training_config`)."""
     parser.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
     parser.add_argument("--lr", type=float, default=None,
-                        help="default: 0.3 with adafactor, else the recipe's (train: 1e-2, p-tuning 1e-3; "
-                             "transfer stages: 3e-2)")
+                        help="default: 0.3 with adafactor, else the recipe's (train: 1e-2, or 3e-2 for prompt "
+                             "tuning reading its rows at most once; p-tuning 1e-3; transfer stages: 3e-2)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 100)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (per rank)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=None,
-                        help="default: the recipe's (train: cosine, p-tuning linear; transfer stages: constant)")
+                        help="default: the recipe's (train: cosine, linear where lr is 3e-2, p-tuning linear; "
+                             "transfer stages: constant)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="linear warm-up steps (default: the recipe's; train: 10, p-tuning 0; transfer stages: 0)")
+                        help="linear warm-up steps (default: the recipe's; train: 10, 0 where lr is 3e-2, p-tuning "
+                             "0; transfer stages: 0)")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="AdamW's (default: the recipe's; train: 0.01 for p-tuning, else 0)")
@@ -413,17 +416,19 @@ def run_trainer(trainer, args, method: str, data_options: dict, extra: dict | No
     return 0
 
 
-def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool = True):
+def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool = True, world_size: int = 1):
     """(the model a `fastprompt train` run starts from, its recipe): --method's adapters on `base`, one per task of
-    `train_data`, each started as the flags or the recipe say (seeded by --seed). say: print the label words."""
+    `train_data`, each started as the flags or the recipe say (seeded by --seed); the recipe knows how many
+    times the run reads `train_data` (`world_size` processes). say: print the label words."""
     import torch
 
     from fastprompt.train.mpt import start_tasks_at_shared_prompt
-    from fastprompt.train.recipe import default_recipe
+    from fastprompt.train.recipe import STEPS, default_recipe, run_epochs
     from fastprompt.train.trainer import task_model
 
     words = label_words(train_data, tokenizer, verbalizers, say=say)
-    recipe = default_recipe(args.method, words or None)
+    epochs = run_epochs(args.steps or STEPS, args.batch_size * args.grad_accum * world_size, len(train_data))
+    recipe = default_recipe(args.method, words or None, epochs)
     torch.manual_seed(args.seed)  # the prompt's initialisation is a function of --seed
     config = _config_for(args, train_data.tasks, verbalizers, recipe, tokenizer)
     model = task_model(base, config, train_data.tasks, path=args.path)
@@ -433,6 +438,18 @@ def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool 
     return model, recipe
 
 
+def say_schedule(config, training_rows: int, world_size: int = 1) -> None:
+    """Print the optimisation a run takes (flags and recipe together) and how many times it reads its rows,
+    which picks the default learning rate (`recipe.default_recipe`)."""
+    from fastprompt.train.recipe import run_epochs
+
+    rows_per_step = config.batch_size * config.grad_accum * world_size
+    epochs = run_epochs(config.steps, rows_per_step, training_rows)
+    warmup = f"{config.warmup} warm-up steps" if config.warmup else "no warm-up"
+    print(f"training: {config.steps} steps of {rows_per_step} rows, {epochs:.3g} epochs of {training_rows} "
+          f"training records; lr {config.lr:g}, {config.schedule} schedule, {warmup}", flush=True)
+
+
 def run_train(args) -> int:
     from fastprompt.train.trainer import Trainer
 
@@ -440,10 +457,13 @@ def run_train(args) -> int:
     with training_setup(args) as (context, base, tokenizer):
         train_data, eval_data, kwargs = load_training_data(args, tokenizer)
         train_data, eval_data = held_out_split(args, train_data, eval_data, context)
-        model, recipe = starting_model(args, base, tokenizer, train_data, kwargs["verbalizers"], say=context.is_main)
+        model, recipe = starting_model(args, base, tokenizer, train_data, kwargs["verbalizers"], say=context.is_main,
+                                       world_size=context.world_size)
+        config = training_config(args, recipe)
         if context.is_main:
             model.print_trainable_parameters()
-        trainer = Trainer(model, training_config(args, recipe), train_data, eval_data, pad_token_id=pad_id(tokenizer),
+            say_schedule(config, len(train_data), context.world_size)
+        trainer = Trainer(model, config, train_data, eval_data, pad_token_id=pad_id(tokenizer),
                           tasks=train_data.tasks, distributed=context)
         return run_trainer(trainer, args, args.method, kwargs)
 

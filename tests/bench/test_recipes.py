@@ -41,6 +41,13 @@ def test_new_peft_schedule_is_the_default_start_with_peft_example_optimisation()
     assert all(mixed[k] == peft[k] for k in ("lr", "schedule", "warmup", "steps"))
 
 
+def test_new_and_new_peft_schedule_are_the_default_over_several_epochs_and_within_one():
+    words = list(TASK.verbalizers.values())
+    assert recipes.recipe_options("new", TASK) == dataclasses.asdict(default_recipe("prompt-tuning", words, 2.9))
+    within_one = dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
+    assert recipes.recipe_options("new-peft-schedule", TASK) == within_one
+
+
 def test_new_b16_is_the_default_with_twice_the_batch():
     assert recipes.recipe_options("new-b16", TASK) == {**recipes.recipe_options("new", TASK), "batch_size": 16}
 

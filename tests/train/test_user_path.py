@@ -10,7 +10,7 @@ import fastprompt
 from fastprompt import cli
 from fastprompt.cli import main
 from fastprompt.train import cli as train_cli
-from fastprompt.train.recipe import OLD_RECIPE, default_recipe, instruction
+from fastprompt.train.recipe import OLD_RECIPE, default_recipe, instruction, run_epochs
 from tests.tiny_models import save_tiny_tokenizer, tiny_model
 from tests.train.common import classification_records, seq2seq_records, write_jsonl
 
@@ -44,6 +44,27 @@ def test_default_recipe_starts_classification_from_an_instruction_of_the_label_w
     assert default_recipe("prompt-tuning").num_virtual_tokens == 20
 
 
+@pytest.mark.parametrize("epochs, schedule", [(None, (1e-2, "cosine", 10)), (2.9, (1e-2, "cosine", 10)),
+                                              (1.0, (3e-2, "linear", 0)), (0.8, (3e-2, "linear", 0))])
+def test_prompt_tuning_reading_its_rows_at_most_once_takes_the_higher_rate(epochs, schedule):
+    recipe = default_recipe("prompt-tuning", ["positive", "negative"], epochs)
+    assert (recipe.lr, recipe.schedule, recipe.warmup, recipe.steps) == (*schedule, 100)
+    assert recipe.init == "text"                                     # the start does not move with the epochs
+    for method in ("mpt", "prefix-tuning", "p-tuning"):              # measured for prompt tuning only
+        assert default_recipe(method, ["positive"], epochs) == default_recipe(method, ["positive"])
+    assert default_recipe("prompt-tuning", None, epochs) == default_recipe("prompt-tuning")   # random start
+
+
+def test_run_epochs_counts_rows_read_and_refuses_what_is_not_a_count():
+    assert run_epochs(100, 8, 1000) == 0.8 and run_epochs(100, 8, 280) == pytest.approx(2.857, abs=1e-3)
+    for bad in ({"steps": 0}, {"rows_per_step": 2.5}, {"training_rows": -1}):
+        args = {"steps": 100, "rows_per_step": 8, "training_rows": 1000, **bad}
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int"):
+            run_epochs(**args)
+    with pytest.raises(ValueError, match="epochs must be a positive number or None, got 0"):
+        default_recipe("prompt-tuning", ["positive"], 0)
+
+
 def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, model_dir, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
     assert _train(model_dir, data, tmp_path / "out") == 0
@@ -53,10 +74,23 @@ def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, 
     assert "held-out accuracy after training:" in printed
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    assert len(steps) == 4 and steps[0]["lr"] == 0.0            # the recipe's warm-up (10 steps) starts at 0
+    # 4 steps of 4 rows read the 36 training rows 0.44 times: PEFT's example's rate, linear decay, no warm-up
+    assert "training: 4 steps of 4 rows, 0.444 epochs of 36 training records; lr 0.03, linear schedule, " \
+           "no warm-up" in printed
+    assert [r["lr"] for r in steps] == pytest.approx([3e-2, 2.25e-2, 1.5e-2, 7.5e-3])
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["prompt_tuning_init"] == "TEXT"
     assert config["prompt_tuning_init_text"] == "Answer with one word: negative or positive.\n"  # sorted labels
+
+
+def test_train_reading_its_rows_several_times_warms_up_to_the_lower_rate(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
+    assert _train(model_dir, data, tmp_path / "out", "--steps", "12") == 0    # 48 rows: 1.33 epochs of 36
+    assert "training: 12 steps of 4 rows, 1.33 epochs of 36 training records; lr 0.01, cosine schedule, " \
+           "10 warm-up steps" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log if "loss" in r]
+    assert len(lrs) == 12 and lrs[0] == 0.0 and lrs[9] == pytest.approx(9e-3)   # the warm-up starts at 0
 
 
 def test_mpt_from_text_starts_every_task_prompt_as_the_text(tmp_path, model_dir):
@@ -229,7 +263,8 @@ def test_p_tuning_starts_classification_from_the_instruction(tmp_path, model_dir
         model, _ = _built_for(model_dir, other, "--method", "p-tuning", *flags)
         assert not model.peft_config["default"].encoder_residual
         assert model.peft_config["default"].num_virtual_tokens == 20
-    with pytest.raises(train_cli.UsageError, match="--method p-tuning supports --init random or text, got 'class-labels'"):
+    refusal = "--method p-tuning supports --init random or text, got 'class-labels'"
+    with pytest.raises(train_cli.UsageError, match=refusal):
         _built_for(model_dir, data, "--method", "p-tuning", "--init", "class-labels")
 
 
