@@ -84,6 +84,17 @@ def add_commands(subparsers) -> None:
     evaluate.set_defaults(run=run_eval)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count flag (--steps, --batch-size, --grad-accum): a bad value is a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_training_options(parser) -> None:
     """--out and the optimisation, evaluation, checkpoint, progress and distributed options of a training
     command (the fields of `TrainingConfig`; read them back with `training_config`)."""
@@ -91,9 +102,10 @@ def add_training_options(parser) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="default: 0.3 with adafactor, else the recipe's (train: 1e-2, or 3e-2 for prompt "
                              "tuning reading its rows at most once; p-tuning 1e-3; transfer stages: 3e-2)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 100)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (per rank)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="optimizer steps (default: the recipe's, 100)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch (per rank)")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=None,
                         help="default: the recipe's (train: cosine, linear where lr is 3e-2, p-tuning linear; "
                              "transfer stages: constant)")

@@ -145,6 +145,15 @@ def test_wrong_model_path_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert err.startswith("fastprompt train: error: --model ") and "no config.json" in err and "smollm2" in err
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "-3"), ("--batch-size", "0"), ("--grad-accum", "x")])
+def test_a_count_flag_that_is_not_a_positive_integer_is_a_usage_error(tmp_path, capsys, flag, value):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(8))
+    with pytest.raises(SystemExit) as exit_info:    # refused by argparse, before any model or data is read
+        _train(tmp_path / "no-such-model", data, tmp_path / "out", flag, value)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {flag}: must be a positive integer, got '{value}'\n")
+
+
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_bad_data_file_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, command):
     bad = tmp_path / "bad.jsonl"
