@@ -450,16 +450,16 @@ def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool 
     return model, recipe
 
 
-def say_schedule(config, training_rows: int, world_size: int = 1) -> None:
-    """Print the optimisation a run takes (flags and recipe together) and how many times it reads its rows,
+def say_schedule(trainer) -> None:
+    """Print the optimisation `trainer` will run (flags and recipe together) and how many times it reads its rows,
     which picks the default learning rate (`recipe.default_recipe`)."""
     from fastprompt.train.recipe import run_epochs
 
-    rows_per_step = config.batch_size * config.grad_accum * world_size
-    epochs = run_epochs(config.steps, rows_per_step, training_rows)
+    config, rows, per_step = trainer.config, len(trainer.train_data), trainer.examples_per_step
+    epochs = run_epochs(config.steps, per_step, rows)
     warmup = f"{config.warmup} warm-up steps" if config.warmup else "no warm-up"
-    print(f"training: {config.steps} steps of {rows_per_step} rows, {epochs:.3g} epochs of {training_rows} "
-          f"training records; lr {config.lr:g}, {config.schedule} schedule, {warmup}", flush=True)
+    print(f"training: {config.steps} steps of {per_step} rows, {epochs:.3g} epochs of {rows} training records; "
+          f"lr {config.lr:g}, {config.schedule} schedule, {warmup}", flush=True)
 
 
 def run_train(args) -> int:
@@ -471,12 +471,12 @@ def run_train(args) -> int:
         train_data, eval_data = held_out_split(args, train_data, eval_data, context)
         model, recipe = starting_model(args, base, tokenizer, train_data, kwargs["verbalizers"], say=context.is_main,
                                        world_size=context.world_size)
-        config = training_config(args, recipe)
         if context.is_main:
             model.print_trainable_parameters()
-            say_schedule(config, len(train_data), context.world_size)
-        trainer = Trainer(model, config, train_data, eval_data, pad_token_id=pad_id(tokenizer),
+        trainer = Trainer(model, training_config(args, recipe), train_data, eval_data, pad_token_id=pad_id(tokenizer),
                           tasks=train_data.tasks, distributed=context)
+        if context.is_main:
+            say_schedule(trainer)
         return run_trainer(trainer, args, args.method, kwargs)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastprompt.config import check_positive_int
+
 @dataclass(frozen=True)
 class Recipe:
     """The defaults of one run. init: "text" (from `init_text`), "random", ... as `--init` takes them;
@@ -92,6 +94,5 @@ def run_epochs(steps: int, rows_per_step: int, training_rows: int) -> float:
     """How many times a run of `steps` optimizer steps, each of `rows_per_step` rows (batch size × gradient
     accumulation × processes), reads `training_rows` rows: `default_recipe`'s `epochs`."""
     for name, value in (("steps", steps), ("rows_per_step", rows_per_step), ("training_rows", training_rows)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     return steps * rows_per_step / training_rows
