@@ -136,9 +136,16 @@ def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path
         recipes.residual_prompts(model, bottleneck=5)
 
 
-def test_mpt_is_measured_with_its_default():
+def test_mpt_is_measured_with_its_default_and_with_prompt_tunings_within_one_epoch():
     words = list(TASK.verbalizers.values())
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
+    within_one = dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
+    assert recipes.recipe_options("new-peft-schedule", TASK, "mpt") == within_one
+
+
+def test_new_lr6e_2_linear_is_the_default_within_one_epoch_at_twice_its_rate():
+    within_one = recipes.recipe_options("new-peft-schedule", TASK)
+    assert recipes.recipe_options("new-lr6e-2-linear", TASK) == {**within_one, "lr": 6e-2}
 
 
 def test_p_tuning_is_measured_with_its_default_from_the_instruction():
