@@ -1,6 +1,7 @@
 """How much of a recipe's spread over seeds is its held-out rows' noise, and how much the seeds' own.
 
     python -m bench.seed_spread bench/results/recipes-rows-cpu-x86_64-2026-12-07.jsonl
+    python -m bench.seed_spread FILE --compare prompt-tuning:peft-example prompt-tuning:new-peft-schedule
 
 A recipe's seeds are scored on the same held-out rows. Two prompts of equal worth still disagree on some rows, and
 on 100 rows a few disagreements are several points of accuracy: the max - min a recipe table shows is the seeds'
@@ -14,6 +15,11 @@ one answer per cell, splits the two:
   among the seeds whose max - min is at least the observed one.
 n is the number of rows, MS_seed = n * (the variance of the seeds' accuracies), MS_error the residual mean square,
 d_S the expected range of S standard normal draws (`EXPECTED_RANGE`).
+
+`--compare A B` asks instead whether recipe B's mean accuracy is above recipe A's on each task both were run on:
+the difference of the means over seeds and its 95% interval from a two-way bootstrap (`compare`: 10,000 draws,
+each redrawing the held-out rows, the same rows for both recipes, and each recipe's seeds), so that the interval
+holds both what another draw of test rows and what other seeds would show.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from bench.recipes import recipe_key, study_order
 # d_S, the expected max - min of S independent standard normal draws (the d2 constants of quality control)
 EXPECTED_RANGE = {2: 1.128, 3: 1.693, 4: 2.059, 5: 2.326, 6: 2.534, 7: 2.704, 8: 2.847, 9: 2.970, 10: 3.078}
 SHUFFLES = 10_000
+DRAWS = 10_000
 
 
 def answers(path: Path) -> dict[tuple[str, str, str], torch.Tensor]:
@@ -71,6 +78,57 @@ def split_spread(right: torch.Tensor, shuffles: int = SHUFFLES, seed: int = 0) -
             "own": d * ((ms_seed - ms_error).clamp(min=0) / rows).sqrt().item(), "p": at_least / shuffles}
 
 
+def compare(first: torch.Tensor, second: torch.Tensor, draws: int = DRAWS, seed: int = 0) -> dict[str, float]:
+    """How far `second`'s mean accuracy is above `first`'s, both (seeds, rows) float tensors of 1 (right) and 0
+    (wrong) on the same held-out rows (their seed counts may differ): "difference" (second's mean - first's), its
+    95% bootstrap interval "low" and "high", and "above", the share of draws in which second's mean is higher."""
+    if first.dim() != 2 or second.dim() != 2 or first.shape[1] != second.shape[1] or first.shape[1] < 2:
+        raise ValueError(f"first and second must be (seeds, rows) on the same >= 2 rows, got {tuple(first.shape)} and "
+                         f"{tuple(second.shape)}")
+    rows = first.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    differences = []
+    for start in range(0, draws, 1000):   # chunks keep the (draws, seeds, rows) tables small
+        count = min(1000, draws - start)
+        picked_rows = torch.randint(rows, (count, rows), generator=generator)   # shared: the rows are paired
+
+        def mean(right):   # each draw's mean over its redrawn seeds, then over its redrawn rows
+            picked_seeds = torch.randint(right.shape[0], (count, right.shape[0]), generator=generator)
+            return right[picked_seeds].mean(1).gather(1, picked_rows).mean(1)
+
+        differences.append(mean(second) - mean(first))
+    spread = torch.cat(differences)
+    low, high = spread.quantile(torch.tensor([0.025, 0.975], dtype=spread.dtype)).tolist()
+    return {"difference": (second.mean() - first.mean()).item(), "low": low, "high": high,
+            "above": (spread > 0).float().mean().item()}
+
+
+def comparison_table(path: Path, first: tuple[str, str], second: tuple[str, str]) -> str:
+    """The markdown table of `compare` on every task of a results file where both (method, recipe) have per-row
+    answers."""
+    runs = answers(path)
+    tasks = sorted({task for method, task, recipe in runs if (method, recipe) == first}
+                   & {task for method, task, recipe in runs if (method, recipe) == second})
+    if not tasks:
+        raise ValueError(f"{path}: no task has per-row answers of both {':'.join(first)} and {':'.join(second)}")
+    lines = [f"| task | rows | {':'.join(first)} (seeds) | {':'.join(second)} (seeds) | difference | 95% interval | "
+             "share of draws above |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for task in tasks:
+        a, b = runs[(first[0], task, first[1])], runs[(second[0], task, second[1])]
+        c = compare(a, b)
+        lines.append(f"| {task} | {a.shape[1]} | {a.mean():.3f} ({a.shape[0]}) | {b.mean():.3f} ({b.shape[0]}) | "
+                     f"{c['difference']:+.3f} | {c['low']:+.3f} to {c['high']:+.3f} | {c['above']:.2f} |")
+    return "\n".join(lines)
+
+
+def method_recipe(text: str) -> tuple[str, str]:
+    """`--compare`'s METHOD:RECIPE as a (method, recipe) pair."""
+    method, colon, recipe = text.partition(":")
+    if not colon or not method or not recipe:
+        raise argparse.ArgumentTypeError(f"expected METHOD:RECIPE (e.g. prompt-tuning:new), got {text!r}")
+    return method, recipe
+
+
 def table(path: Path) -> str:
     """The markdown table of `split_spread` for every (method, task, recipe) of a results file with per-row answers."""
     lines = ["| method | task | recipe | seeds | rows | max − min | from the rows (expected) | the seeds' own | p |",
@@ -87,8 +145,10 @@ def table(path: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a bench.recipes JSON-lines file whose runs record \"right\"")
+    parser.add_argument("--compare", nargs=2, type=method_recipe, metavar=("A", "B"),
+                        help="METHOD:RECIPE twice: B's mean accuracy against A's on each task both were run on")
     args = parser.parse_args(argv)
-    print(table(args.results))
+    print(comparison_table(args.results, *args.compare) if args.compare else table(args.results))
     return 0
 
 

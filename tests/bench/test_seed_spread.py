@@ -52,3 +52,48 @@ def test_answers_are_read_by_recipe_in_seed_order_and_must_cover_the_same_rows(t
 def test_the_split_needs_two_to_ten_seeds():
     with pytest.raises(ValueError, match="2..10 seeds"):
         seed_spread.split_spread(torch.ones(1, 5))
+
+
+def test_recipes_whose_seeds_all_answer_alike_differ_by_nothing():
+    right = (torch.rand(1, 300, generator=torch.Generator().manual_seed(3)) < 0.7).float().repeat(5, 1)
+    assert seed_spread.compare(right, right, draws=200) == {"difference": 0.0, "low": 0.0, "high": 0.0, "above": 0.0}
+
+
+def test_a_better_recipe_is_told_apart_and_the_interval_holds_the_difference():
+    generator = torch.Generator().manual_seed(7)
+    difficulty = torch.rand(2000, generator=generator)   # shared by both recipes: the rows are paired
+    first = (torch.rand(5, 2000, generator=generator) < difficulty * 0.8).float()
+    second = (torch.rand(3, 2000, generator=generator) < difficulty * 0.8 + 0.1).float()   # fewer seeds is fine
+    c = seed_spread.compare(first, second, draws=500)
+    assert c["difference"] == pytest.approx(0.1, abs=0.02)
+    assert 0 < c["low"] < c["difference"] < c["high"] and c["above"] == 1.0
+
+
+def test_recipes_of_equal_worth_are_not_told_apart():
+    generator = torch.Generator().manual_seed(7)
+    difficulty = torch.rand(200, generator=generator)
+    first, second = ((torch.rand(5, 200, generator=generator) < difficulty).float() for _ in range(2))
+    c = seed_spread.compare(first, second, draws=500)
+    assert c["low"] < 0 < c["high"] and 0.05 < c["above"] < 0.95
+
+
+def test_compared_recipes_must_answer_the_same_rows():
+    with pytest.raises(ValueError, match=r"same >= 2 rows, got \(2, 5\) and \(2, 6\)"):
+        seed_spread.compare(torch.ones(2, 5), torch.ones(2, 6))
+
+
+def test_the_comparison_table_covers_the_tasks_both_recipes_ran_on(tmp_path, capsys):
+    path = tmp_path / "runs.jsonl"
+    runs = [{"task": task, "recipe": recipe, "seed": seed, "accuracy": 0.0, "right": right}
+            for task, recipe, right in [("debates", "new", "1100"), ("debates", "old", "1000"),
+                                        ("news", "new", "1111")]
+            for seed in (0, 1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert seed_spread.main([str(path), "--compare", "prompt-tuning:old", "prompt-tuning:new"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| debates | 4 | 0.250 (2) | 0.500 (2) | +0.250 |")
+    with pytest.raises(ValueError, match="no task has per-row answers of both prompt-tuning:old and mpt:new"):
+        seed_spread.comparison_table(path, ("prompt-tuning", "old"), ("mpt", "new"))
+    with pytest.raises(SystemExit):
+        seed_spread.main([str(path), "--compare", "old", "prompt-tuning:new"])
+    assert "expected METHOD:RECIPE (e.g. prompt-tuning:new), got 'old'" in capsys.readouterr().err
