@@ -101,7 +101,7 @@ def add_training_options(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder: adapters, logs, checkpoints")
     parser.add_argument("--lr", type=float, default=None,
                         help="default: 0.3 with adafactor, else the recipe's (train: 1e-2, or 3e-2 for prompt "
-                             "tuning reading its rows at most once; p-tuning 1e-3; transfer stages: 3e-2)")
+                             "tuning and mpt reading their rows at most once; p-tuning 1e-3; transfer stages: 3e-2)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps (default: the recipe's, 100)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch (per rank)")
