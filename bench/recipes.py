@@ -92,14 +92,15 @@ no prefix projection, MLP encoder):
   `fastprompt.train.encoder_init`), encoder width 128;
 - peft-example-text (P-tuning; its default): peft-example from new-text's start.
 
-MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), both recipes with
-the default's instruction start and schedule (`recipe.default_recipe("mpt", ...)`):
+MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), every recipe from
+the default's instruction start, peft-start and new with the default's schedule over several epochs
+(`recipe.default_recipe("mpt", ...)`: lr 1e-2, warm-up 10, cosine):
 - peft-start: the instruction in P* and the task factors U, V from PEFT's N(0, 0.02), so the prompt
   P* ∘ (U V) starts near 0 (the default until this study measured it);
 - new: the default: U V all ones (`fastprompt.train.mpt.start_tasks_at_shared_prompt`), so the prompt starts
   as the instruction, as prompt tuning's does;
 - new-peft-schedule: `new` with prompt tuning's default within one epoch (lr 3e-2, linear decay, no warm-up),
-  to tell whether the epochs rule holds for MPT.
+  to tell whether the epochs rule holds for MPT; it did, and it is MPT's default within one epoch.
 
 Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
 (a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).

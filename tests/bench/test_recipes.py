@@ -139,8 +139,9 @@ def test_new_residual_is_the_default_with_a_residual_reparameterization(tmp_path
 def test_mpt_is_measured_with_its_default_and_with_prompt_tunings_within_one_epoch():
     words = list(TASK.verbalizers.values())
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
-    within_one = dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
+    within_one = dataclasses.asdict(default_recipe("mpt", words, 0.8))
     assert recipes.recipe_options("new-peft-schedule", TASK, "mpt") == within_one
+    assert within_one == dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
 
 
 def test_new_lr6e_2_linear_is_the_default_within_one_epoch_at_twice_its_rate():
