@@ -1,16 +1,16 @@
 """The default training recipe of `fastprompt train`: what a run uses for every flag the user leaves out.
 
-Measured with ``bench/recipes.py`` (README, "Default recipe", for the numbers and what they do not cover):
-on small models prompt tuning from a random start is unstable across seeds (Lester et al.); starting the
-prompt from the embeddings of a short instruction that names the answer words, with a lower learning rate,
-a linear warm-up and a cosine decay, was more accurate than the old defaults on three tasks and no less
-steady. PEFT's example's lr 3e-2 with linear decay was 1.5 points better on one task (news) and twice as
-unsteady on another (debates), which the runs read 2.9 times: the rate is 3e-2 when a run reads its rows at
-most once (as steady as 1e-2 there, on four tasks; for MPT too, on three), else 1e-2. Prefix tuning from
-PEFT's random prefix stayed near chance on two of the three tasks under every schedule tried; started from that
-instruction's keys/values it learnt them (Li & Liang's start from real activations). P-tuning's encoder trained best with PEFT's own
-task-guide recipe; from PEFT's random start one seed in five fell behind, and started from the instruction
-(its table the instruction's embeddings, the encoder adding to it: `encoder_init`) it was steadier and better.
+Measured with ``bench/recipes.py`` (README, "Default recipe", for the numbers and what they do not cover): on
+small models prompt tuning from a random start is unstable across seeds (Lester et al.); starting the prompt
+from the embeddings of a short instruction that names the answer words, with a lower learning rate, a linear
+warm-up and a cosine decay, was more accurate than the old defaults on three tasks and no less steady. PEFT's
+example's lr 3e-2 with linear decay was 1.5 points better on one task (news) and twice as unsteady on another
+(debates), which the runs read 2.9 times: the rate is 3e-2 when a run reads its rows at most once (as steady as
+1e-2 there, on four tasks; for MPT too, on three), else 1e-2. Prefix tuning from PEFT's random prefix stayed
+near chance on two of the three tasks under every schedule tried; started from that instruction's keys/values it
+learnt them (Li & Liang's start from real activations). P-tuning's encoder trained best with PEFT's own
+task-guide recipe; from PEFT's random start one seed in five fell behind, and started from the instruction (its
+table the instruction's embeddings, the encoder adding to it: `encoder_init`) it was steadier and better.
 
     recipe = default_recipe("prompt-tuning", ["positive", "negative"])
     recipe.init_text   # 'Answer with one word: positive or negative.\\n'
