@@ -180,11 +180,10 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if recipe not in METHOD_RECIPES[method]:
         raise ValueError(f"recipe {recipe!r} does not apply to {method}: its recipes are {METHOD_RECIPES[method]}")
-    if method == "mpt":   # the default's text and schedule; "peft-start" leaves the task factors as PEFT draws them
-        default = dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values())))
-        if recipe == "new-peft-schedule":   # prompt tuning's default within one epoch, on MPT
-            return {**default, "lr": 3e-2, "schedule": "linear", "warmup": 0}
-        return default
+    if method == "mpt":   # the default's text and schedule ("peft-start" leaves the task factors as PEFT draws them):
+        # over several epochs, or within one (new-peft-schedule: the rate of prompt tuning's within one epoch)
+        epochs = 1 if recipe == "new-peft-schedule" else None
+        return dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
