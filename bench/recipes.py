@@ -90,7 +90,12 @@ no prefix projection, MLP encoder):
   tuning's default), P-tuning from its embeddings as the table of a residual encoder (`encoder_residual`:
   the virtual tokens are the table plus the encoder's output, its last layer starting at zero;
   `fastprompt.train.encoder_init`), encoder width 128;
-- peft-example-text (P-tuning; its default): peft-example from new-text's start.
+- peft-example-text (P-tuning; its default): peft-example from new-text's start;
+- new-text-lr5e-3 (prefix tuning): a candidate: prefix tuning's default at half its rate, lr 5e-3, to tell
+  whether its seeds' own spread on subjectivity (0.041, p = 0.03: the data order alone) is its rate's;
+- new-text-within-one (prefix tuning): a candidate: prefix tuning's default start with prompt tuning's
+  optimisation within one epoch (lr 3e-2, linear decay, no warm-up), to tell whether the epochs rule holds
+  for prefix tuning too.
 
 MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), every recipe from
 the default's instruction start, peft-start and new with the default's schedule over several epochs
@@ -132,7 +137,8 @@ TASK_INSTRUCTIONS["news-500"] = TASK_INSTRUCTIONS["news"]   # news's task, teste
 TASK_INSTRUCTIONS["sentiment-280"] = TASK_INSTRUCTIONS["sentiment"]   # sentiment's task, trained on fewer rows
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
-           "new-balanced", "new-soup", "new-text", "peft-example-text", "new-lr6e-2-linear")
+           "new-balanced", "new-soup", "new-text", "peft-example-text", "new-lr6e-2-linear", "new-text-lr5e-3",
+           "new-text-within-one")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
@@ -140,7 +146,7 @@ METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", 
                                     "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand",
                                     "new-peft-schedule", "new-residual", "new-b16", "new-balanced",
                                     "new-soup", "new-lr6e-2-linear"),
-                  "prefix-tuning": ("old", "peft-example", "new", "new-text"),
+                  "prefix-tuning": ("old", "peft-example", "new", "new-text", "new-text-lr5e-3", "new-text-within-one"),
                   "p-tuning": ("old", "peft-example", "new", "new-text", "peft-example-text"),
                   "mpt": ("peft-start", "new", "new-peft-schedule")}
 TEST_SIZE = {"sentiment": 200, "sentiment-280": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500,
@@ -196,6 +202,12 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
             width = {"encoder_hidden_size": 128} if method == "p-tuning" else {}
             return {**recipe_options(recipe.removesuffix("-text"), task, method), **width, "init": "text",
                     "init_text": instruction(list(task.verbalizers.values())), "num_virtual_tokens": None}
+        if recipe == "new-text-lr5e-3":
+            return {**recipe_options("new-text", task, method), "lr": 5e-3}
+        if recipe == "new-text-within-one":   # prompt tuning's rate, decay and warm-up within one epoch
+            within_one = default_recipe("prompt-tuning", list(task.verbalizers.values()), epochs=1)
+            return {**recipe_options("new-text", task, method),
+                    **{key: getattr(within_one, key) for key in ("lr", "schedule", "warmup")}}
         # peft-example: PEFT's task guides "Prefix tuning for conditional generation" and "P-tuning for sequence
         # classification", in this study's 100 steps
         if method == "prefix-tuning":

@@ -149,6 +149,17 @@ def test_new_lr6e_2_linear_is_the_default_within_one_epoch_at_twice_its_rate():
     assert recipes.recipe_options("new-lr6e-2-linear", TASK) == {**within_one, "lr": 6e-2}
 
 
+def test_prefix_candidates_change_only_the_optimisation_of_its_default():
+    default = recipes.recipe_options("new-text", TASK, "prefix-tuning")
+    assert dataclasses.asdict(default_recipe("prefix-tuning", list(TASK.verbalizers.values()))).items() >= {
+        key: value for key, value in default.items() if key != "encoder_hidden_size"}.items()
+    assert recipes.recipe_options("new-text-lr5e-3", TASK, "prefix-tuning") == {**default, "lr": 5e-3}
+    within_one = recipes.recipe_options("new-text-within-one", TASK, "prefix-tuning")
+    assert within_one == {**default, "lr": 3e-2, "schedule": "linear", "warmup": 0}
+    with pytest.raises(ValueError, match="does not apply to prompt-tuning"):
+        recipes.recipe_options("new-text-within-one", TASK)
+
+
 def test_p_tuning_is_measured_with_its_default_from_the_instruction():
     """peft-example-text is P-tuning's default: PEFT's task-guide optimisation, the residual encoder's table
     started as the instruction; new-text is prompt tuning's schedule from that start."""
