@@ -5,12 +5,14 @@ small models prompt tuning from a random start is unstable across seeds (Lester 
 from the embeddings of a short instruction that names the answer words, with a lower learning rate, a linear
 warm-up and a cosine decay, was more accurate than the old defaults on three tasks and no less steady. PEFT's
 example's lr 3e-2 with linear decay was 1.5 points better on one task (news) and twice as unsteady on another
-(debates), which the runs read 2.9 times: the rate is 3e-2 when a run reads its rows at most once (as steady as
-1e-2 there, on four tasks; for MPT too, on three), else 1e-2. Prefix tuning from PEFT's random prefix stayed
-near chance on two of the three tasks under every schedule tried; started from that instruction's keys/values it
-learnt them (Li & Liang's start from real activations). P-tuning's encoder trained best with PEFT's own
-task-guide recipe; from PEFT's random start one seed in five fell behind, and started from the instruction (its
-table the instruction's embeddings, the encoder adding to it: `encoder_init`) it was steadier and better.
+(debates), which the runs read 2.9 times: the rate is 3e-2 when a run reads its rows at most once (over five
+seeds as steady as 1e-2 there, on four tasks; for MPT too, on three; over ten, one seed of ten fell 11 points on
+one task, subjectivity, where lr 1e-2 did not: a risk measured, not removed), else 1e-2. Prefix tuning from
+PEFT's random prefix stayed near chance on two of the three tasks under every schedule tried; started from that
+instruction's keys/values it learnt them (Li & Liang's start from real activations). P-tuning's encoder trained
+best with PEFT's own task-guide recipe; from PEFT's random start one seed in five fell behind, and started from
+the instruction (its table the instruction's embeddings, the encoder adding to it: `encoder_init`) it was
+steadier and better.
 
     recipe = default_recipe("prompt-tuning", ["positive", "negative"])
     recipe.init_text   # 'Answer with one word: positive or negative.\\n'
@@ -71,8 +73,8 @@ def default_recipe(method: str, label_words: list[str] | None = None, epochs: fl
     epochs: how many times the run reads its training rows (`run_epochs`; None: not known). Prompt tuning and
     MPT from the instruction train at lr 1e-2 with 10 steps of warm-up and a cosine decay; when the run reads its
     rows at most once (epochs <= 1) they train at PEFT's example's lr 3e-2 with a linear decay and no warm-up,
-    which was as steady there and better on some tasks (prompt tuning: one in four; MPT: two in three), but
-    less steady over several epochs.
+    which was as steady there over five seeds and better on some tasks (prompt tuning: one in four; MPT: two
+    in three), but less steady over several epochs (and on one task over ten seeds: README, "Ten seeds").
 
     P-tuning trains by PEFT's task-guide recipe ("P-tuning for sequence classification": encoder width 128,
     lr 1e-3, weight decay 0.01, linear decay without warm-up), the best the study found for it: prompt
