@@ -116,6 +116,10 @@ def add_training_options(parser) -> None:
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="AdamW's (default: the recipe's; train: 0.01 for p-tuning, else 0)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    parser.add_argument("--average-last", type=int, default=None, metavar="N",
+                        help="end with the mean of the prompt after each of the last N steps (tail averaging; "
+                             "default: the recipe's (train: the last half where lr is 3e-2, else 0); 0: the last "
+                             "step's prompt)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     parser.add_argument("--metric", default="auto", help="eval_loss, eval_accuracy, eval_token_accuracy or auto")
@@ -151,16 +155,20 @@ def training_config(args, recipe=None):
         return getattr(recipe, name) if value is None else value
 
     lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else recipe.lr)
-    return TrainingConfig(
-        output_dir=args.out, steps=given("steps"), batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
-        optimizer=args.optimizer, weight_decay=given("weight_decay"), schedule=given("schedule"),
-        warmup=given("warmup"), max_grad_norm=args.max_grad_norm or None, precision=args.precision,
-        eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size, metric=args.metric, patience=args.patience,
-        restore_best=args.restore_best,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        log_every=args.log_every, progress=args.progress, plot=not args.no_plot, score=args.score,
-        cuda_graphs=args.cuda_graphs)
+    steps = given("steps")
+    average_last = args.average_last if args.average_last is not None else int(steps * recipe.average_tail)
+    try:
+        return TrainingConfig(
+            output_dir=args.out, steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
+            optimizer=args.optimizer, weight_decay=given("weight_decay"), schedule=given("schedule"),
+            warmup=given("warmup"), max_grad_norm=args.max_grad_norm or None, average_last=average_last,
+            precision=args.precision, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+            metric=args.metric, patience=args.patience, restore_best=args.restore_best, save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints, seed=args.seed, log_every=args.log_every, progress=args.progress,
+            plot=not args.no_plot, score=args.score, cuda_graphs=args.cuda_graphs)
+    except ValueError as error:   # "<field> must be ...": name the flag
+        field, _, rest = str(error).partition(" ")
+        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
 def add_data_options(parser) -> None:
@@ -458,8 +466,9 @@ def say_schedule(trainer) -> None:
     config, rows, per_step = trainer.config, len(trainer.train_data), trainer.examples_per_step
     epochs = run_epochs(config.steps, per_step, rows)
     warmup = f"{config.warmup} warm-up steps" if config.warmup else "no warm-up"
+    tail = f"; ends with the mean of the last {config.average_last} steps' prompts" if config.average_last else ""
     print(f"training: {config.steps} steps of {per_step} rows, {epochs:.3g} epochs of {rows} training records; "
-          f"lr {config.lr:g}, {config.schedule} schedule, {warmup}", flush=True)
+          f"lr {config.lr:g}, {config.schedule} schedule, {warmup}{tail}", flush=True)
 
 
 def run_train(args) -> int:

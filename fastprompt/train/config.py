@@ -25,6 +25,8 @@ class TrainingConfig:
     schedule: str = "constant"            # "constant", "linear" or "cosine", after `warmup` linear steps
     warmup: int = 0
     max_grad_norm: float | None = 1.0     # None: no clipping (the norm is still logged)
+    average_last: int = 0                 # end with the mean of the prompt after each of the last N steps
+                                          # (tail averaging, fastprompt.train.averaging); 0: the last step's
     precision: str = "fp32"               # "bf16" / "fp16": autocast (fp16 with a grad scaler)
     eval_every: int = 0                   # 0: evaluate only at the end (when there is eval data)
     eval_batch_size: int | None = None
@@ -57,5 +59,7 @@ class TrainingConfig:
         for name in ("warmup", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.average_last, int) or not 0 <= self.average_last <= self.steps:
+            raise ValueError(f"average_last must be an int from 0 to steps ({self.steps}), got {self.average_last!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")

@@ -39,6 +39,8 @@ class Recipe:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     encoder_hidden_size: int | None = None   # P-tuning's encoder width (None: PEFT's, the model's hidden size)
+    average_tail: float = 0.0   # end with the mean of the prompts after each step of this last share of the
+                                # steps (`averaging`; 0.5: the last half); 0: the last step's prompt
 
 
 STEPS = 100   # every default recipe's optimizer steps

@@ -7,8 +7,9 @@
 
 Exact resume: the examples of optimizer step s are a deterministic function of (seed, s) (see
 `data.micro_batch_indices`), the learning rate a function of s, and a checkpoint keeps the prompt
-parameters, the optimizer, the RNG state, the grad scaler and the early-stopping state; so a run stopped
-at step k and resumed produces the same losses as an uninterrupted run (bit for bit on a CPU).
+parameters, the optimizer (with tail averaging's running mean, `averaging`), the RNG state, the grad scaler
+and the early-stopping state; so a run stopped at step k and resumed produces the same losses as an
+uninterrupted run (bit for bit on a CPU).
 
 Gradient accumulation: each step takes ``batch_size * grad_accum`` examples, split into ``grad_accum``
 micro-batches; each micro-batch's loss is its token sum divided by the target tokens of the whole step,
@@ -40,8 +41,8 @@ or to the tasks of one MPT adapter (routing by adapter name is a per-row list of
 cannot take).
 
 This module holds the loop and evaluation; beside it: the options (`config`), the optimizer and learning-rate
-schedule (`optim`), the checkpoint folders (`checkpoints`), the JSON-lines log (`log`), the loss-curve PNG
-(`loss_curve`) and the progress display (`progress`).
+schedule (`optim`), tail averaging (`averaging`), the checkpoint folders (`checkpoints`), the JSON-lines log
+(`log`), the loss-curve PNG (`loss_curve`) and the progress display (`progress`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprompt.methods import source_class
-from fastprompt.train import checkpoints
+from fastprompt.train import averaging, checkpoints
 from fastprompt.train.config import TrainingConfig
 from fastprompt.train.cuda_graphs import CudaGraphLoss, CudaGraphStep
 from fastprompt.train.data import (CLASSIFICATION, Example, PromptDataset, bucket_length, collate,
@@ -102,6 +103,7 @@ class TrainResult:
     best_metric: float | None
     best_step: int | None = None                       # the step of the best evaluation
     restored_best: bool = False                        # the model ends with that step's prompt (restore_best)
+    averaged: bool = False                             # the steps ended with the mean of the last ones (average_last)
     log: list[dict] = field(default_factory=list)      # this call's records (train and eval)
 
     @property
@@ -315,6 +317,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
         state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0}
         self._best_params = None   # a copy of the trainable parameters at the best evaluation of this call
+        tail_from = averaging.first_step(cfg.steps, cfg.average_last) if cfg.average_last else None
         main = self.dist.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / LOG_NAME
@@ -326,6 +329,8 @@ class Trainer:
                 raise ValueError(f"resume: no {checkpoints.CHECKPOINT_PREFIX}* folder in {str(self.output_dir)!r}")
             step = checkpoints.load_checkpoint(folder, model, self.optimizer, state=state, scaler=scaler,
                                                data_order=self._data_order())
+            if tail_from:
+                averaging.check_resumed(self.optimizer, params, step, tail_from)
             if main:
                 truncate_log(log_path, step)
         else:
@@ -333,6 +338,7 @@ class Trainer:
             if main:
                 log_path.unlink(missing_ok=True)
         self.dist.broadcast_parameters(params)
+        self._best_is_current = state["best_step"] == step   # the model holds the best evaluation's prompt
         result = TrainResult(step, False, state["best"])
         metric = self._metric_name()
         higher = metric != "eval_loss"
@@ -352,6 +358,9 @@ class Trainer:
                     shares, grad_norm = self._eager_update(batches, norms, lr, params, scaler)
                 summed = self.dist.all_reduce_sum(torch.stack(list(shares.values()))).tolist()
                 step += 1
+                self._best_is_current = False
+                if tail_from:
+                    averaging.accumulate(self.optimizer, params, step, tail_from)
                 state["tokens"] += step_tokens
                 tokens_now += step_tokens
                 elapsed = time.perf_counter() - start
@@ -369,9 +378,14 @@ class Trainer:
                 if stop:
                     result.stopped_early = True
                     break
-            if self.eval_data is not None and not result.stopped_early and not (
-                    cfg.eval_every and step % cfg.eval_every == 0):
-                self._evaluate_and_track(step, state, metric, higher, log_path, result, progress)
+            result.averaged = bool(tail_from) and averaging.apply(self.optimizer, params)
+            if result.averaged:
+                self._best_is_current = False
+                progress.message(f"the prompt is the mean of those after steps {tail_from}-{step} (average_last)")
+            if self.eval_data is not None and (result.averaged or not result.stopped_early and not (
+                    cfg.eval_every and step % cfg.eval_every == 0)):
+                self._evaluate_and_track(step, state, metric, higher, log_path, result, progress,
+                                         averaged=result.averaged)
         finally:
             progress.close()
             model.prompt_sources.train(was_training)
@@ -385,10 +399,10 @@ class Trainer:
         return result
 
     def _restore_best(self, state: dict, step: int, params: list, progress) -> bool:
-        """With config.restore_best, put back the trainable parameters of the best evaluation when it was not
-        the last step's; whether the model now holds them."""
+        """With config.restore_best, put back the trainable parameters of the best evaluation when the model no
+        longer holds them (steps, or the tail average, came after it); whether the model now holds them."""
         best_step = state["best_step"]
-        if not self.config.restore_best or best_step is None or best_step == step:
+        if not self.config.restore_best or best_step is None or self._best_is_current:
             return False
         if self._best_params is None:   # the best evaluation came before a resume: its copy was not kept
             progress.message(f"the best evaluation (step {best_step}) predates the resume: the final adapter is "
@@ -405,7 +419,8 @@ class Trainer:
             return self.config.metric
         return "eval_accuracy" if self.eval_data is not None and self.eval_data.has_classification else "eval_loss"
 
-    def _evaluate_and_track(self, step, state, metric, higher, log_path, result, progress) -> bool:
+    def _evaluate_and_track(self, step, state, metric, higher, log_path, result, progress, averaged=False) -> bool:
+        """Evaluate the model's prompt (after `step` steps; `averaged`: the tail average's) and track the best."""
         metrics = self.evaluate()
         if metric not in metrics:
             raise ValueError(f"metric {metric!r} is not among the evaluation's metrics {sorted(metrics)}")
@@ -415,13 +430,15 @@ class Trainer:
                                     else value < best - self.config.min_delta)
         if improved:
             state["best"], state["best_step"], state["bad_evals"] = value, step, 0
+            self._best_is_current = True
             if self.config.restore_best:
                 self._best_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
             if self.dist.is_main:
                 self.save_model(self.output_dir / "best")
         else:
             state["bad_evals"] += 1
-        self._log(log_path, {"step": step, **metrics, "best_" + metric: state["best"]}, result)
+        tail = {"averaged_last": self.config.average_last} if averaged else {}
+        self._log(log_path, {"step": step, **tail, **metrics, "best_" + metric: state["best"]}, result)
         progress.message(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                        if isinstance(v, float)))
         return self.config.patience is not None and state["bad_evals"] >= self.config.patience

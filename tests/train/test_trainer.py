@@ -49,6 +49,9 @@ RESUME_CASES = [
     pytest.param(fastprompt.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=16, encoder_dropout=0.2),
                  dict(optimizer="adamw", schedule="linear", warmup=1, eval_every=2, patience=5),
                  id="p-tuning-dropout-adamw-linear-eval"),
+    pytest.param(fastprompt.PromptTuningConfig(num_virtual_tokens=3),   # the checkpoint (step 3) holds the mean
+                 dict(optimizer="adamw", schedule="linear", average_last=4),   # of the tail's first step (3)
+                 id="prompt-tuning-tail-average"),
 ]
 
 
@@ -170,6 +173,52 @@ def test_the_best_step_survives_a_checkpoint(tmp_path, capsys):
     # The copy of step 1's prompt was not kept across processes: the run says so and ends with step 4's.
     assert (result.best_step, result.best_metric, result.restored_best) == (1, 0.9, False)
     assert "the best evaluation (step 1) predates the resume" in capsys.readouterr().out
+
+
+def test_tail_averaging_ends_with_the_mean_of_the_last_steps_prompts(tmp_path):
+    data = dataset(tmp_path, classification_records(8), verbalizers={"positive": "good", "negative": "bad"})
+    snapshots = []
+
+    class Snapshots(Trainer):   # the prompt after each step, as its log record is written
+        def _log(self, path, record, result):
+            super()._log(path, record, result)
+            snapshots.append(self.model.prompt_sources["default"].embedding.weight.detach().clone())
+
+    torch.manual_seed(0)
+    last = Snapshots(prompt_model(), _config(tmp_path / "a", steps=5, schedule="linear"), data).train()
+    torch.manual_seed(0)
+    trainer = Trainer(prompt_model(), _config(tmp_path / "b", steps=5, schedule="linear", average_last=3), data)
+    result = trainer.train()
+    assert result.averaged and not last.averaged and result.losses == last.losses
+    final = trainer.model.prompt_sources["default"].embedding.weight
+    assert not torch.allclose(final, snapshots[-1])
+    torch.testing.assert_close(final, torch.stack(snapshots[2:]).mean(0))
+    saved = fastprompt.io.read_tensors(tmp_path / "b" / "out" / "adapter_model.safetensors")
+    assert torch.equal(saved["prompt_embeddings"], final)
+
+
+@pytest.mark.parametrize("accuracies, restored", [([0.5, 0.9, 0.7], True), ([0.5, 0.6, 0.9], False)])
+def test_the_averaged_prompt_is_evaluated_and_kept_only_when_best(tmp_path, accuracies, restored):
+    data = dataset(tmp_path, classification_records(8), verbalizers={"positive": "good", "negative": "bad"})
+    trainer = Trainer(prompt_model(), _config(tmp_path, steps=4, eval_every=2, average_last=2), data, data)
+    seen = _scripted_evaluations(trainer, accuracies)
+    result = trainer.train()
+    evals = [r for r in result.log if "eval_accuracy" in r]
+    assert [(r["step"], r.get("averaged_last")) for r in evals] == [(2, None), (4, None), (4, 2)]
+    assert result.averaged and result.restored_best == restored and result.best_step == 4
+    assert not torch.equal(seen[1], seen[2])
+    final = trainer.model.prompt_sources["default"].embedding.weight
+    assert torch.equal(final, seen[1] if restored else seen[2])
+
+
+def test_a_resume_that_would_average_other_steps_is_refused(tmp_path):
+    data = dataset(tmp_path, seq2seq_records(8))
+    Trainer(prompt_model(), _config(tmp_path, steps=4, save_every=2, average_last=3), data).train()
+    with pytest.raises(ValueError, match="holds a mean of the prompts from step 2, but this run averages from step 4"):
+        Trainer(prompt_model(), _config(tmp_path, steps=4, average_last=1), data).train(
+            resume=str(tmp_path / "out" / "checkpoint-2"))
+    with pytest.raises(ValueError, match="average_last must be an int from 0 to steps \\(4\\), got 5"):
+        _config(tmp_path, steps=4, average_last=5)
 
 
 def test_classification_accuracy_learns(tmp_path):

@@ -115,14 +115,15 @@ def test_holdout_zero_trains_without_evaluation(tmp_path, model_dir, capsys):
 
 
 def test_transfer_stages_keep_their_old_defaults():
-    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup")})()
+    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup", "average_last")})()
     for name, value in dict(out="o", optimizer="adamw", batch_size=8, grad_accum=1, weight_decay=0.0,
                             max_grad_norm=1.0, precision="fp32", eval_every=0, eval_batch_size=None, metric="auto",
                             patience=None, restore_best=True, save_every=0, keep_checkpoints=None, seed=0, log_every=10,
                             progress="none", no_plot=True, score="sum", cuda_graphs=False).items():
         setattr(args, name, value)
     config = train_cli.training_config(args)
-    assert (config.lr, config.schedule, config.warmup, config.steps) == (OLD_RECIPE.lr, "constant", 0, 100)
+    assert (config.lr, config.schedule, config.warmup, config.steps, config.average_last) == (
+        OLD_RECIPE.lr, "constant", 0, 100, 0)
 
 
 def test_named_model_smollm2_resolves_to_its_converted_folder(tmp_path, model_dir, monkeypatch, capsys):
@@ -156,6 +157,29 @@ def test_a_count_flag_that_is_not_a_positive_integer_is_a_usage_error(tmp_path, 
         _train(tmp_path / "no-such-model", data, tmp_path / "out", flag, value)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: argument {flag}: must be a positive integer, got '{value}'\n")
+
+
+@pytest.mark.parametrize("flag, value, says", [("--average-last", "5", "an int from 0 to steps (4), got 5"),
+                                             ("--warmup", "-1", ">= 0, got -1")])
+def test_an_option_the_training_config_refuses_is_one_line_naming_the_flag(tmp_path, model_dir, capsys, flag,
+                                                                            value, says):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(8))
+    with pytest.raises(SystemExit) as exit_info:
+        _train(model_dir, data, tmp_path / "out", flag, value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err   # after the model's loading bar: the flag's value needs the recipe
+    assert err.endswith(f"\nfastprompt train: error: {flag} must be {says}\n") and "Traceback" not in err
+
+
+def test_average_last_ends_the_run_with_the_mean_of_its_last_prompts(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
+    assert _train(model_dir, data, tmp_path / "out", "--average-last", "2", "--progress", "print") == 0
+    printed = capsys.readouterr().out
+    assert "no warm-up; ends with the mean of the last 2 steps' prompts" in printed
+    assert "the prompt is the mean of those after steps 3-4 (average_last)" in printed
+    evals = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+             if "eval_accuracy" in line]
+    assert [(r["step"], r.get("averaged_last")) for r in evals] == [(4, 2)]   # the held-out split scores the mean
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])
