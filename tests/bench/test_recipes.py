@@ -149,6 +149,11 @@ def test_new_lr6e_2_linear_is_the_default_within_one_epoch_at_twice_its_rate():
     assert recipes.recipe_options("new-lr6e-2-linear", TASK) == {**within_one, "lr": 6e-2}
 
 
+def test_new_tail_average_is_the_default_within_one_epoch_averaging_its_last_half():
+    within_one = recipes.recipe_options("new-peft-schedule", TASK)
+    assert recipes.recipe_options("new-tail-average", TASK) == {**within_one, "average_last": 50}
+
+
 def test_prefix_candidates_change_only_the_optimisation_of_its_default():
     default = recipes.recipe_options("new-text", TASK, "prefix-tuning")
     assert dataclasses.asdict(default_recipe("prefix-tuning", list(TASK.verbalizers.values()))).items() >= {
