@@ -54,7 +54,8 @@ Prompt-tuning recipes:
   tokens), what `fastprompt train --init-text` gives: the default's schedule with PEFT's example's information;
 - new-peft-schedule: `new`'s start (the generated instruction, P = its tokens) with PEFT's example's
   optimisation: lr 3e-2, linear decay, no warm-up; a candidate until it became the default of a run that reads
-  its rows at most once (sentiment, news, news-500, speeches, subjectivity: 100 steps of 8 rows, 0.8 epochs);
+  its rows at most once (sentiment, news, news-500, speeches, subjectivity: 100 steps of 8 rows, 0.8 epochs),
+  then that default without its tail averaging (new-tail-average);
 - new-residual: a candidate: `new` with residual prompt tuning's reparameterization (Razdaibiedina et al.,
   2023, reported to steady prompt tuning across seeds and learning rates): each virtual token e trains as
   e + LayerNorm(W_up ReLU(W_down e)), one bottleneck MLP shared by the tokens (`residual_prompts`), the
@@ -71,10 +72,11 @@ Prompt-tuning recipes:
 - new-lr6e-2-linear: a candidate: new-peft-schedule (the default within one epoch) at twice its rate, lr 6e-2,
   to tell whether the rate that lifted news from lr 1e-2 to 3e-2 lifts it further;
 - new-tail-average: a candidate: new-peft-schedule ending with the mean of its prompts after each of the last
-  half of its steps (`TrainingConfig.average_last`, `fastprompt.train.averaging`: tail averaging, as stochastic
-  weight averaging averages a run's late weights, Izmailov et al., 2018), not the last step's alone, aimed at
-  subjectivity's seed 7, whose last ten steps at a rate falling to 0 moved it from 0.875 to 0.795 (a narrow
-  decision margin; README, "Ten seeds").
+  half of its steps (`average_tail` 0.5: `TrainingConfig.average_last` 50, `fastprompt.train.averaging`: tail
+  averaging, as stochastic weight averaging averages a run's late weights, Izmailov et al., 2018), not the last
+  step's alone, aimed at subjectivity's seed 7, whose last ten steps at a rate falling to 0 moved it from 0.875
+  to 0.795 (a narrow decision margin; README, "Ten seeds"); a candidate until it became prompt tuning's default
+  within one epoch (sentiment, news, news-500, speeches, subjectivity), where new-peft-schedule was.
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -257,9 +259,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new-ensemble", task), "soup": True}
     if recipe == "new-lr6e-2-linear":
         return {**recipe_options("new-peft-schedule", task), "lr": 6e-2}
-    if recipe == "new-tail-average":
-        within_one = recipe_options("new-peft-schedule", task)
-        return {**within_one, "average_last": within_one["steps"] // 2}
+    if recipe == "new-tail-average":   # ends with the mean of the last half's prompts
+        return {**recipe_options("new-peft-schedule", task), "average_tail": 0.5}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
@@ -453,11 +454,12 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     if options.get("residual_bottleneck"):
         residual_prompts(model, options["residual_bottleneck"])
     batch_size = options.get("batch_size", 8)   # per member of an ensemble
+    average_last = int(options["steps"] * options.get("average_tail", 0.0))   # as `fastprompt train` reads it
     config = TrainingConfig(output_dir=str(folder), steps=options["steps"],
                             batch_size=batch_size * max(1, len(members)),
                             lr=options["lr"], schedule=options["schedule"], warmup=options["warmup"],
                             weight_decay=options.get("weight_decay", 0.0), seed=seed, eval_batch_size=32,
-                            eval_every=options.get("eval_every", 0), average_last=options.get("average_last", 0),
+                            eval_every=options.get("eval_every", 0), average_last=average_last,
                             progress="none", plot=False)
     if options.get("loss") == "choices":
         trainer = choice_loss_trainer(model, config, train, held, tokenizer.pad_token_id)
@@ -484,8 +486,8 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
         extra["decision"] = decision_bias(trainer, train, test)
     if task.name == "news-500":   # the same prompt on news's own 100 test rows, comparable with news's runs
         extra["news_accuracy"] = sum(right[:TEST_SIZE["news"]]) / TEST_SIZE["news"]
-    if options.get("average_last"):
-        extra["average_last"] = options["average_last"]
+    if average_last:
+        extra["average_last"] = average_last
     if options.get("residual_bottleneck"):
         extra["residual_bottleneck"] = options["residual_bottleneck"]
     if held is not None:
