@@ -16,8 +16,9 @@ from torch import nn
 
 from fastprompt.methods.base import PromptSource, load_tensor
 
-# Names PeftModelForSequenceClassification always adds to modules_to_save; a model has one of them.
-CLASSIFIER_NAMES = ("classifier", "score")
+# Names PeftModelForSequenceClassification always adds to modules_to_save (PEFT >= 0.22 also DistilBERT's
+# "pre_classifier"); a model has some of them, and the others are not an error.
+CLASSIFIER_NAMES = ("classifier", "score", "pre_classifier")
 
 
 def copy_heads(base_model: nn.Module, names, trainable: bool) -> dict[str, nn.Module]:

@@ -285,3 +285,19 @@ def test_errors_name_the_argument():
         fastprompt.template_positions(torch.tensor([[3, 1]]), [1, 1], 9)
     with pytest.raises(ValueError, match="generate"):
         mlm.generate(ids)
+
+
+def test_peft_default_head_names_a_model_lacks_are_not_an_error():
+    """PEFT 0.22 adds "pre_classifier" (DistilBERT's) to every sequence classifier's modules_to_save, as it adds
+    "classifier" and "score": a model without some of them copies the ones it has; any other missing name is
+    refused, naming it."""
+    from torch import nn
+
+    from fastprompt.heads import copy_heads
+
+    model = nn.Module()
+    model.classifier, model.body = nn.Linear(3, 2), nn.Linear(3, 3)
+    heads = copy_heads(model, ["classifier", "score", "pre_classifier"], trainable=True)
+    assert list(heads) == ["classifier"] and heads["classifier"] is not model.classifier
+    with pytest.raises(ValueError, match=r"has no module named \['head'\]"):
+        copy_heads(model, ["classifier", "head"], trainable=True)
