@@ -417,6 +417,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     import fastprompt
     from fastprompt.offline.smollm2 import load_smollm2
     from fastprompt.train import Trainer, TrainingConfig, load_data
+    from fastprompt.train.averaging import last_steps
     from fastprompt.train.cli import default_holdout
     from fastprompt.train.data import hold_out
     from fastprompt.train.ensembles import ensemble_classify, member_names, replicate
@@ -454,7 +455,7 @@ def run_one(task, recipe: str, seed: int, folder: Path, method: str = "prompt-tu
     if options.get("residual_bottleneck"):
         residual_prompts(model, options["residual_bottleneck"])
     batch_size = options.get("batch_size", 8)   # per member of an ensemble
-    average_last = int(options["steps"] * options.get("average_tail", 0.0))   # as `fastprompt train` reads it
+    average_last = last_steps(options["steps"], options.get("average_tail", 0.0))   # as `fastprompt train` does
     config = TrainingConfig(output_dir=str(folder), steps=options["steps"],
                             batch_size=batch_size * max(1, len(members)),
                             lr=options["lr"], schedule=options["schedule"], warmup=options["warmup"],

@@ -17,6 +17,11 @@ MEAN_KEY = "tail_mean"
 FROM_KEY = "tail_from"   # the first step in the mean (1-based), to refuse a resume that would average others
 
 
+def last_steps(steps: int, share: float) -> int:
+    """How many of a run's `steps` steps a recipe's `average_tail` share averages (rounded down)."""
+    return int(steps * share)
+
+
 def first_step(steps: int, last: int) -> int:
     """The first of the `last` steps (1-based) a run of `steps` steps averages."""
     return steps - last + 1

@@ -145,6 +145,7 @@ def add_training_options(parser) -> None:
 def training_config(args, recipe=None):
     """The `TrainingConfig` of a command's `add_training_options` flags; a flag left out (None) takes
     `recipe`'s value (a `recipe.Recipe`; default `recipe.OLD_RECIPE`, the transfer stages' defaults)."""
+    from fastprompt.train.averaging import last_steps
     from fastprompt.train.config import TrainingConfig
     from fastprompt.train.recipe import OLD_RECIPE
 
@@ -156,7 +157,7 @@ def training_config(args, recipe=None):
 
     lr = args.lr if args.lr is not None else (0.3 if args.optimizer == "adafactor" else recipe.lr)
     steps = given("steps")
-    average_last = args.average_last if args.average_last is not None else int(steps * recipe.average_tail)
+    average_last = args.average_last if args.average_last is not None else last_steps(steps, recipe.average_tail)
     try:
         return TrainingConfig(
             output_dir=args.out, steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
