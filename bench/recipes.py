@@ -102,7 +102,10 @@ no prefix projection, MLP encoder):
   whether its seeds' own spread on subjectivity (0.041, p = 0.03: the data order alone) is its rate's;
 - new-text-within-one (prefix tuning): a candidate: prefix tuning's default start with prompt tuning's
   optimisation within one epoch (lr 3e-2, linear decay, no warm-up), to tell whether the epochs rule holds
-  for prefix tuning too.
+  for prefix tuning too;
+- new-text-tail-average (prefix tuning): a candidate: prefix tuning's default ending with the mean of its
+  prefixes after each of the last half of its steps (`average_tail` 0.5), to tell whether tail averaging,
+  prompt tuning's cure for its seeds' own spread on subjectivity, is prefix tuning's too.
 
 MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), every recipe from
 the default's instruction start, peft-start and new with the default's schedule over several epochs
@@ -112,7 +115,9 @@ the default's instruction start, peft-start and new with the default's schedule 
 - new: the default: U V all ones (`fastprompt.train.mpt.start_tasks_at_shared_prompt`), so the prompt starts
   as the instruction, as prompt tuning's does;
 - new-peft-schedule: `new` with prompt tuning's default within one epoch (lr 3e-2, linear decay, no warm-up),
-  to tell whether the epochs rule holds for MPT; it did, and it is MPT's default within one epoch.
+  to tell whether the epochs rule holds for MPT; it did, and it is MPT's default within one epoch;
+- new-tail-average: a candidate: new-peft-schedule ending with the mean of P*, U and V after each of the last
+  half of its steps (`average_tail` 0.5), as prompt tuning's default does within one epoch.
 
 Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
 (a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).
@@ -145,7 +150,7 @@ TASK_INSTRUCTIONS["sentiment-280"] = TASK_INSTRUCTIONS["sentiment"]   # sentimen
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
            "new-balanced", "new-soup", "new-text", "peft-example-text", "new-lr6e-2-linear", "new-text-lr5e-3",
-           "new-text-within-one", "new-tail-average")
+           "new-text-within-one", "new-tail-average", "new-text-tail-average")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
@@ -153,9 +158,10 @@ METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", 
                                     "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand",
                                     "new-peft-schedule", "new-residual", "new-b16", "new-balanced",
                                     "new-soup", "new-lr6e-2-linear", "new-tail-average"),
-                  "prefix-tuning": ("old", "peft-example", "new", "new-text", "new-text-lr5e-3", "new-text-within-one"),
+                  "prefix-tuning": ("old", "peft-example", "new", "new-text", "new-text-lr5e-3", "new-text-within-one",
+                                    "new-text-tail-average"),
                   "p-tuning": ("old", "peft-example", "new", "new-text", "peft-example-text"),
-                  "mpt": ("peft-start", "new", "new-peft-schedule")}
+                  "mpt": ("peft-start", "new", "new-peft-schedule", "new-tail-average")}
 TEST_SIZE = {"sentiment": 200, "sentiment-280": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500,
              "subjectivity": 200}
 SMALL_TRAIN = 280   # sentiment-280's training rows: debates's count
@@ -195,8 +201,9 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         raise ValueError(f"recipe {recipe!r} does not apply to {method}: its recipes are {METHOD_RECIPES[method]}")
     if method == "mpt":   # the default's text and schedule ("peft-start" leaves the task factors as PEFT draws them):
         # over several epochs, or within one (new-peft-schedule: the rate of prompt tuning's within one epoch)
-        epochs = 1 if recipe == "new-peft-schedule" else None
-        return dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
+        epochs = 1 if recipe in ("new-peft-schedule", "new-tail-average") else None
+        options = dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
+        return {**options, "average_tail": 0.5} if recipe == "new-tail-average" else options
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
@@ -211,6 +218,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
                     "init_text": instruction(list(task.verbalizers.values())), "num_virtual_tokens": None}
         if recipe == "new-text-lr5e-3":
             return {**recipe_options("new-text", task, method), "lr": 5e-3}
+        if recipe == "new-text-tail-average":   # ends with the mean of the last half's prompts
+            return {**recipe_options("new-text", task, method), "average_tail": 0.5}
         if recipe == "new-text-within-one":   # prompt tuning's rate, decay and warm-up within one epoch
             within_one = default_recipe("prompt-tuning", list(task.verbalizers.values()), epochs=1)
             return {**recipe_options("new-text", task, method),

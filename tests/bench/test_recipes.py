@@ -142,6 +142,7 @@ def test_mpt_is_measured_with_its_default_and_with_prompt_tunings_within_one_epo
     assert recipes.recipe_options("new", TASK, "mpt") == dataclasses.asdict(default_recipe("mpt", words))
     within_one = dataclasses.asdict(default_recipe("mpt", words, 0.8))
     assert recipes.recipe_options("new-peft-schedule", TASK, "mpt") == within_one
+    assert recipes.recipe_options("new-tail-average", TASK, "mpt") == {**within_one, "average_tail": 0.5}
     # prompt tuning's schedule; its tail averaging was measured for prompt tuning only
     assert {**within_one, "average_tail": 0.5} == dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
 
@@ -163,6 +164,7 @@ def test_prefix_candidates_change_only_the_optimisation_of_its_default():
     assert recipes.recipe_options("new-text-lr5e-3", TASK, "prefix-tuning") == {**default, "lr": 5e-3}
     within_one = recipes.recipe_options("new-text-within-one", TASK, "prefix-tuning")
     assert within_one == {**default, "lr": 3e-2, "schedule": "linear", "warmup": 0}
+    assert recipes.recipe_options("new-text-tail-average", TASK, "prefix-tuning") == {**default, "average_tail": 0.5}
     with pytest.raises(ValueError, match="does not apply to prompt-tuning"):
         recipes.recipe_options("new-text-within-one", TASK)
 
