@@ -193,7 +193,7 @@ def load_task(name: str):
 
 def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
     """The start and the optimisation of `recipe` for `method` on `task` (a TaskData)."""
-    from fastprompt.train.recipe import OLD_RECIPE, default_recipe, instruction
+    from fastprompt.train.recipe import OLD_RECIPE, TAIL_SHARE, default_recipe, instruction
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -203,7 +203,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         # over several epochs, or within one (new-peft-schedule: the rate of prompt tuning's within one epoch)
         epochs = 1 if recipe in ("new-peft-schedule", "new-tail-average") else None
         options = dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
-        return {**options, "average_tail": 0.5} if recipe == "new-tail-average" else options
+        return {**options, "average_tail": TAIL_SHARE} if recipe == "new-tail-average" else options
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
@@ -219,7 +219,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         if recipe == "new-text-lr5e-3":
             return {**recipe_options("new-text", task, method), "lr": 5e-3}
         if recipe == "new-text-tail-average":   # ends with the mean of the last half's prompts
-            return {**recipe_options("new-text", task, method), "average_tail": 0.5}
+            return {**recipe_options("new-text", task, method), "average_tail": TAIL_SHARE}
         if recipe == "new-text-within-one":   # prompt tuning's rate, decay and warm-up within one epoch
             within_one = default_recipe("prompt-tuning", list(task.verbalizers.values()), epochs=1)
             return {**recipe_options("new-text", task, method),
@@ -269,7 +269,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
     if recipe == "new-lr6e-2-linear":
         return {**recipe_options("new-peft-schedule", task), "lr": 6e-2}
     if recipe == "new-tail-average":   # ends with the mean of the last half's prompts
-        return {**recipe_options("new-peft-schedule", task), "average_tail": 0.5}
+        return {**recipe_options("new-peft-schedule", task), "average_tail": TAIL_SHARE}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 

@@ -45,6 +45,7 @@ class Recipe:
 
 
 STEPS = 100   # every default recipe's optimizer steps
+TAIL_SHARE = 0.5   # tail averaging's share of the steps, where a default averages: the last half
 
 # The defaults before the measurement (fastprompt <= 2026-12-04): the study's baseline, and still the
 # defaults of the transfer stages (mpt-source, mpt-target, spot-transfer), which the study did not cover.
@@ -95,7 +96,7 @@ def default_recipe(method: str, label_words: list[str] | None = None, epochs: fl
         return Recipe(**start, lr=1e-3, schedule="linear", warmup=0, steps=STEPS, weight_decay=0.01,
                       encoder_hidden_size=128)
     if method in ("prompt-tuning", "mpt") and text_init and epochs is not None and epochs <= 1:
-        tail = 0.5 if method == "prompt-tuning" else 0.0   # measured for prompt tuning (README, "Tail averaging")
+        tail = TAIL_SHARE if method == "prompt-tuning" else 0.0   # measured for it (README, "Tail averaging")
         return Recipe(**start, lr=3e-2, schedule="linear", warmup=0, steps=STEPS, average_tail=tail)
     return Recipe(**start, lr=1e-2, schedule="cosine", warmup=10, steps=STEPS)
 
