@@ -76,7 +76,10 @@ Prompt-tuning recipes:
   averaging, as stochastic weight averaging averages a run's late weights, Izmailov et al., 2018), not the last
   step's alone, aimed at subjectivity's seed 7, whose last ten steps at a rate falling to 0 moved it from 0.875
   to 0.795 (a narrow decision margin; README, "Ten seeds"); a candidate until it became prompt tuning's default
-  within one epoch (sentiment, news, news-500, speeches, subjectivity), where new-peft-schedule was.
+  within one epoch (sentiment, news, news-500, speeches, subjectivity), where new-peft-schedule was;
+- new-cosine-tail-average: a candidate: `new` (the default over several epochs: lr 1e-2, warm-up, cosine)
+  ending with the mean of its prompts after each of the last half of its steps, to tell whether tail averaging
+  steadies the runs that read their rows several times (debates, sentiment-280) as it did within one epoch.
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -150,14 +153,15 @@ TASK_INSTRUCTIONS["sentiment-280"] = TASK_INSTRUCTIONS["sentiment"]   # sentimen
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
            "new-balanced", "new-soup", "new-text", "peft-example-text", "new-lr6e-2-linear", "new-text-lr5e-3",
-           "new-text-within-one", "new-tail-average", "new-text-tail-average")
+           "new-text-within-one", "new-tail-average", "new-text-tail-average", "new-cosine-tail-average")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
 METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", "new-lr3e-2", "new-ensemble",
                                     "new-early-stop", "new-200", "new-p8", "new-choice", "new-hand",
                                     "new-peft-schedule", "new-residual", "new-b16", "new-balanced",
-                                    "new-soup", "new-lr6e-2-linear", "new-tail-average"),
+                                    "new-soup", "new-lr6e-2-linear", "new-tail-average",
+                                    "new-cosine-tail-average"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text", "new-text-lr5e-3", "new-text-within-one",
                                     "new-text-tail-average"),
                   "p-tuning": ("old", "peft-example", "new", "new-text", "peft-example-text"),
@@ -270,6 +274,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new-peft-schedule", task), "lr": 6e-2}
     if recipe == "new-tail-average":   # ends with the mean of the last half's prompts
         return {**recipe_options("new-peft-schedule", task), "average_tail": TAIL_SHARE}
+    if recipe == "new-cosine-tail-average":
+        return {**recipe_options("new", task), "average_tail": TAIL_SHARE}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 

@@ -158,6 +158,12 @@ def test_new_tail_average_is_new_peft_schedule_averaging_its_last_half():
     assert recipes.recipe_options("new-tail-average", TASK) == {**within_one, "average_tail": 0.5}
 
 
+def test_new_cosine_tail_average_is_the_default_over_several_epochs_averaging_its_last_half():
+    over_epochs = recipes.recipe_options("new", TASK)
+    assert over_epochs["schedule"] == "cosine" and over_epochs["average_tail"] == 0.0
+    assert recipes.recipe_options("new-cosine-tail-average", TASK) == {**over_epochs, "average_tail": 0.5}
+
+
 def test_prefix_candidates_change_only_the_optimisation_of_its_default():
     default = recipes.recipe_options("new-text", TASK, "prefix-tuning")
     assert dataclasses.asdict(default_recipe("prefix-tuning", list(TASK.verbalizers.values()))).items() >= {
