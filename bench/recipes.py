@@ -108,7 +108,10 @@ no prefix projection, MLP encoder):
   for prefix tuning too;
 - new-text-tail-average (prefix tuning): a candidate: prefix tuning's default ending with the mean of its
   prefixes after each of the last half of its steps (`average_tail` 0.5), to tell whether tail averaging,
-  prompt tuning's cure for its seeds' own spread on subjectivity, is prefix tuning's too.
+  prompt tuning's cure for its seeds' own spread on subjectivity, is prefix tuning's too;
+- peft-example-text-tail-average (P-tuning): a candidate: P-tuning's default ending with the mean of its
+  encoder's and table's weights after each of the last half of its steps (`average_tail` 0.5), aimed at its
+  spread on debates.
 
 MPT (one task, num_ranks 1, as `fastprompt train --method mpt` builds it on single-task data), every recipe from
 the default's instruction start, peft-start and new with the default's schedule over several epochs
@@ -120,7 +123,9 @@ the default's instruction start, peft-start and new with the default's schedule 
 - new-peft-schedule: `new` with prompt tuning's default within one epoch (lr 3e-2, linear decay, no warm-up),
   to tell whether the epochs rule holds for MPT; it did, and it is MPT's default within one epoch;
 - new-tail-average: a candidate: new-peft-schedule ending with the mean of P*, U and V after each of the last
-  half of its steps (`average_tail` 0.5), as prompt tuning's default does within one epoch.
+  half of its steps (`average_tail` 0.5), as prompt tuning's default does within one epoch;
+- new-cosine-tail-average: a candidate: `new` ending with the mean of P*, U and V after each of the last half of
+  its steps, aimed at its spread on debates (prompt tuning's candidate of that name, for MPT).
 
 Each finished run appends one JSON line to --out; a rerun skips the (method, task, recipe, seed) already there
 (a line without "method" is prompt tuning: the file's runs before prefix tuning and P-tuning were measured).
@@ -153,7 +158,8 @@ TASK_INSTRUCTIONS["sentiment-280"] = TASK_INSTRUCTIONS["sentiment"]   # sentimen
 RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2", "new-ensemble", "new-early-stop",
            "new-200", "new-p8", "new-choice", "new-hand", "new-peft-schedule", "new-residual", "new-b16",
            "new-balanced", "new-soup", "new-text", "peft-example-text", "new-lr6e-2-linear", "new-text-lr5e-3",
-           "new-text-within-one", "new-tail-average", "new-text-tail-average", "new-cosine-tail-average")
+           "new-text-within-one", "new-tail-average", "new-text-tail-average", "new-cosine-tail-average",
+           "peft-example-text-tail-average")
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
@@ -164,8 +170,9 @@ METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", 
                                     "new-cosine-tail-average"),
                   "prefix-tuning": ("old", "peft-example", "new", "new-text", "new-text-lr5e-3", "new-text-within-one",
                                     "new-text-tail-average"),
-                  "p-tuning": ("old", "peft-example", "new", "new-text", "peft-example-text"),
-                  "mpt": ("peft-start", "new", "new-peft-schedule", "new-tail-average")}
+                  "p-tuning": ("old", "peft-example", "new", "new-text", "peft-example-text",
+                               "peft-example-text-tail-average"),
+                  "mpt": ("peft-start", "new", "new-peft-schedule", "new-tail-average", "new-cosine-tail-average")}
 TEST_SIZE = {"sentiment": 200, "sentiment-280": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500,
              "subjectivity": 200}
 SMALL_TRAIN = 280   # sentiment-280's training rows: debates's count
@@ -207,7 +214,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         # over several epochs, or within one (new-peft-schedule: the rate of prompt tuning's within one epoch)
         epochs = 1 if recipe in ("new-peft-schedule", "new-tail-average") else None
         options = dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
-        return {**options, "average_tail": TAIL_SHARE} if recipe == "new-tail-average" else options
+        averaged = recipe in ("new-tail-average", "new-cosine-tail-average")
+        return {**options, "average_tail": TAIL_SHARE} if averaged else options
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
@@ -222,8 +230,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
                     "init_text": instruction(list(task.verbalizers.values())), "num_virtual_tokens": None}
         if recipe == "new-text-lr5e-3":
             return {**recipe_options("new-text", task, method), "lr": 5e-3}
-        if recipe == "new-text-tail-average":   # ends with the mean of the last half's prompts
-            return {**recipe_options("new-text", task, method), "average_tail": TAIL_SHARE}
+        if recipe.endswith("-tail-average"):   # the method's default ending with the mean of the last half's prompts
+            return {**recipe_options(recipe.removesuffix("-tail-average"), task, method), "average_tail": TAIL_SHARE}
         if recipe == "new-text-within-one":   # prompt tuning's rate, decay and warm-up within one epoch
             within_one = default_recipe("prompt-tuning", list(task.verbalizers.values()), epochs=1)
             return {**recipe_options("new-text", task, method),

@@ -162,6 +162,15 @@ def test_new_cosine_tail_average_is_the_default_over_several_epochs_averaging_it
     over_epochs = recipes.recipe_options("new", TASK)
     assert over_epochs["schedule"] == "cosine" and over_epochs["average_tail"] == 0.0
     assert recipes.recipe_options("new-cosine-tail-average", TASK) == {**over_epochs, "average_tail": 0.5}
+    mpt_over_epochs = recipes.recipe_options("new", TASK, "mpt")
+    assert recipes.recipe_options("new-cosine-tail-average", TASK, "mpt") == {**mpt_over_epochs, "average_tail": 0.5}
+
+
+def test_p_tuning_tail_average_is_its_default_averaging_its_last_half():
+    default = recipes.recipe_options("peft-example-text", TASK, "p-tuning")
+    assert not default.get("average_tail")   # the default ends with its last step's weights
+    averaged = recipes.recipe_options("peft-example-text-tail-average", TASK, "p-tuning")
+    assert averaged == {**default, "average_tail": 0.5}
 
 
 def test_prefix_candidates_change_only_the_optimisation_of_its_default():
