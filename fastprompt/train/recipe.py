@@ -81,7 +81,9 @@ def default_recipe(method: str, label_words: list[str] | None = None, epochs: fl
     in three), but less steady over several epochs, and on one task over ten seeds one prompt-tuning seed in
     ten fell 11 points in its last steps (README, "Ten seeds"). So prompt tuning's run within one epoch ends
     with the mean of its prompts over the last half of its steps (`average_tail` 0.5, tail averaging: README,
-    "Tail averaging"), which kept that seed and the other nine within 0.05 at the same mean elsewhere.
+    "Tail averaging"), which kept that seed and the other nine within 0.05 at the same mean elsewhere. Over
+    several epochs, and for prefix tuning, P-tuning and MPT, it was not steadier (README, "Tail averaging
+    elsewhere"), so their runs end with the last step's weights.
 
     P-tuning trains by PEFT's task-guide recipe ("P-tuning for sequence classification": encoder width 128,
     lr 1e-3, weight decay 0.01, linear decay without warm-up), the best the study found for it: prompt
