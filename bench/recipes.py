@@ -214,8 +214,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         # over several epochs, or within one (new-peft-schedule: the rate of prompt tuning's within one epoch)
         epochs = 1 if recipe in ("new-peft-schedule", "new-tail-average") else None
         options = dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
-        averaged = recipe in ("new-tail-average", "new-cosine-tail-average")
-        return {**options, "average_tail": TAIL_SHARE} if averaged else options
+        return {**options, "average_tail": TAIL_SHARE} if recipe.endswith("-tail-average") else options
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
