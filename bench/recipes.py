@@ -76,14 +76,16 @@ Prompt-tuning recipes:
   averaging, as stochastic weight averaging averages a run's late weights, Izmailov et al., 2018), not the last
   step's alone, aimed at subjectivity's seed 7, whose last ten steps at a rate falling to 0 moved it from 0.875
   to 0.795 (a narrow decision margin; README, "Ten seeds"); a candidate until it became prompt tuning's default
-  within one epoch (sentiment, news, news-500, speeches, subjectivity), where new-peft-schedule was;
+  within one epoch (sentiment, news, news-500, speeches, subjectivity), where new-peft-schedule was, and the
+  default until new-quarter-tail-average replaced it;
 - new-cosine-tail-average: a candidate: `new` (the default over several epochs: lr 1e-2, warm-up, cosine)
   ending with the mean of its prompts after each of the last half of its steps, to tell whether tail averaging
   steadies the runs that read their rows several times (debates, sentiment-280) as it did within one epoch;
 - new-quarter-tail-average: a candidate: the default within one epoch averaging the last quarter of its steps
   (`average_tail` 0.25: the last 25) instead of the last half, aimed at speeches, where the mean of the last
   half leaned to one label on some seeds (README, "Tail averaging"), while still averaging over subjectivity's
-  seed 7's last ten steps.
+  seed 7's last ten steps; a candidate until it became prompt tuning's default within one epoch, where
+  new-tail-average was (README, "Tail averaging's length").
 
 Prefix-tuning and P-tuning recipes (PEFT's start: a random prefix, the P-tuning MLP encoder's initialisation;
 no prefix projection, MLP encoder):
@@ -164,7 +166,8 @@ RECIPES = ("old", "peft-example", "peft-start", "hand-tuned", "new", "new-lr3e-2
            "new-balanced", "new-soup", "new-text", "peft-example-text", "new-lr6e-2-linear", "new-text-lr5e-3",
            "new-text-within-one", "new-tail-average", "new-text-tail-average", "new-cosine-tail-average",
            "peft-example-text-tail-average", "new-quarter-tail-average")
-QUARTER_TAIL = 0.25   # new-quarter-tail-average's share of the steps it averages
+HALF_TAIL = 0.5   # the share of the steps that the "-tail-average" candidates average: the last half, as measured
+QUARTER_TAIL = 0.25   # new-quarter-tail-average's share: the last quarter
 ENSEMBLE_MEMBERS = 3
 RESIDUAL_BOTTLENECK = 256   # new-residual's MLP width
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "mpt")
@@ -209,7 +212,7 @@ def load_task(name: str):
 
 def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
     """The start and the optimisation of `recipe` for `method` on `task` (a TaskData)."""
-    from fastprompt.train.recipe import OLD_RECIPE, TAIL_SHARE, default_recipe, instruction
+    from fastprompt.train.recipe import OLD_RECIPE, default_recipe, instruction
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -219,7 +222,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         # over several epochs, or within one (new-peft-schedule: the rate of prompt tuning's within one epoch)
         epochs = 1 if recipe in ("new-peft-schedule", "new-tail-average") else None
         options = dataclasses.asdict(default_recipe("mpt", list(task.verbalizers.values()), epochs))
-        return {**options, "average_tail": TAIL_SHARE} if recipe.endswith("-tail-average") else options
+        return {**options, "average_tail": HALF_TAIL} if recipe.endswith("-tail-average") else options
     if method != "prompt-tuning":
         if recipe == "old":
             return {**dataclasses.asdict(OLD_RECIPE), "encoder_hidden_size": None}
@@ -235,7 +238,7 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         if recipe == "new-text-lr5e-3":
             return {**recipe_options("new-text", task, method), "lr": 5e-3}
         if recipe.endswith("-tail-average"):   # the method's default ending with the mean of the last half's prompts
-            return {**recipe_options(recipe.removesuffix("-tail-average"), task, method), "average_tail": TAIL_SHARE}
+            return {**recipe_options(recipe.removesuffix("-tail-average"), task, method), "average_tail": HALF_TAIL}
         if recipe == "new-text-within-one":   # prompt tuning's rate, decay and warm-up within one epoch
             within_one = default_recipe("prompt-tuning", list(task.verbalizers.values()), epochs=1)
             return {**recipe_options("new-text", task, method),
@@ -285,11 +288,11 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
     if recipe == "new-lr6e-2-linear":
         return {**recipe_options("new-peft-schedule", task), "lr": 6e-2}
     if recipe == "new-tail-average":   # ends with the mean of the last half's prompts
-        return {**recipe_options("new-peft-schedule", task), "average_tail": TAIL_SHARE}
+        return {**recipe_options("new-peft-schedule", task), "average_tail": HALF_TAIL}
     if recipe == "new-cosine-tail-average":
-        return {**recipe_options("new", task), "average_tail": TAIL_SHARE}
+        return {**recipe_options("new", task), "average_tail": HALF_TAIL}
     if recipe == "new-quarter-tail-average":
-        return {**recipe_options("new-tail-average", task), "average_tail": QUARTER_TAIL}
+        return {**recipe_options("new-peft-schedule", task), "average_tail": QUARTER_TAIL}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 

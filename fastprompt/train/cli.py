@@ -118,7 +118,7 @@ def add_training_options(parser) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     parser.add_argument("--average-last", type=int, default=None, metavar="N",
                         help="end with the mean of the prompt after each of the last N steps (tail averaging; "
-                             "default: the recipe's (train: prompt tuning's last half where lr is 3e-2, else 0); "
+                             "default: the recipe's (train: prompt tuning's last quarter where lr is 3e-2, else 0); "
                              "0: the last step's prompt)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")

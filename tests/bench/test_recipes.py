@@ -42,12 +42,13 @@ def test_new_peft_schedule_is_the_default_start_with_peft_example_optimisation()
     assert all(mixed[k] == peft[k] for k in ("lr", "schedule", "warmup", "steps"))
 
 
-def test_new_and_new_tail_average_are_the_default_over_several_epochs_and_within_one():
+def test_new_and_new_quarter_tail_average_are_the_default_over_several_epochs_and_within_one():
     words = list(TASK.verbalizers.values())
     assert recipes.recipe_options("new", TASK) == dataclasses.asdict(default_recipe("prompt-tuning", words, 2.9))
     within_one = dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
-    assert recipes.recipe_options("new-tail-average", TASK) == within_one               # the default since then
-    assert recipes.recipe_options("new-peft-schedule", TASK) == {**within_one, "average_tail": 0.0}  # before
+    assert recipes.recipe_options("new-quarter-tail-average", TASK) == within_one       # the default since then
+    assert recipes.recipe_options("new-tail-average", TASK) == {**within_one, "average_tail": 0.5}   # before
+    assert recipes.recipe_options("new-peft-schedule", TASK) == {**within_one, "average_tail": 0.0}  # before that
 
 
 def test_new_b16_is_the_default_with_twice_the_batch():
@@ -144,7 +145,7 @@ def test_mpt_is_measured_with_its_default_and_with_prompt_tunings_within_one_epo
     within_one = dataclasses.asdict(default_recipe("mpt", words, 0.8))
     assert recipes.recipe_options("new-peft-schedule", TASK, "mpt") == within_one
     # prompt tuning's schedule; its tail averaging is prompt tuning's default only
-    assert {**within_one, "average_tail": 0.5} == dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
+    assert {**within_one, "average_tail": 0.25} == dataclasses.asdict(default_recipe("prompt-tuning", words, 0.8))
     # MPT's candidate with that averaging (bench only: not measured)
     assert recipes.recipe_options("new-tail-average", TASK, "mpt") == {**within_one, "average_tail": 0.5}
 

@@ -50,8 +50,8 @@ def test_prompt_tuning_and_mpt_reading_their_rows_at_most_once_take_the_higher_r
     for method in ("prompt-tuning", "mpt"):
         recipe = default_recipe(method, ["positive", "negative"], epochs)
         assert (recipe.lr, recipe.schedule, recipe.warmup, recipe.steps) == (*schedule, 100)
-        # prompt tuning at the higher rate ends with the mean of its last half's prompts (measured for it only)
-        tail = 0.5 if method == "prompt-tuning" and schedule[0] == 3e-2 else 0.0
+        # prompt tuning at the higher rate ends with the mean of its last quarter's prompts (measured for it only)
+        tail = 0.25 if method == "prompt-tuning" and schedule[0] == 3e-2 else 0.0
         assert recipe.average_tail == tail
         assert recipe.init == "text"                                 # the start does not move with the epochs
         assert default_recipe(method, None, epochs) == default_recipe(method)   # random start: as before
@@ -71,18 +71,18 @@ def test_run_epochs_counts_rows_read_and_refuses_what_is_not_a_count():
 
 def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, model_dir, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
-    assert _train(model_dir, data, tmp_path / "out") == 0
+    assert _train(model_dir, data, tmp_path / "out", "--steps", "8") == 0
     printed = capsys.readouterr().out
     assert "held out 4 of 40 training records" in printed
     assert "zero-shot accuracy on 4 held-out records:" in printed
     assert "held-out accuracy after training:" in printed
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    # 4 steps of 4 rows read the 36 training rows 0.44 times: PEFT's example's rate, linear decay, no warm-up,
-    # the mean of the last half's prompts
-    assert "training: 4 steps of 4 rows, 0.444 epochs of 36 training records; lr 0.03, linear schedule, " \
+    # 8 steps of 4 rows read the 36 training rows 0.89 times: PEFT's example's rate, linear decay, no warm-up,
+    # the mean of the last quarter's prompts
+    assert "training: 8 steps of 4 rows, 0.889 epochs of 36 training records; lr 0.03, linear schedule, " \
            "no warm-up; ends with the mean of the last 2 steps' prompts\n" in printed
-    assert [r["lr"] for r in steps] == pytest.approx([3e-2, 2.25e-2, 1.5e-2, 7.5e-3])
+    assert [r["lr"] for r in steps] == pytest.approx([3e-2 * (1 - k / 8) for k in range(8)])
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["prompt_tuning_init"] == "TEXT"
     assert config["prompt_tuning_init_text"] == "Answer with one word: negative or positive.\n"  # sorted labels
@@ -177,7 +177,7 @@ def test_an_option_the_training_config_refuses_is_one_line_naming_the_flag(tmp_p
 
 @pytest.mark.parametrize("last", [3, 0])
 def test_average_last_sets_how_many_steps_the_final_prompt_averages(tmp_path, model_dir, capsys, last):
-    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))   # the recipe's: the last 2 of 4
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))   # the recipe's: the last 1 of 4
     assert _train(model_dir, data, tmp_path / "out", "--average-last", str(last), "--progress", "print") == 0
     printed = capsys.readouterr().out
     said = f"no warm-up; ends with the mean of the last {last} steps' prompts\n" if last else "no warm-up\n"
