@@ -160,7 +160,7 @@ def test_new_tail_average_is_new_peft_schedule_averaging_its_last_half():
     assert recipes.recipe_options("new-tail-average", TASK) == {**within_one, "average_tail": 0.5}
 
 
-def test_new_quarter_tail_average_is_the_default_within_one_epoch_averaging_its_last_25_steps():
+def test_new_quarter_tail_average_is_new_peft_schedule_averaging_its_last_25_steps():
     within_one = recipes.recipe_options("new-peft-schedule", TASK)
     quarter = recipes.recipe_options("new-quarter-tail-average", TASK)
     assert quarter == {**within_one, "average_tail": 0.25}
