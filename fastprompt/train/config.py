@@ -39,6 +39,8 @@ class TrainingConfig:
     keep_checkpoints: int | None = None   # keep only the newest N checkpoint folders
     seed: int = 0
     shuffle: bool = True
+    stratify: bool = False                # each batch holds every (task, label) in its share of the data
+                                          # (stratified order, fastprompt.train.data.epoch_order)
     log_every: int = 10                   # progress lines (the JSON-lines log has every step)
     progress: str = "auto"                # "auto" (tqdm on a terminal, else lines), "tqdm", "print", "none"
     plot: bool = True                     # loss-curve PNG at the end (skipped, with a note, without matplotlib)
@@ -61,5 +63,7 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.average_last, int) or not 0 <= self.average_last <= self.steps:
             raise ValueError(f"average_last must be an int from 0 to steps ({self.steps}), got {self.average_last!r}")
+        if self.stratify and not self.shuffle:
+            raise ValueError("stratify orders the shuffled data: it needs shuffle=True")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")

@@ -223,8 +223,9 @@ class Trainer:
         """The micro-batches of optimizer step `step` (0-based) over all ranks: a function of (seed, step)
         only."""
         cfg = self.config
+        strata = [(e.task, e.label) for e in self.train_data.examples] if cfg.stratify else None
         indices = micro_batch_indices(len(self.train_data), self.examples_per_step, cfg.seed, step,
-                                      shuffle=cfg.shuffle)
+                                      shuffle=cfg.shuffle, strata=strata)
         chunks = [[self.train_data[i] for i in indices[i:i + cfg.batch_size]]
                   for i in range(0, len(indices), cfg.batch_size)]
         if not self.use_graphs:
@@ -451,7 +452,7 @@ class Trainer:
     def _data_order(self) -> dict:
         """What fixes each step's examples (see `step_batches`); a resumed run must match its checkpoint's."""
         return {"seed": self.config.seed, "examples_per_step": self.examples_per_step,
-                "num_examples": len(self.train_data)}
+                "num_examples": len(self.train_data), "stratify": self.config.stratify}
 
     def save_checkpoint(self, step: int, state: dict, scaler=None) -> Path:
         """`checkpoints.save_checkpoint` into ``output_dir/checkpoint-<step>``: the prompt parameters, the

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastprompt.train import collate, load_data, micro_batch_indices
+from fastprompt.train.data import epoch_order
 from tests.train.common import tokenizer, write_jsonl
 
 
@@ -69,6 +70,31 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert sorted(sum(first[:3], [])) == list(range(10))        # one epoch: every example once
     assert first[:3] != first[3:6]                             # the next epoch reshuffles
     assert first != [micro_batch_indices(10, 4, seed=4, index=i) for i in range(6)]
+
+
+
+def test_a_stratified_order_puts_each_stratum_in_every_batch_at_its_share():
+    strata = ["a"] * 23 + ["b"] * 61 + ["c"] * 13 + [("task", None)] * 4   # odd, unequal strata; any hashable
+    n, batch = len(strata), 8
+    order = epoch_order(n, seed=5, epoch=1, strata=strata)
+    assert sorted(order) == list(range(n))                                 # every example once
+    assert order == epoch_order(n, seed=5, epoch=1, strata=strata)          # a function of (seed, epoch, strata)
+    assert order not in (epoch_order(n, seed=5, epoch=2, strata=strata), epoch_order(n, seed=6, epoch=1, strata=strata))
+    for stratum in set(strata):
+        share = strata.count(stratum) / n
+        for start in range(n - batch + 1):                                  # every window, so every batch
+            held = sum(strata[i] == stratum for i in order[start:start + batch])
+            assert abs(held - batch * share) < 2, (stratum, start, held)
+    plain = epoch_order(n, seed=5, epoch=1)                                 # a plain shuffle strays further
+    strays = [abs(sum(strata[i] == "b" for i in plain[s:s + batch]) - batch * 61 / n) for s in range(n - batch + 1)]
+    assert max(strays) >= 2
+    per_epoch = -(-n // batch)
+    assert micro_batch_indices(n, batch, seed=5, index=per_epoch + 2, strata=strata) == order[16:24]   # epoch 1's 3rd
+
+
+def test_strata_must_name_every_example():
+    with pytest.raises(ValueError, match=r"one stratum per example \(10\), got 9"):
+        epoch_order(10, seed=0, epoch=0, strata=["a"] * 9)
 
 
 MALFORMED = [

@@ -11,7 +11,8 @@ from transformers.optimization import (
 )
 
 import fastprompt
-from fastprompt.train import Trainer, TrainingConfig, lr_factor, read_log
+from fastprompt.train import Trainer, TrainingConfig, collate, lr_factor, read_log
+from fastprompt.train.data import epoch_order
 from tests.helpers import assert_close
 from tests.train.common import classification_records, dataset, prompt_model, seq2seq_records
 
@@ -88,11 +89,29 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, config, optio
         assert torch.equal(a, b), name
 
 
-def test_resume_refuses_a_different_data_order(tmp_path):
+@pytest.mark.parametrize("change", [dict(seed=1), dict(stratify=True)], ids=["seed", "stratify"])
+def test_resume_refuses_a_different_data_order(tmp_path, change):
     data = dataset(tmp_path, seq2seq_records(8))
     Trainer(prompt_model(), _config(tmp_path, steps=2, save_every=2), data).train()
     with pytest.raises(ValueError, match="data order"):
-        Trainer(prompt_model(), _config(tmp_path, steps=4, seed=1), data).train(resume=True)
+        Trainer(prompt_model(), _config(tmp_path, steps=4, **change), data).train(resume=True)
+
+
+def test_stratified_batches_hold_each_label_at_its_share(tmp_path):
+    data = dataset(tmp_path, classification_records(30, seed=2))
+    labels = [e.label for e in data.examples]
+    trainer = Trainer(prompt_model(), _config(tmp_path, batch_size=8, stratify=True, seed=3), data)
+    order = epoch_order(len(data), seed=3, epoch=0, strata=[(None, label) for label in labels])
+    for step in range(3):
+        rows = order[step * 8:(step + 1) * 8]
+        assert torch.equal(trainer.step_batches(step)[0]["input_ids"], collate([data[i] for i in rows])["input_ids"])
+        share = 8 * labels.count("positive") / len(labels)
+        assert abs(sum(labels[i] == "positive" for i in rows) - share) < 2
+
+
+def test_stratify_needs_shuffled_data(tmp_path):
+    with pytest.raises(ValueError, match="stratify .* shuffle=True"):
+        _config(tmp_path, stratify=True, shuffle=False)
 
 
 @pytest.mark.parametrize("config", [fastprompt.PromptTuningConfig(num_virtual_tokens=3),

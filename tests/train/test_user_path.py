@@ -80,8 +80,8 @@ def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, 
     steps = [r for r in log if "loss" in r]
     # 8 steps of 4 rows read the 36 training rows 0.89 times: PEFT's example's rate, linear decay, no warm-up,
     # the mean of the last quarter's prompts
-    assert "training: 8 steps of 4 rows, 0.889 epochs of 36 training records; lr 0.03, linear schedule, " \
-           "no warm-up; ends with the mean of the last 2 steps' prompts\n" in printed
+    assert "training: 8 steps of 4 rows (shuffled batches), 0.889 epochs of 36 training records; lr 0.03, " \
+           "linear schedule, no warm-up; ends with the mean of the last 2 steps' prompts\n" in printed
     assert [r["lr"] for r in steps] == pytest.approx([3e-2 * (1 - k / 8) for k in range(8)])
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["prompt_tuning_init"] == "TEXT"
@@ -91,8 +91,8 @@ def test_train_prints_zero_shot_and_held_out_accuracy_with_the_recipe(tmp_path, 
 def test_train_reading_its_rows_several_times_warms_up_to_the_lower_rate(tmp_path, model_dir, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))
     assert _train(model_dir, data, tmp_path / "out", "--steps", "12") == 0    # 48 rows: 1.33 epochs of 36
-    assert "training: 12 steps of 4 rows, 1.33 epochs of 36 training records; lr 0.01, cosine schedule, " \
-           "10 warm-up steps" in capsys.readouterr().out
+    assert "training: 12 steps of 4 rows (shuffled batches), 1.33 epochs of 36 training records; lr 0.01, " \
+           "cosine schedule, 10 warm-up steps" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in log if "loss" in r]
     assert len(lrs) == 12 and lrs[0] == 0.0 and lrs[9] == pytest.approx(9e-3)   # the warm-up starts at 0
@@ -102,8 +102,8 @@ def test_mpt_from_text_starts_every_task_prompt_as_the_text(tmp_path, model_dir,
     data = write_jsonl(tmp_path / "train.jsonl", classification_records(24))
     assert _train(model_dir, data, tmp_path / "out", "--method", "mpt", "--steps", "1", "--warmup", "1") == 0
     # one step of 4 rows reads the 22 training rows 0.18 times: MPT takes prompt tuning's higher rate, linear
-    assert "training: 1 steps of 4 rows, 0.182 epochs of 22 training records; lr 0.03, linear schedule, " \
-           "1 warm-up steps" in capsys.readouterr().out
+    assert "training: 1 steps of 4 rows (shuffled batches), 0.182 epochs of 22 training records; lr 0.03, " \
+           "linear schedule, 1 warm-up steps" in capsys.readouterr().out
     saved = fastprompt.io.read_tensors(tmp_path / "out" / "adapter_model.safetensors")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["prompt_tuning_init"] == "TEXT"
@@ -119,15 +119,15 @@ def test_holdout_zero_trains_without_evaluation(tmp_path, model_dir, capsys):
 
 
 def test_transfer_stages_keep_their_old_defaults():
-    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup", "average_last")})()
+    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup", "average_last", "stratify")})()
     for name, value in dict(out="o", optimizer="adamw", batch_size=8, grad_accum=1, weight_decay=0.0,
                             max_grad_norm=1.0, precision="fp32", eval_every=0, eval_batch_size=None, metric="auto",
                             patience=None, restore_best=True, save_every=0, keep_checkpoints=None, seed=0, log_every=10,
                             progress="none", no_plot=True, score="sum", cuda_graphs=False).items():
         setattr(args, name, value)
     config = train_cli.training_config(args)
-    assert (config.lr, config.schedule, config.warmup, config.steps, config.average_last) == (
-        OLD_RECIPE.lr, "constant", 0, 100, 0)
+    assert (config.lr, config.schedule, config.warmup, config.steps, config.average_last, config.stratify) == (
+        OLD_RECIPE.lr, "constant", 0, 100, 0, False)
 
 
 def test_named_model_smollm2_resolves_to_its_converted_folder(tmp_path, model_dir, monkeypatch, capsys):
@@ -161,6 +161,12 @@ def test_a_count_flag_that_is_not_a_positive_integer_is_a_usage_error(tmp_path, 
         _train(tmp_path / "no-such-model", data, tmp_path / "out", flag, value)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: argument {flag}: must be a positive integer, got '{value}'\n")
+
+
+def test_stratify_orders_the_batches_by_label(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(12))
+    assert _train(model_dir, data, tmp_path / "out", "--stratify", "--steps", "2", "--holdout", "0") == 0
+    assert "training: 2 steps of 4 rows (stratified batches)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag, value, says", [("--average-last", "5", "an int from 0 to steps (4), got 5"),
