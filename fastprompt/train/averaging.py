@@ -18,8 +18,10 @@ FROM_KEY = "tail_from"   # the first step in the mean (1-based), to refuse a res
 
 
 def last_steps(steps: int, share: float) -> int:
-    """How many of a run's `steps` steps a recipe's `average_tail` share averages (rounded down)."""
-    return int(steps * share)
+    """How many of a run's `steps` steps a recipe's `average_tail` share averages (rounded down), 0 when that is
+    one step: the mean of one step's prompt is that prompt, so such a run does not average."""
+    count = int(steps * share)
+    return count if count > 1 else 0
 
 
 def first_step(steps: int, last: int) -> int:

@@ -12,6 +12,7 @@ from transformers.optimization import (
 
 import fastprompt
 from fastprompt.train import Trainer, TrainingConfig, collate, lr_factor, read_log
+from fastprompt.train.averaging import last_steps
 from fastprompt.train.data import epoch_order
 from tests.helpers import assert_close
 from tests.train.common import classification_records, dataset, prompt_model, seq2seq_records
@@ -228,6 +229,10 @@ def test_the_averaged_prompt_is_evaluated_and_kept_only_when_best(tmp_path, accu
     assert not torch.equal(seen[1], seen[2])
     final = trainer.model.prompt_sources["default"].embedding.weight
     assert torch.equal(final, seen[1] if restored else seen[2])
+
+
+def test_a_tail_share_that_rounds_to_one_step_does_not_average():
+    assert [last_steps(steps, 0.25) for steps in (100, 8, 7, 4, 1)] == [25, 2, 0, 0, 0]
 
 
 def test_a_resume_that_would_average_other_steps_is_refused(tmp_path):

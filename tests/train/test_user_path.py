@@ -183,7 +183,7 @@ def test_an_option_the_training_config_refuses_is_one_line_naming_the_flag(tmp_p
 
 @pytest.mark.parametrize("last", [3, 0])
 def test_average_last_sets_how_many_steps_the_final_prompt_averages(tmp_path, model_dir, capsys, last):
-    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))   # the recipe's: the last 1 of 4
+    data = write_jsonl(tmp_path / "train.jsonl", classification_records(40))   # 4 steps: the recipe averages none
     assert _train(model_dir, data, tmp_path / "out", "--average-last", str(last), "--progress", "print") == 0
     printed = capsys.readouterr().out
     said = f"no warm-up; ends with the mean of the last {last} steps' prompts\n" if last else "no warm-up\n"
