@@ -167,6 +167,12 @@ def test_new_quarter_tail_average_is_new_peft_schedule_averaging_its_last_25_ste
     assert last_steps(quarter["steps"], quarter["average_tail"]) == 25
 
 
+def test_new_stratified_is_the_default_within_one_epoch_with_stratified_batches():
+    quarter = recipes.recipe_options("new-quarter-tail-average", TASK)
+    assert "stratify" not in quarter
+    assert recipes.recipe_options("new-stratified", TASK) == {**quarter, "stratify": True}
+
+
 def test_new_cosine_tail_average_is_the_default_over_several_epochs_averaging_its_last_half():
     over_epochs = recipes.recipe_options("new", TASK)
     assert over_epochs["schedule"] == "cosine" and over_epochs["average_tail"] == 0.0
