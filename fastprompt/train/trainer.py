@@ -6,7 +6,7 @@
     trainer.evaluate()                  # {"eval_loss", "eval_token_accuracy", "eval_accuracy", ...}
 
 Exact resume: the examples of optimizer step s are a deterministic function of (seed, s) (see
-`data.micro_batch_indices`), the learning rate a function of s, and a checkpoint keeps the prompt
+`data.DataOrder`), the learning rate a function of s, and a checkpoint keeps the prompt
 parameters, the optimizer (with tail averaging's running mean, `averaging`), the RNG state, the grad scaler
 and the early-stopping state; so a run stopped at step k and resumed produces the same losses as an
 uninterrupted run (bit for bit on a CPU).
@@ -59,8 +59,7 @@ from fastprompt.methods import source_class
 from fastprompt.train import averaging, checkpoints
 from fastprompt.train.config import TrainingConfig
 from fastprompt.train.cuda_graphs import CudaGraphLoss, CudaGraphStep
-from fastprompt.train.data import (CLASSIFICATION, Example, PromptDataset, bucket_length, collate,
-                                   micro_batch_indices)
+from fastprompt.train.data import CLASSIFICATION, DataOrder, Example, PromptDataset, bucket_length, collate
 from fastprompt.train.distributed import Distributed
 from fastprompt.train.log import LOG_NAME, append_record, read_log, truncate_log
 from fastprompt.train.loss_curve import PLOT_NAME, plot_loss_curve
@@ -129,6 +128,7 @@ class Trainer:
         self.config = config
         self.dist = distributed or Distributed()
         self.train_data = train_data
+        self.data_order: DataOrder | None = None   # made at the first step, from train_data and config
         self.eval_data = eval_data
         self.pad_token_id = pad_token_id
         self.tasks = list(tasks) if tasks is not None else train_data.tasks
@@ -223,9 +223,10 @@ class Trainer:
         """The micro-batches of optimizer step `step` (0-based) over all ranks: a function of (seed, step)
         only."""
         cfg = self.config
-        strata = [(e.task, e.label) for e in self.train_data.examples] if cfg.stratify else None
-        indices = micro_batch_indices(len(self.train_data), self.examples_per_step, cfg.seed, step,
-                                      shuffle=cfg.shuffle, strata=strata)
+        if self.data_order is None:
+            strata = [(e.task, e.label) for e in self.train_data.examples] if cfg.stratify else None
+            self.data_order = DataOrder(len(self.train_data), cfg.seed, cfg.shuffle, strata)
+        indices = self.data_order.indices(self.examples_per_step, step)
         chunks = [[self.train_data[i] for i in indices[i:i + cfg.batch_size]]
                   for i in range(0, len(indices), cfg.batch_size)]
         if not self.use_graphs:

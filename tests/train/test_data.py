@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastprompt.train import collate, load_data, micro_batch_indices
-from fastprompt.train.data import epoch_order
+from fastprompt.train.data import DataOrder, epoch_order
 from tests.train.common import tokenizer, write_jsonl
 
 
@@ -90,6 +90,14 @@ def test_a_stratified_order_puts_each_stratum_in_every_batch_at_its_share():
     assert max(strays) >= 2
     per_epoch = -(-n // batch)
     assert micro_batch_indices(n, batch, seed=5, index=per_epoch + 2, strata=strata) == order[16:24]   # epoch 1's 3rd
+
+
+@pytest.mark.parametrize("strata", [None, ["a", "b", "b"] * 7 + ["a"]], ids=["shuffled", "stratified"])
+def test_a_run_s_data_order_reads_the_same_batches_as_one_call_each(strata):
+    data_order = DataOrder(22, seed=4, strata=strata)   # computes each epoch's order once, as the trainer steps
+    steps = [data_order.indices(5, index) for index in range(17)]   # three epochs of 5 batches, and two more
+    assert steps == [micro_batch_indices(22, 5, seed=4, index=index, strata=strata) for index in range(17)]
+    assert data_order.indices(5, 2) == steps[2]                       # back to an earlier epoch (a resume)
 
 
 def test_strata_must_name_every_example():
