@@ -120,9 +120,9 @@ def add_training_options(parser) -> None:
                         help="end with the mean of the prompt after each of the last N steps (tail averaging; "
                              "default: the recipe's (train: prompt tuning's last quarter where lr is 3e-2, else 0); "
                              "0: the last step's prompt)")
-    parser.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--stratify", action="store_true",
                         help="stratified batches: every batch holds each (task, label) in its share of the training "
-                             "data, not a random draw's mix (default: the recipe's; off)")
+                             "data, not a random draw's mix (default: off, shuffled batches)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     parser.add_argument("--metric", default="auto", help="eval_loss, eval_accuracy, eval_token_accuracy or auto")
@@ -166,7 +166,7 @@ def training_config(args, recipe=None):
             output_dir=args.out, steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
             optimizer=args.optimizer, weight_decay=given("weight_decay"), schedule=given("schedule"),
             warmup=given("warmup"), max_grad_norm=args.max_grad_norm or None, average_last=average_last,
-            stratify=given("stratify"),
+            stratify=args.stratify,
             precision=args.precision, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
             metric=args.metric, patience=args.patience, restore_best=args.restore_best, save_every=args.save_every,
             keep_checkpoints=args.keep_checkpoints, seed=args.seed, log_every=args.log_every, progress=args.progress,

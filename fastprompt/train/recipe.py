@@ -42,7 +42,6 @@ class Recipe:
     encoder_hidden_size: int | None = None   # P-tuning's encoder width (None: PEFT's, the model's hidden size)
     average_tail: float = 0.0   # end with the mean of the prompts after each step of this last share of the
                                 # steps (`averaging`; 0.25: the last quarter); 0: the last step's prompt
-    stratify: bool = False      # every batch holds each label in its share of the data (`TrainingConfig.stratify`)
 
 
 STEPS = 100   # every default recipe's optimizer steps

@@ -119,11 +119,11 @@ def test_holdout_zero_trains_without_evaluation(tmp_path, model_dir, capsys):
 
 
 def test_transfer_stages_keep_their_old_defaults():
-    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup", "average_last", "stratify")})()
+    args = type("Args", (), {k: None for k in ("lr", "steps", "schedule", "warmup", "average_last")})()
     for name, value in dict(out="o", optimizer="adamw", batch_size=8, grad_accum=1, weight_decay=0.0,
                             max_grad_norm=1.0, precision="fp32", eval_every=0, eval_batch_size=None, metric="auto",
                             patience=None, restore_best=True, save_every=0, keep_checkpoints=None, seed=0, log_every=10,
-                            progress="none", no_plot=True, score="sum", cuda_graphs=False).items():
+                            progress="none", no_plot=True, score="sum", cuda_graphs=False, stratify=False).items():
         setattr(args, name, value)
     config = train_cli.training_config(args)
     assert (config.lr, config.schedule, config.warmup, config.steps, config.average_last, config.stratify) == (
