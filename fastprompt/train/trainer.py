@@ -47,6 +47,7 @@ schedule (`optim`), tail averaging (`averaging`), the checkpoint folders (`check
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -128,7 +129,6 @@ class Trainer:
         self.config = config
         self.dist = distributed or Distributed()
         self.train_data = train_data
-        self.data_order: DataOrder | None = None   # made at the first step, from train_data and config
         self.eval_data = eval_data
         self.pad_token_id = pad_token_id
         self.tasks = list(tasks) if tasks is not None else train_data.tasks
@@ -219,14 +219,19 @@ class Trainer:
         """The global batch: batch_size × grad_accum × world_size examples per optimizer step."""
         return self.config.batch_size * self.config.grad_accum * self.dist.world_size
 
+    @functools.cached_property
+    def batch_order(self) -> DataOrder:
+        """Which training examples each step reads (each epoch's order made once), stratified by (task, label)
+        where the config says so."""
+        cfg = self.config
+        strata = [(e.task, e.label) for e in self.train_data.examples] if cfg.stratify else None
+        return DataOrder(len(self.train_data), cfg.seed, cfg.shuffle, strata)
+
     def step_batches(self, step: int) -> list[dict]:
         """The micro-batches of optimizer step `step` (0-based) over all ranks: a function of (seed, step)
-        only."""
+        only, given the data and the config."""
         cfg = self.config
-        if self.data_order is None:
-            strata = [(e.task, e.label) for e in self.train_data.examples] if cfg.stratify else None
-            self.data_order = DataOrder(len(self.train_data), cfg.seed, cfg.shuffle, strata)
-        indices = self.data_order.indices(self.examples_per_step, step)
+        indices = self.batch_order.indices(self.examples_per_step, step)
         chunks = [[self.train_data[i] for i in indices[i:i + cfg.batch_size]]
                   for i in range(0, len(indices), cfg.batch_size)]
         if not self.use_graphs:
