@@ -463,6 +463,10 @@ def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool 
     return model, recipe
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def say_schedule(trainer) -> None:
     """Print the optimisation `trainer` will run (flags and recipe together) and how many times it reads its rows,
     which picks the default learning rate (`recipe.default_recipe`)."""
@@ -470,11 +474,11 @@ def say_schedule(trainer) -> None:
 
     config, rows, per_step = trainer.config, len(trainer.train_data), trainer.examples_per_step
     epochs = run_epochs(config.steps, per_step, rows)
-    warmup = f"{config.warmup} warm-up steps" if config.warmup else "no warm-up"
-    tail = f"; ends with the mean of the last {config.average_last} steps' prompts" if config.average_last else ""
+    warmup = _count(config.warmup, "warm-up step") if config.warmup else "no warm-up"
+    tail = f"; ends with the mean of the last {config.average_last} steps' prompts" if config.average_last > 1 else ""
     batches = "stratified batches" if config.stratify else "shuffled batches"
-    print(f"training: {config.steps} steps of {per_step} rows ({batches}), {epochs:.3g} epochs of {rows} training "
-          f"records; lr {config.lr:g}, {config.schedule} schedule, {warmup}{tail}", flush=True)
+    print(f"training: {_count(config.steps, 'step')} of {per_step} rows ({batches}), {epochs:.3g} epochs of {rows} "
+          f"training records; lr {config.lr:g}, {config.schedule} schedule, {warmup}{tail}", flush=True)
 
 
 def run_train(args) -> int:

@@ -102,8 +102,8 @@ def test_mpt_from_text_starts_every_task_prompt_as_the_text(tmp_path, model_dir,
     data = write_jsonl(tmp_path / "train.jsonl", classification_records(24))
     assert _train(model_dir, data, tmp_path / "out", "--method", "mpt", "--steps", "1", "--warmup", "1") == 0
     # one step of 4 rows reads the 22 training rows 0.18 times: MPT takes prompt tuning's higher rate, linear
-    assert "training: 1 steps of 4 rows (shuffled batches), 0.182 epochs of 22 training records; lr 0.03, " \
-           "linear schedule, 1 warm-up steps" in capsys.readouterr().out
+    assert "training: 1 step of 4 rows (shuffled batches), 0.182 epochs of 22 training records; lr 0.03, " \
+           "linear schedule, 1 warm-up step\n" in capsys.readouterr().out
     saved = fastprompt.io.read_tensors(tmp_path / "out" / "adapter_model.safetensors")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["prompt_tuning_init"] == "TEXT"
