@@ -193,28 +193,29 @@ METHOD_RECIPES = {"prompt-tuning": ("old", "peft-example", "hand-tuned", "new", 
                   "mpt": ("peft-start", "new", "new-peft-schedule", "new-tail-average", "new-cosine-tail-average")}
 TEST_SIZE = {"sentiment": 200, "sentiment-280": 200, "news": 100, "news-500": 500, "debates": 100, "speeches": 500,
              "speeches-1400": 1400, "subjectivity": 200, "subjectivity-1000": 1000}
+TRAIN_ROWS = 1000   # the training rows of every task but debates (280: all it has) and sentiment-280
 SMALL_TRAIN = 280   # sentiment-280's training rows: debates's count
 
 
 def load_task(name: str):
     from fastprompt.offline import datasets
 
-    base = WIDER_TESTS.get(name, name)
     if name in ("sentiment", "sentiment-280"):
-        sentiment = datasets.rotten_tomatoes(test_size=TEST_SIZE[name], max_words=16, train_size=1000)
+        sentiment = datasets.rotten_tomatoes(test_size=TEST_SIZE[name], max_words=16, train_size=TRAIN_ROWS)
         if name == "sentiment":
             return sentiment
         # the first 280 of sentiment's training rows (module docstring), tested on the same 200 rows
         return dataclasses.replace(sentiment, name=name, train=sentiment.train[:SMALL_TRAIN])
     if name == "debates":
         return datasets.debates(test_size=TEST_SIZE[name], max_words=24)
+    base = WIDER_TESTS.get(name, name)
     loaders = {"news": lambda: datasets.bbc_news(test_size=TEST_SIZE[base], max_words=24),
                "speeches": lambda: datasets.speeches(test_size=TEST_SIZE[base], max_words=24),
                "subjectivity": lambda: datasets.subjectivity(test_size=TEST_SIZE[base])}
     if base not in loaders:
         raise ValueError(f"task must be one of {sorted(TASK_INSTRUCTIONS)}, got {name!r}")
     split = loaders[base]()
-    train, rest = split.train[:1000], split.train[1000:]
+    train, rest = split.train[:TRAIN_ROWS], split.train[TRAIN_ROWS:]
     # a wider test also takes the rows of the split that follow the training rows (module docstring)
     test = split.test + rest[:TEST_SIZE[name] - len(split.test)]
     return dataclasses.replace(split, name=name, train=train, test=test)

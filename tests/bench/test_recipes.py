@@ -281,7 +281,7 @@ def test_the_choice_loss_needs_verbalizers_that_start_apart(tmp_path):
                                    for name in sorted(recipes.WIDER_TESTS)])
 def test_a_wider_test_is_its_base_task_tested_on_more_of_its_split(name):
     base, wide = recipes.load_task(recipes.WIDER_TESTS[name]), recipes.load_task(name)
-    assert wide.name == name and wide.train == base.train and len(base.train) == 1000
+    assert wide.name == name and wide.train == base.train and len(base.train) == recipes.TRAIN_ROWS
     assert len(wide.test) == recipes.TEST_SIZE[name] > len(base.test) and wide.test[:len(base.test)] == base.test
     assert not {r["text"] for r in wide.test} & {r["text"] for r in wide.train}
     added = [r["label"] for r in wide.test[len(base.test):]]
