@@ -463,7 +463,7 @@ def starting_model(args, base, tokenizer, train_data, verbalizers, *, say: bool 
     return model, recipe
 
 
-def _count(count: int, noun: str) -> str:
+def _quantity(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
@@ -474,10 +474,10 @@ def say_schedule(trainer) -> None:
 
     config, rows, per_step = trainer.config, len(trainer.train_data), trainer.examples_per_step
     epochs = run_epochs(config.steps, per_step, rows)
-    warmup = _count(config.warmup, "warm-up step") if config.warmup else "no warm-up"
-    tail = f"; ends with the mean of the last {config.average_last} steps' prompts" if config.average_last > 1 else ""
+    warmup = _quantity(config.warmup, "warm-up step") if config.warmup else "no warm-up"
+    tail = f"; ends with the mean of the last {config.average_last} steps' prompts" if config.average_last else ""
     batches = "stratified batches" if config.stratify else "shuffled batches"
-    print(f"training: {_count(config.steps, 'step')} of {per_step} rows ({batches}), {epochs:.3g} epochs of {rows} "
+    print(f"training: {_quantity(config.steps, 'step')} of {per_step} rows ({batches}), {epochs:.3g} epochs of {rows} "
           f"training records; lr {config.lr:g}, {config.schedule} schedule, {warmup}{tail}", flush=True)
 
 
