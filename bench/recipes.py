@@ -200,24 +200,20 @@ SMALL_TRAIN = 280   # sentiment-280's training rows: debates's count
 def load_task(name: str):
     from fastprompt.offline import datasets
 
-    if name in ("sentiment", "sentiment-280"):
-        sentiment = datasets.rotten_tomatoes(test_size=TEST_SIZE[name], max_words=16, train_size=TRAIN_ROWS)
-        if name == "sentiment":
-            return sentiment
-        # the first 280 of sentiment's training rows (module docstring), tested on the same 200 rows
-        return dataclasses.replace(sentiment, name=name, train=sentiment.train[:SMALL_TRAIN])
-    if name == "debates":
+    if name == "debates":   # all its training rows (280)
         return datasets.debates(test_size=TEST_SIZE[name], max_words=24)
-    base = WIDER_TESTS.get(name, name)
-    loaders = {"news": lambda: datasets.bbc_news(test_size=TEST_SIZE[base], max_words=24),
+    base = {**WIDER_TESTS, "sentiment-280": "sentiment"}.get(name, name)
+    loaders = {"sentiment": lambda: datasets.rotten_tomatoes(test_size=TEST_SIZE[base], max_words=16),
+               "news": lambda: datasets.bbc_news(test_size=TEST_SIZE[base], max_words=24),
                "speeches": lambda: datasets.speeches(test_size=TEST_SIZE[base], max_words=24),
                "subjectivity": lambda: datasets.subjectivity(test_size=TEST_SIZE[base])}
     if base not in loaders:
         raise ValueError(f"task must be one of {sorted(TASK_INSTRUCTIONS)}, got {name!r}")
     split = loaders[base]()
-    train, rest = split.train[:TRAIN_ROWS], split.train[TRAIN_ROWS:]
-    # a wider test also takes the rows of the split that follow the training rows (module docstring)
-    test = split.test + rest[:TEST_SIZE[name] - len(split.test)]
+    # sentiment-280 trains on the first 280 of sentiment's training rows; a wider test also takes the rows of the
+    # split that follow the training rows (module docstring)
+    train = split.train[:SMALL_TRAIN if name == "sentiment-280" else TRAIN_ROWS]
+    test = split.test + split.train[TRAIN_ROWS:][:TEST_SIZE[name] - len(split.test)]
     return dataclasses.replace(split, name=name, train=train, test=test)
 
 
