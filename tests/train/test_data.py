@@ -72,7 +72,6 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert first != [micro_batch_indices(10, 4, seed=4, index=i) for i in range(6)]
 
 
-
 def test_a_stratified_order_puts_each_stratum_in_every_batch_at_its_share():
     strata = ["a"] * 23 + ["b"] * 61 + ["c"] * 13 + [("task", None)] * 4   # odd, unequal strata; any hashable
     n, batch = len(strata), 8
