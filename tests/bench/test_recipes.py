@@ -173,6 +173,11 @@ def test_new_stratified_is_the_default_within_one_epoch_with_stratified_batches(
     assert recipes.recipe_options("new-stratified", TASK) == {**quarter, "stratify": True}
 
 
+def test_new_quarter_tail_average_b16_is_the_default_within_one_epoch_with_twice_the_batch():
+    quarter = recipes.recipe_options("new-quarter-tail-average", TASK)
+    assert recipes.recipe_options("new-quarter-tail-average-b16", TASK) == {**quarter, "batch_size": 16}
+
+
 def test_new_cosine_tail_average_is_the_default_over_several_epochs_averaging_its_last_half():
     over_epochs = recipes.recipe_options("new", TASK)
     assert over_epochs["schedule"] == "cosine" and over_epochs["average_tail"] == 0.0
