@@ -1,6 +1,6 @@
 """How much of a recipe's spread over seeds is its held-out rows' noise, and how much the seeds' own.
 
-    python -m bench.seed_spread bench/results/recipes-rows-cpu-x86_64-2026-12-07.jsonl
+    python -m bench.seed_spread bench/results/recipes-rows-cpu-x86_64-2026-12-07.jsonl [MORE.jsonl ...]
     python -m bench.seed_spread FILE --compare prompt-tuning:peft-example prompt-tuning:new-peft-schedule
 
 A recipe's seeds are scored on the same held-out rows. Two prompts of equal worth still disagree on some rows, and
@@ -38,11 +38,12 @@ SHUFFLES = 10_000
 DRAWS = 10_000
 
 
-def answers(path: Path) -> dict[tuple[str, str, str], torch.Tensor]:
-    """Each (method, task, recipe) of a results file with its runs' answers: a (seeds, rows) float tensor of 1 (right)
-    and 0 (wrong), seeds in ascending order. Runs without "right" (before it was recorded) are left out."""
+def answers(*paths: Path) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Each (method, task, recipe) of one or more results files with its runs' answers: a (seeds, rows) float tensor
+    of 1 (right) and 0 (wrong), seeds in ascending order. Runs without "right" (before it was recorded) are left
+    out."""
     runs: dict[tuple[str, str, str], dict[int, str]] = {}
-    for record in map(json.loads, path.read_text().splitlines()):
+    for record in (json.loads(line) for path in paths for line in path.read_text().splitlines()):
         if "right" in record:
             runs.setdefault(recipe_key(record), {})[record["seed"]] = record["right"]
     table = {}
@@ -103,14 +104,14 @@ def compare(first: torch.Tensor, second: torch.Tensor, draws: int = DRAWS, seed:
             "above": (spread > 0).float().mean().item()}
 
 
-def comparison_table(path: Path, first: tuple[str, str], second: tuple[str, str]) -> str:
-    """The markdown table of `compare` on every task of a results file where both (method, recipe) have per-row
+def comparison_table(paths: list[Path], first: tuple[str, str], second: tuple[str, str]) -> str:
+    """The markdown table of `compare` on every task of the results files where both (method, recipe) have per-row
     answers."""
-    runs = answers(path)
+    runs = answers(*paths)
     tasks = sorted({task for method, task, recipe in runs if (method, recipe) == first}
                    & {task for method, task, recipe in runs if (method, recipe) == second})
     if not tasks:
-        raise ValueError(f"{path}: no task has per-row answers of both {':'.join(first)} and {':'.join(second)}")
+        raise ValueError(f"{', '.join(map(str, paths))}: no task has per-row answers of both {':'.join(first)} and {':'.join(second)}")
     lines = [f"| task | rows | {':'.join(first)} (seeds) | {':'.join(second)} (seeds) | difference | 95% interval | "
              "share of draws above |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
@@ -129,11 +130,12 @@ def method_recipe(text: str) -> tuple[str, str]:
     return method, recipe
 
 
-def table(path: Path) -> str:
-    """The markdown table of `split_spread` for every (method, task, recipe) of a results file with per-row answers."""
+def table(*paths: Path) -> str:
+    """The markdown table of `split_spread` for every (method, task, recipe) of the results files with per-row
+    answers."""
     lines = ["| method | task | recipe | seeds | rows | max − min | from the rows (expected) | the seeds' own | p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (method, task, recipe), right in sorted(answers(path).items(), key=lambda kv: study_order(kv[0])):
+    for (method, task, recipe), right in sorted(answers(*paths).items(), key=lambda kv: study_order(kv[0])):
         if right.shape[0] < 2:
             continue
         s = split_spread(right)
@@ -144,11 +146,12 @@ def table(path: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", type=Path, help="a bench.recipes JSON-lines file whose runs record \"right\"")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="bench.recipes JSON-lines files whose runs record \"right\"")
     parser.add_argument("--compare", nargs=2, type=method_recipe, metavar=("A", "B"),
                         help="METHOD:RECIPE twice: B's mean accuracy against A's on each task both were run on")
     args = parser.parse_args(argv)
-    print(comparison_table(args.results, *args.compare) if args.compare else table(args.results))
+    print(comparison_table(args.results, *args.compare) if args.compare else table(*args.results))
     return 0
 
 

@@ -49,6 +49,17 @@ def test_answers_are_read_by_recipe_in_seed_order_and_must_cover_the_same_rows(t
         seed_spread.answers(path)
 
 
+def test_a_recipes_seeds_are_gathered_from_every_results_file_given(tmp_path, capsys):
+    earlier, later = tmp_path / "earlier.jsonl", tmp_path / "later.jsonl"
+    run = {"method": "prompt-tuning", "task": "speeches", "recipe": "new", "accuracy": 0.5}
+    earlier.write_text(json.dumps({**run, "seed": 1, "right": "01"}) + "\n")
+    later.write_text(json.dumps({**run, "seed": 0, "right": "11"}) + "\n")
+    assert seed_spread.answers(earlier, later)[("prompt-tuning", "speeches", "new")].tolist() == [[1.0, 1.0],
+                                                                                                 [0.0, 1.0]]
+    assert seed_spread.main([str(earlier), str(later)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| prompt-tuning | speeches | new | 2 | 2 | 0.500 |")
+
+
 def test_the_split_needs_two_to_ten_seeds():
     with pytest.raises(ValueError, match="2..10 seeds"):
         seed_spread.split_spread(torch.ones(1, 5))
@@ -93,7 +104,7 @@ def test_the_comparison_table_covers_the_tasks_both_recipes_ran_on(tmp_path, cap
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[2].startswith("| debates | 4 | 0.250 (2) | 0.500 (2) | +0.250 |")
     with pytest.raises(ValueError, match="no task has per-row answers of both prompt-tuning:old and mpt:new"):
-        seed_spread.comparison_table(path, ("prompt-tuning", "old"), ("mpt", "new"))
+        seed_spread.comparison_table([path], ("prompt-tuning", "old"), ("mpt", "new"))
     with pytest.raises(SystemExit):
         seed_spread.main([str(path), "--compare", "old", "prompt-tuning:new"])
     assert "expected METHOD:RECIPE (e.g. prompt-tuning:new), got 'old'" in capsys.readouterr().err
