@@ -304,8 +304,8 @@ def recipe_options(recipe: str, task, method: str = "prompt-tuning") -> dict:
         return {**recipe_options("new-peft-schedule", task), "average_tail": QUARTER_TAIL}
     if recipe == "new-stratified":
         return {**recipe_options("new-quarter-tail-average", task), "stratify": True}
-    if recipe == "new-quarter-tail-average-b16":   # the default within one epoch, each step's gradient from twice
-        # the rows: its seeds' spread on speeches-1400 is their own (not the held-out rows'), the gradient's noise
+    if recipe == "new-quarter-tail-average-b16":   # the default within one epoch with twice the rows a step: is
+        # the seeds' own spread on speeches-1400 (not its held-out rows' noise) the gradient's noise?
         return {**recipe_options("new-quarter-tail-average", task), "batch_size": 16}
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 

@@ -38,7 +38,7 @@ SHUFFLES = 10_000
 DRAWS = 10_000
 
 
-def answers(*paths: Path) -> dict[tuple[str, str, str], torch.Tensor]:
+def answers(paths: list[Path]) -> dict[tuple[str, str, str], torch.Tensor]:
     """Each (method, task, recipe) of one or more results files with its runs' answers: a (seeds, rows) float tensor
     of 1 (right) and 0 (wrong), seeds in ascending order. Runs without "right" (before it was recorded) are left
     out."""
@@ -107,11 +107,12 @@ def compare(first: torch.Tensor, second: torch.Tensor, draws: int = DRAWS, seed:
 def comparison_table(paths: list[Path], first: tuple[str, str], second: tuple[str, str]) -> str:
     """The markdown table of `compare` on every task of the results files where both (method, recipe) have per-row
     answers."""
-    runs = answers(*paths)
+    runs = answers(paths)
     tasks = sorted({task for method, task, recipe in runs if (method, recipe) == first}
                    & {task for method, task, recipe in runs if (method, recipe) == second})
     if not tasks:
-        raise ValueError(f"{', '.join(map(str, paths))}: no task has per-row answers of both {':'.join(first)} and {':'.join(second)}")
+        raise ValueError(f"{', '.join(map(str, paths))}: no task has per-row answers of both {':'.join(first)} and "
+                         f"{':'.join(second)}")
     lines = [f"| task | rows | {':'.join(first)} (seeds) | {':'.join(second)} (seeds) | difference | 95% interval | "
              "share of draws above |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
@@ -130,12 +131,12 @@ def method_recipe(text: str) -> tuple[str, str]:
     return method, recipe
 
 
-def table(*paths: Path) -> str:
+def table(paths: list[Path]) -> str:
     """The markdown table of `split_spread` for every (method, task, recipe) of the results files with per-row
     answers."""
     lines = ["| method | task | recipe | seeds | rows | max − min | from the rows (expected) | the seeds' own | p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (method, task, recipe), right in sorted(answers(*paths).items(), key=lambda kv: study_order(kv[0])):
+    for (method, task, recipe), right in sorted(answers(paths).items(), key=lambda kv: study_order(kv[0])):
         if right.shape[0] < 2:
             continue
         s = split_spread(right)
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", nargs=2, type=method_recipe, metavar=("A", "B"),
                         help="METHOD:RECIPE twice: B's mean accuracy against A's on each task both were run on")
     args = parser.parse_args(argv)
-    print(comparison_table(args.results, *args.compare) if args.compare else table(*args.results))
+    print(comparison_table(args.results, *args.compare) if args.compare else table(args.results))
     return 0
 
 

@@ -40,13 +40,13 @@ def test_answers_are_read_by_recipe_in_seed_order_and_must_cover_the_same_rows(t
             {"method": "prompt-tuning", "task": "debates", "recipe": "new", "seed": 0, "accuracy": 1.0, "right": "11"},
             {"task": "debates", "recipe": "old", "seed": 0, "accuracy": 0.5}]   # recorded before "right": left out
     path.write_text("".join(json.dumps(r) + "\n" for r in runs))
-    (key, right), = seed_spread.answers(path).items()
+    (key, right), = seed_spread.answers([path]).items()
     assert key == ("prompt-tuning", "debates", "new")
     assert right.tolist() == [[1.0, 1.0], [1.0, 0.0]]
-    assert seed_spread.table(path).splitlines()[2].startswith("| prompt-tuning | debates | new | 2 | 2 | 0.500 |")
+    assert seed_spread.table([path]).splitlines()[2].startswith("| prompt-tuning | debates | new | 2 | 2 | 0.500 |")
     path.write_text(path.read_text() + json.dumps({**runs[0], "seed": 2, "right": "101"}) + "\n")
     with pytest.raises(ValueError, match=r"same held-out rows, got row counts \[2, 3\]"):
-        seed_spread.answers(path)
+        seed_spread.answers([path])
 
 
 def test_a_recipes_seeds_are_gathered_from_every_results_file_given(tmp_path, capsys):
@@ -54,8 +54,8 @@ def test_a_recipes_seeds_are_gathered_from_every_results_file_given(tmp_path, ca
     run = {"method": "prompt-tuning", "task": "speeches", "recipe": "new", "accuracy": 0.5}
     earlier.write_text(json.dumps({**run, "seed": 1, "right": "01"}) + "\n")
     later.write_text(json.dumps({**run, "seed": 0, "right": "11"}) + "\n")
-    assert seed_spread.answers(earlier, later)[("prompt-tuning", "speeches", "new")].tolist() == [[1.0, 1.0],
-                                                                                                 [0.0, 1.0]]
+    right = seed_spread.answers([earlier, later])[("prompt-tuning", "speeches", "new")]
+    assert right.tolist() == [[1.0, 1.0], [0.0, 1.0]]   # seed 0 (from the later file) first
     assert seed_spread.main([str(earlier), str(later)]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("| prompt-tuning | speeches | new | 2 | 2 | 0.500 |")
 
