@@ -16,6 +16,7 @@ A malformed record raises ``ValueError`` starting with ``"<file>:<line>: "``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -62,9 +63,10 @@ class PromptDataset:
     def has_classification(self) -> bool:
         return any(e.kind == CLASSIFICATION for e in self.examples)
 
-    @property
+    @functools.cached_property
     def longest(self) -> int:
-        """Tokens in the longest example (0 when empty)."""
+        """Tokens in the longest example (0 when empty), read once: the CUDA-graph buckets' bound at every training
+        step, where a scan of every row is host time a graphed step waits on."""
         return max((len(e.input_ids) for e in self.examples), default=0)
 
 

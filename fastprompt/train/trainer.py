@@ -227,12 +227,6 @@ class Trainer:
         strata = [(e.task, e.label) for e in self.train_data.examples] if cfg.stratify else None
         return DataOrder(len(self.train_data), cfg.seed, cfg.shuffle, strata)
 
-    @functools.cached_property
-    def longest_example(self) -> int:
-        """Tokens in the longest training example, the CUDA-graph buckets' bound: read once (a scan of every row
-        at every step is host time a graphed step waits on)."""
-        return self.train_data.longest
-
     def step_batches(self, step: int) -> list[dict]:
         """The micro-batches of optimizer step `step` (0-based) over all ranks: a function of (seed, step)
         only, given the data and the config."""
@@ -243,7 +237,7 @@ class Trainer:
         if not self.use_graphs:
             return [collate(chunk, self.pad_token_id) for chunk in chunks]
         return [collate(chunk, self.pad_token_id, rows=cfg.batch_size,
-                        length=bucket_length(max(len(e.input_ids) for e in chunk), self.longest_example))
+                        length=bucket_length(max(len(e.input_ids) for e in chunk), self.train_data.longest))
                 for chunk in chunks]
 
     def normalizers(self, batches: list[dict]) -> dict[str, int]:

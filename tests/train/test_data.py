@@ -55,6 +55,21 @@ def test_collate_pads_right(tmp_path, tok):
     assert batch["labels"][0, 3:].tolist() == [-100] * 3 and batch["input_ids"][0, 3:].tolist() == [0] * 3
 
 
+def test_the_longest_example_is_read_once(tmp_path, tok):
+    class CountingScans(list):
+        scans = 0
+
+        def __iter__(self):
+            CountingScans.scans += 1
+            return super().__iter__()
+
+    data = load_data(write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "target": "good"},
+                                                        {"input": "a movie was", "target": "bad film"}]), tok)
+    data.examples = CountingScans(data.examples)
+    assert (data.longest, data.longest) == (6, 6)   # "a movie was" + "bad film": 6 tokens (as collate pads)
+    assert CountingScans.scans == 1
+
+
 def test_several_files_name_tasks(tmp_path, tok):
     a = write_jsonl(tmp_path / "up.jsonl", [{"input": "a", "target": "good"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"input": "a", "target": "bad"}])
